@@ -1,0 +1,67 @@
+"""``gspngen.compile``: bind a spec to a backend and return a differentiable op."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.gspngen.*)
+from .backends import BACKEND_NAMES, backend_available, get_backend
+from .spec import Spec, as_spec
+from .validate import validate_inputs
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNEL_BACKENDS = ("cuda", "triton")
+
+
+class GSPNOp:
+    """A compiled spec: ``op(x, w, lam, u=None, s=None, m=None)`` (DESIGN §6).
+
+    With ``backend="auto"`` the backend is chosen per call from the tensors'
+    device and dtype: the generated CUDA kernels, then Triton, on a GPU when the
+    spec generates them for this dtype; the reference backend otherwise.
+    """
+
+    def __init__(self, spec: Spec, backend: str = "auto"):
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected auto or one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+        if backend in KERNEL_BACKENDS and backend not in spec.backends:
+            raise ValueError(f"backend: {backend!r} is not generated for spec '{spec.name}' "
+                             f"(its backends field lists {list(spec.backends)})")
+        self.spec = spec
+        self.backend = backend
+        self._spec_json = spec.to_json()
+
+    def __repr__(self) -> str:
+        return f"GSPNOp(spec={self.spec.name!r}, backend={self.backend!r}, hash={self.spec.hash[:12]})"
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend that runs for inputs like x, or a TypeError/ValueError saying why none can."""
+        dname = DTYPE_NAMES.get(x.dtype)
+        if self.backend == "auto":
+            if x.device.type == "cuda" and dname in self.spec.precision:
+                for name in KERNEL_BACKENDS:
+                    if name in self.spec.backends and backend_available(name, x.device):
+                        return name
+            return "reference"
+        if self.backend in KERNEL_BACKENDS:
+            if dname not in self.spec.precision:
+                raise TypeError(f"x: backend {self.backend!r} has kernels for dtypes {list(self.spec.precision)} "
+                                f"(spec precision), got {x.dtype}")
+        if not get_backend(self.backend).available(x.device):
+            raise ValueError(f"x: backend {self.backend!r} cannot run on device {x.device} here")
+        return self.backend
+
+    def __call__(self, x, w, lam, u=None, s=None, m=None) -> torch.Tensor:
+        validate_inputs(self.spec, x, w, lam, u, s, m)
+        backend = self.resolve_backend(x)
+        c = [None if t is None else t.contiguous() for t in (x, w, lam, u, s, m)]
+        y, _ = torch.ops.gspngen.scan(*c, self._spec_json, backend)
+        return y
+
+
+def compile(spec: "Spec | Mapping[str, Any] | str | Path", backend: str = "auto") -> GSPNOp:  # noqa: A001
+    """Compile a spec (a Spec, a mapping, or a YAML path) into a differentiable op."""
+    return GSPNOp(as_spec(spec), backend)

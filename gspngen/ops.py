@@ -1,0 +1,76 @@
+"""The ``gspngen`` custom ops: one differentiable op for every spec and backend.
+
+``gspngen::scan`` takes the spec as its normalised JSON and the backend name as
+strings, so a single registration serves every spec, works with
+``torch.compile`` (no graph breaks) and passes ``torch.library.opcheck``.
+Backward is a second op, ``gspngen::scan_backward``, that the backend
+implements with its own adjoint kernels (the reference uses autograd).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .backends import get_backend
+from .backends.base import result_shape
+from .spec import Spec
+
+Tensor = torch.Tensor
+
+
+@lru_cache(maxsize=256)
+def spec_from_json(spec_json: str) -> Spec:
+    import json
+
+    return Spec.from_dict(json.loads(spec_json))
+
+
+@torch.library.custom_op("gspngen::scan", mutates_args=())
+def scan(x: Tensor, w: Tensor, lam: Tensor, u: Optional[Tensor], s: Optional[Tensor], m: Optional[Tensor],
+         spec_json: str, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (y, saved): ``saved`` is whatever the backend keeps for backward (maybe empty)."""
+    spec = spec_from_json(spec_json)
+    return get_backend(backend).forward(spec, x, w, lam, u, s, m)
+
+
+@scan.register_fake
+def _(x, w, lam, u, s, m, spec_json, backend):
+    spec = spec_from_json(spec_json)
+    shape, dtype = get_backend(backend).saved_shape(spec, x)
+    return x.new_empty(result_shape(spec, x)), x.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("gspngen::scan_backward", mutates_args=())
+def scan_backward(gy: Tensor, x: Tensor, w: Tensor, lam: Tensor, u: Optional[Tensor], s: Optional[Tensor],
+                  m: Optional[Tensor], saved: Tensor, spec_json: str, backend: str) -> list[Tensor]:
+    """Gradients for (x, w, lam, u, s, m); an empty tensor stands for an unused input."""
+    spec = spec_from_json(spec_json)
+    grads = get_backend(backend).backward(spec, gy.contiguous(), x, w, lam, u, s, m, saved)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@scan_backward.register_fake
+def _(gy, x, w, lam, u, s, m, saved, spec_json, backend):
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, w, lam, u, s, m)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, lam, u, s, m, spec_json, backend = inputs
+    _, saved = output
+    ctx.save_for_backward(x, w, lam, u, s, m, saved)
+    ctx.spec_json, ctx.backend = spec_json, backend
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward(ctx, gy, _gsaved):
+    x, w, lam, u, s, m, saved = ctx.saved_tensors
+    grads = torch.ops.gspngen.scan_backward(gy, x, w, lam, u, s, m, saved, ctx.spec_json, ctx.backend)
+    present = (x, w, lam, u, s, m)
+    out = [g if t is not None else None for g, t in zip(grads, present)]
+    return (*out, None, None)
+
+
+scan.register_autograd(_backward, setup_context=_setup_context)
