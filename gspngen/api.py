@@ -39,20 +39,7 @@ class GSPNOp:
 
     def resolve_backend(self, x: torch.Tensor) -> str:
         """The backend that runs for inputs like x, or a TypeError/ValueError saying why none can."""
-        dname = DTYPE_NAMES.get(x.dtype)
-        if self.backend == "auto":
-            if x.device.type == "cuda" and dname in self.spec.precision:
-                for name in KERNEL_BACKENDS:
-                    if name in self.spec.backends and backend_available(name, x.device):
-                        return name
-            return "reference"
-        if self.backend in KERNEL_BACKENDS:
-            if dname not in self.spec.precision:
-                raise TypeError(f"x: backend {self.backend!r} has kernels for dtypes {list(self.spec.precision)} "
-                                f"(spec precision), got {x.dtype}")
-        if not get_backend(self.backend).available(x.device):
-            raise ValueError(f"x: backend {self.backend!r} cannot run on device {x.device} here")
-        return self.backend
+        return _resolve_backend(self._spec_json, self.backend, x.device.type, x.device.index, str(x.dtype))
 
     def __call__(self, x, w, lam, u=None, s=None, m=None) -> torch.Tensor:
         validate_inputs(self.spec, x, w, lam, u, s, m)
@@ -60,6 +47,29 @@ class GSPNOp:
         c = [None if t is None else t.contiguous() for t in (x, w, lam, u, s, m)]
         y, _ = torch.ops.gspngen.scan(*c, self._spec_json, backend)
         return y
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(spec_json: str, backend: str, device_type: str, device_index, dtype_name: str) -> str:
+    # Pure Python decision on constants: torch.compile evaluates it once while tracing.
+    from .ops import spec_from_json
+
+    spec = spec_from_json(spec_json)
+    device = torch.device(device_type, device_index)
+    dtype = getattr(torch, dtype_name.replace("torch.", ""))
+    dname = DTYPE_NAMES.get(dtype)
+    if backend == "auto":
+        if device.type == "cuda" and dname in spec.precision:
+            for name in KERNEL_BACKENDS:
+                if name in spec.backends and backend_available(name, device):
+                    return name
+        return "reference"
+    if backend in KERNEL_BACKENDS and dname not in spec.precision:
+        raise TypeError(f"x: backend {backend!r} has kernels for dtypes {list(spec.precision)} "
+                        f"(spec precision), got {dtype}")
+    if not get_backend(backend).available(device):
+        raise ValueError(f"x: backend {backend!r} cannot run on device {device} here")
+    return backend
 
 
 def compile(spec: "Spec | Mapping[str, Any] | str | Path", backend: str = "auto") -> GSPNOp:  # noqa: A001

@@ -103,12 +103,8 @@ class Spec:
                 raise SpecError(str(key), data[key], "no such field; known fields: " + ", ".join(FIELDS))
         if "name" not in data:
             raise SpecError("name", None, "a required identifier matching [a-z_][a-z0-9_]{0,63}")
-        merged = {**DEFAULTS, **data}
-        # Lists arrive from YAML/JSON; the frozen dataclass keeps tuples.
-        for key in ("directions", "precision", "backends"):
-            if isinstance(merged[key], list):
-                merged[key] = tuple(merged[key])
-        return cls(**merged)
+        # Lists from YAML/JSON become tuples during validation (__post_init__).
+        return cls(**{**DEFAULTS, **data})
 
     @classmethod
     def from_yaml(cls, text: str) -> "Spec":

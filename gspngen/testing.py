@@ -55,8 +55,11 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a64 - b64).abs().max().item() / max(scale, 1e-30)
 
 
-def spec_strategy(draw_fn=None, **fixed):
-    """Hypothesis strategy for random valid Specs (imported lazily: hypothesis is a test dependency)."""
+def spec_strategy(**fixed):
+    """Hypothesis strategy for random valid Specs (imported lazily: hypothesis is a test dependency).
+
+    Keyword arguments pin a field to a value, or to a strategy to draw it from.
+    """
     from hypothesis import strategies as st
 
     @st.composite
@@ -74,7 +77,8 @@ def spec_strategy(draw_fn=None, **fixed):
             "merge": draw(st.sampled_from(["sum", "mean", "learned", "stack"])),
             "layout": draw(st.sampled_from(["nchw", "nhwc"])),
         }
-        d.update(fixed)
+        for key, value in fixed.items():
+            d[key] = draw(value) if isinstance(value, st.SearchStrategy) else value
         return Spec.from_dict(d)
 
     return specs()

@@ -15,6 +15,8 @@ _REGISTRY = {
     "lowered": "lowered:LoweredBackend",
     "triton": "triton:TritonBackend",
     "cuda": "cuda:CudaBackend",
+    # GSPN-1's launch structure (one launch per step), for benchmarks only
+    "cuda_per_step": "cuda:CudaPerStepBackend",
 }
 BACKEND_NAMES = tuple(_REGISTRY)
 

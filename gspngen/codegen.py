@@ -1,0 +1,73 @@
+"""``gspngen compile``: render a spec into an importable package folder, atomically.
+
+The folder holds the rendered kernel sources of every backend the spec asks
+for, ``manifest.json`` (normalised spec, hash, gspngen version, file digests)
+and ``__init__.py``. Same spec -> identical bytes. Everything is written into a
+temporary sibling folder first and renamed into place, so a failure leaves
+either the old folder or nothing, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .render.templates import render
+from .spec import Spec
+
+
+def rendered_sources(spec: Spec) -> dict[str, str]:
+    """Kernel sources for every backend in ``spec.backends``: filename -> text."""
+    files: dict[str, str] = {}
+    for backend in spec.backends:
+        module = importlib.import_module(f".render.{backend}", __package__)
+        for name, text in module.render_files(spec).items():
+            if name in files:
+                raise RuntimeError(f"renderer {backend} produced {name}, which another renderer produced too")
+            files[name] = text
+    return files
+
+
+def package_files(spec: Spec) -> dict[str, str]:
+    """Every file of the generated package: filename -> text."""
+    files = dict(sorted(rendered_sources(spec).items()))
+    manifest = {
+        "gspngen_version": __version__,
+        "spec": spec.to_dict(),
+        "spec_hash": spec.hash,
+        "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()},
+    }
+    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    files["__init__.py"] = render("package/__init__.py.j2", version=__version__, name=spec.name, spec_hash=spec.hash)
+    return files
+
+
+def write_package(spec: Spec, out_dir: str | Path) -> Path:
+    """Render ``spec`` and atomically replace ``out_dir`` with the result. Returns the folder."""
+    out = Path(out_dir)
+    files = package_files(spec)  # render everything before touching the disk
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        for name, text in files.items():
+            (tmp / name).write_bytes(text.encode())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -1,0 +1,125 @@
+"""The spec language: normalisation, hashing, and every SpecError case (DESIGN §2, §7)."""
+
+import pytest
+
+import gspngen
+from gspngen import Spec, SpecError
+
+BASE = {"name": "t"}
+
+
+def test_defaults_filled_and_normalised():
+    d = Spec.from_dict(BASE).to_dict()
+    assert d == {
+        "name": "t", "connection": 3, "directions": ["lr", "rl", "tb", "bt"], "normalization": "stability",
+        "weight_groups": "channel", "chunk": None, "modulation": True, "skip": True, "merge": "learned",
+        "layout": "nchw", "precision": ["fp32", "bf16"], "backends": ["cuda", "triton"],
+    }
+
+
+def test_hash_stable_and_sensitive():
+    a = Spec.from_dict({"name": "t", "precision": ["bf16", "fp32"], "connection": 3})
+    b = Spec.from_dict({"connection": 3, "name": "t", "precision": ["fp32", "bf16"]})
+    assert a.hash == b.hash and len(a.hash) == 64
+    assert Spec.from_dict({"name": "t", "connection": 5}).hash != a.hash
+    # order of directions is the D axis order, so it is part of the identity
+    assert Spec.from_dict({"name": "t", "directions": ["rl", "lr"]}).hash != \
+        Spec.from_dict({"name": "t", "directions": ["lr", "rl"]}).hash
+    assert Spec.from_dict({"name": "t", "weight_groups": 1}) == Spec.from_dict({"name": "t", "weight_groups": "shared"})
+
+
+def test_yaml_roundtrip(tmp_path):
+    s = Spec.from_dict({"name": "t", "chunk": 4, "weight_groups": 2, "layout": "nhwc"})
+    p = tmp_path / "s.yaml"
+    p.write_text(s.to_yaml())
+    assert gspngen.load_spec(p) == s
+
+
+def test_groups():
+    assert Spec.from_dict(BASE).groups(8) == 8
+    assert Spec.from_dict({"name": "t", "weight_groups": "shared"}).groups(8) == 1
+    assert Spec.from_dict({"name": "t", "weight_groups": 4}).groups(8) == 4
+
+
+BAD = [
+    ({}, "name"),
+    ({"name": "Bad"}, "name"),
+    ({"name": "1x"}, "name"),
+    ({"name": "a" * 65}, "name"),
+    ({"name": "x; import os"}, "name"),
+    ({"name": 3}, "name"),
+    ({"name": "t", "connection": 4}, "connection"),
+    ({"name": "t", "connection": 11}, "connection"),
+    ({"name": "t", "connection": -1}, "connection"),
+    ({"name": "t", "connection": True}, "connection"),
+    ({"name": "t", "connection": "3"}, "connection"),
+    ({"name": "t", "connection": 3.0}, "connection"),
+    ({"name": "t", "directions": []}, "directions"),
+    ({"name": "t", "directions": ["lr", "lr"]}, "directions"),
+    ({"name": "t", "directions": ["up"]}, "directions"),
+    ({"name": "t", "directions": "lr"}, "directions"),
+    ({"name": "t", "normalization": "l2"}, "normalization"),
+    ({"name": "t", "normalization": None}, "normalization"),
+    ({"name": "t", "weight_groups": 0}, "weight_groups"),
+    ({"name": "t", "weight_groups": "some"}, "weight_groups"),
+    ({"name": "t", "weight_groups": 2.5}, "weight_groups"),
+    ({"name": "t", "weight_groups": False}, "weight_groups"),
+    ({"name": "t", "chunk": 0}, "chunk"),
+    ({"name": "t", "chunk": "8"}, "chunk"),
+    ({"name": "t", "chunk": True}, "chunk"),
+    ({"name": "t", "modulation": "yes"}, "modulation"),
+    ({"name": "t", "skip": 1}, "skip"),
+    ({"name": "t", "merge": "max"}, "merge"),
+    ({"name": "t", "layout": "chw"}, "layout"),
+    ({"name": "t", "precision": []}, "precision"),
+    ({"name": "t", "precision": ["fp64"]}, "precision"),
+    ({"name": "t", "precision": ["fp32", "fp32"]}, "precision"),
+    ({"name": "t", "backends": ["metal"]}, "backends"),
+    ({"name": "t", "backends": "cuda"}, "backends"),
+    ({"name": "t", "colour": "red"}, "colour"),
+]
+
+
+@pytest.mark.parametrize("data,field", BAD)
+def test_spec_errors_name_field_value_and_allowed(data, field):
+    with pytest.raises(SpecError) as info:
+        Spec.from_dict(data)
+    err = info.value
+    assert err.field == field
+    msg = str(err)
+    assert f"'{field}'" in msg and "expected" in msg and "got" in msg
+    if field in data:
+        assert repr(data[field])[:20] in msg
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(SpecError):
+        Spec(name="t", connection=2)
+
+
+@pytest.mark.parametrize("text,line", [("name: t\nconnection: [3\n", 3), ("name: t\n  bad: : x\n", 2), ("a: b: c", 1)])
+def test_yaml_syntax_error_has_line(text, line):
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml(text)
+    assert info.value.field == "<yaml>" and info.value.line == line and f"line {line}" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "42\n"])
+def test_non_mapping_document(text):
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml(text)
+    assert info.value.field == "<document>" and "mapping" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError) as info:
+        gspngen.load_spec(tmp_path / "nope.yaml")
+    assert info.value.field == "<file>"
+
+
+def test_examples_load():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "examples"
+    names = {gspngen.load_spec(p).name for p in root.glob("*.yaml")}
+    assert {"gspn4", "gspn2_compact", "local8", "wide5"} <= names
