@@ -5,15 +5,9 @@ Each error names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .spec import Spec
-
-
-def _dims(spec: Spec, names: str, sizes: dict[str, int]) -> tuple[int, ...]:
-    return tuple(sizes[n] for n in names)
 
 
 def expected_shapes(spec: Spec, N: int, C: int, H: int, W: int) -> dict[str, tuple[int, ...]]:
@@ -52,12 +46,13 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
     if C % G != 0:
         raise ValueError(f"x: weight_groups={G} must divide the channel count, got C={C}")
     shapes = expected_shapes(spec, N, C, H, W)
-    needs = {"u": "modulation: true", "s": "skip: true", "m": "merge: learned"}
-    for name, why in needs.items():
+    needs = {"u": ("modulation: true", "modulation: false"), "s": ("skip: true", "skip: false"),
+             "m": ("merge: learned", f"merge: {spec.merge}")}
+    for name, (used, unused) in needs.items():
         if name in shapes and args[name] is None:
-            raise ValueError(f"{name}: required by the spec ({why}), got None")
+            raise ValueError(f"{name}: required by the spec ({used}), got None")
         if name not in shapes and args[name] is not None:
-            raise ValueError(f"{name}: not used by this spec ({why.split(':')[0]} is off), expected None, got a tensor")
+            raise ValueError(f"{name}: not used by this spec ({unused}), expected None, got a tensor")
     for name, shape in shapes.items():
         t = args[name]
         if not isinstance(t, torch.Tensor):
@@ -68,7 +63,3 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-
-
-def optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.contiguous()

@@ -49,16 +49,19 @@ def scan_direction(spec: Spec, direction: str, x: torch.Tensor, w: torch.Tensor,
     wn = normalize_weights(wf, spec.normalization, neighbour_exists(L, k, x.device))
     wn = wn.permute(0, 2, 1, 3, 4).unsqueeze(2)  # (N, G, 1, k, L, T): broadcast over channels of a group
     drive = (lf * xf).view(N, G, C // G, L, T)  # lam * x for every pixel at once
+    # unbind once: indexing step t inside the loop would make autograd build a
+    # full-size gradient for every step (O(T^2) memory traffic in backward)
+    drive_t, wn_t = drive.unbind(-1), wn.unbind(-1)
     starts = chunk_starts(T, spec.chunk)
     lines: list[torch.Tensor] = []
     h = None
     for t in range(T):
         if starts[t]:
-            h = drive[..., t]
+            h = drive_t[t]
         else:
             # neighbours[..., c, i] = h_prev[i + c - r], zero where it does not exist
             neighbours = F.pad(h, (r, r)).unfold(-1, L, 1)  # (N, G, Cg, k, L)
-            h = drive[..., t] + (neighbours * wn[..., t]).sum(dim=-2)
+            h = drive_t[t] + (neighbours * wn_t[t]).sum(dim=-2)
         lines.append(h)
     hf = torch.stack(lines, dim=-1).view(N, C, L, T)
     return from_frame(hf, direction)

@@ -1,0 +1,85 @@
+"""Tensor validation (DESIGN §7): every error names the argument, the expected and the actual value."""
+
+import pytest
+import torch
+
+import gspngen
+from gspngen.testing import make_inputs
+
+SPEC = gspngen.Spec.from_dict({"name": "t", "weight_groups": 2})
+NHWC = gspngen.Spec.from_dict({"name": "t", "layout": "nhwc"})
+
+
+def good(spec=SPEC):
+    return make_inputs(spec, 1, 4, 3, 5, dtype=torch.float32)
+
+
+def call(spec=SPEC, **over):
+    inp = {**good(spec), **over}
+    return gspngen.compile(spec, backend="reference")(**inp)
+
+
+@pytest.mark.parametrize("over,exc,words", [
+    ({"x": "tensor"}, TypeError, ["x", "torch.Tensor", "str"]),
+    ({"x": torch.zeros(1, 4, 3, 5, dtype=torch.int32)}, TypeError, ["x", "floating", "int32"]),
+    ({"x": torch.zeros(4, 3, 5)}, ValueError, ["x", "4-d", "(4, 3, 5)"]),
+    ({"w": torch.zeros(1, 4, 3, 4, 3, 5)}, ValueError, ["w", "(1, 4, 3, 2, 3, 5)", "(1, 4, 3, 4, 3, 5)"]),
+    ({"lam": torch.zeros(1, 3, 4, 3, 5)}, ValueError, ["lam", "(1, 4, 4, 3, 5)", "(1, 3, 4, 3, 5)"]),
+    ({"u": None}, ValueError, ["u", "modulation", "None"]),
+    ({"s": None}, ValueError, ["s", "skip", "None"]),
+    ({"m": None}, ValueError, ["m", "learned", "None"]),
+    ({"m": torch.zeros(3)}, ValueError, ["m", "(4,)", "(3,)"]),
+    ({"lam": torch.zeros(1, 4, 4, 3, 5, dtype=torch.float64)}, TypeError, ["lam", "float32", "float64"]),
+    ({"u": torch.zeros(1, 4, 4, 3, 5, device="meta")}, ValueError, ["u", "device", "meta"]),
+])
+def test_bad_tensor_errors(over, exc, words):
+    with pytest.raises(exc) as info:
+        call(**over)
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, (word, msg)
+
+
+def test_groups_must_divide_channels():
+    inp = make_inputs(SPEC, 1, 4, 3, 5, dtype=torch.float32)
+    x = torch.zeros(1, 3, 3, 5)
+    with pytest.raises(ValueError, match=r"x: weight_groups=2 must divide the channel count, got C=3"):
+        gspngen.compile(SPEC, backend="reference")(**{**inp, "x": x})
+
+
+def test_unexpected_optional_argument():
+    spec = gspngen.Spec.from_dict({"name": "t", "modulation": False, "skip": False, "merge": "sum"})
+    inp = make_inputs(spec, 1, 2, 3, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"u: not used by this spec \(modulation: false\)"):
+        gspngen.compile(spec, backend="reference")(**{**inp, "u": torch.zeros(1, 4, 2, 3, 3)})
+    with pytest.raises(ValueError, match=r"m: not used by this spec \(merge: sum\), expected None"):
+        gspngen.compile(spec, backend="reference")(**{**inp, "m": torch.zeros(4)})
+
+
+def test_nhwc_shapes():
+    inp = good(NHWC)
+    assert inp["x"].shape == (1, 3, 5, 4) and inp["w"].shape == (1, 4, 3, 3, 5, 4)
+    assert call(NHWC).shape == (1, 3, 5, 4)
+    with pytest.raises(ValueError, match=r"lam: expected shape \(1, 4, 3, 5, 4\)"):
+        call(NHWC, lam=torch.zeros(1, 4, 4, 3, 5))
+
+
+def test_backend_choices():
+    with pytest.raises(ValueError, match="backend: expected auto or one of"):
+        gspngen.compile(SPEC, backend="opencl")
+    spec = gspngen.Spec.from_dict({"name": "t", "backends": ["triton"]})
+    with pytest.raises(ValueError, match="backend: 'cuda' is not generated for spec 't'"):
+        gspngen.compile(spec, backend="cuda")
+    # auto on CPU runs the reference backend, for any floating dtype
+    op = gspngen.compile(SPEC)
+    assert op.resolve_backend(torch.zeros(1)) == "reference"
+    assert op.resolve_backend(torch.zeros(1, dtype=torch.float64)) == "reference"
+
+
+def test_compile_accepts_mapping_and_path(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nconnection: 5\n")
+    assert gspngen.compile(p).spec.connection == 5
+    assert gspngen.compile({"name": "t"}).spec.connection == 3
+    with pytest.raises(TypeError, match="spec: expected"):
+        gspngen.compile(42)
