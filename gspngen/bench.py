@@ -1,0 +1,714 @@
+"""Benchmark harness: how far each backend is from the memory-bandwidth limit.
+
+For each shape, dtype and backend it times the forward op (``gspngen::scan``,
+no autograd) and exactly the backward op (``gspngen::scan_backward`` with the
+backend's own saved tensor and a fixed gy), counts the *minimal* bytes the
+pass must move, and divides: effective bandwidth = minimal bytes / median
+time. The bandwidth of a large copy (``dst.copy_(src)``, read + write) is
+measured in the same run on the same device, so "fraction of copy" is the
+distance to the practical limit. Speedups are reported against the reference
+backend and against ``cuda_per_step`` (GSPN-1's launch structure).
+
+Caches must not flatter: every timed call uses the next of several copies of
+the inputs (and of gy), enough copies that together they exceed twice the L2
+cache when memory allows. Inputs are a ``make_inputs`` tile repeated up to the
+shape (values do not change a scan's speed; drawing billions on the host would).
+
+GPU timings use CUDA events around each call, with the timed calls queued
+behind a spin kernel so that host overhead the GPU can hide does not count
+(see :func:`time_calls`); CPU timings use ``time.perf_counter`` (CPU ops are
+synchronous). On a machine without a GPU only the reference backend runs, on
+CPU, with the suite scaled down, so this harness is exercised in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .spec import Spec
+from .validate import expected_shapes
+
+Shape = tuple[int, int, int, int]  # (N, C, H, W), whatever the layout
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ARG_NAMES = ("x", "w", "lam", "u", "s", "m")
+BASELINES = ("reference", "cuda_per_step")
+GPU_BACKENDS = ("cuda", "triton", "cuda_per_step", "reference")
+
+# (shape, why it is in the suite)
+PAPER_SUITE: tuple[tuple[Shape, str], ...] = (
+    ((16, 8, 1024, 1024), "GSPN-2's benchmark"),
+    ((1, 1152, 64, 64), "GSPN-2 bandwidth table"),
+    ((1, 32, 128, 128), "GSPN-2 bandwidth table"),
+    ((1, 128, 512, 512), "GSPN-2 bandwidth table"),
+    ((64, 144, 56, 56), "an ImageNet stage"),
+    ((1, 16, 2048, 2048), "large global scan"),
+)
+SUITES = {"paper": PAPER_SUITE}
+
+MIN_GPU_ITERS = 20
+TILE = 32  # inputs are a make_inputs tile of at most TILE x TILE pixels, repeated (values don't change speed)
+TIMING_GPU = ("CUDA events around each call; the timed calls are queued behind a spin kernel so host "
+              "overhead the GPU can hide does not count (host_median_ms shows it)")
+TIMING_CPU = "time.perf_counter around each call"
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Byte accounting
+# ---------------------------------------------------------------------------
+
+def dtype_size(dtype: "torch.dtype | str") -> int:
+    """Bytes per element of a torch dtype or of a name in DTYPES."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)} or a torch dtype, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def byte_breakdown(spec: Spec, N: int, C: int, H: int, W: int, dtype: "torch.dtype | str",
+                   pass_: str = "forward") -> dict[str, dict[str, int]]:
+    """Minimal bytes of one pass, per tensor: ``{"read": {name: bytes}, "write": {name: bytes}}``.
+
+    The minimum is what any implementation must move: every input read once and
+    every output written once, in the storage dtype.
+
+    - forward reads x (C per pixel), w (k*G per pixel per direction), lam, and
+      u / s / m where the spec uses them (C per pixel per direction; m is D
+      scalars); it writes y (C per pixel, D*C for ``merge: stack``).
+    - backward reads gy (the size of y) and every forward input — each
+      gradient depends on them — and writes one gradient per input (gx, gw,
+      glam, gu, gs, gm), each the size of its input.
+
+    Intermediates count against the backend: the ``saved`` tensor a backend
+    keeps between forward and backward (h, say), or the forward output it
+    re-reads, is its own choice and is *not* in the minimum, so storing it
+    lowers the effective bandwidth rather than raising the limit. The layout
+    does not change the counts.
+    """
+    if pass_ not in ("forward", "backward"):
+        raise ValueError(f"pass_: expected 'forward' or 'backward', got {pass_!r}")
+    size = dtype_size(dtype)
+    inputs = {name: math.prod(shape) * size for name, shape in expected_shapes(spec, N, C, H, W).items()}
+    y = N * C * H * W * size * (spec.num_directions if spec.merge == "stack" else 1)
+    if pass_ == "forward":
+        return {"read": dict(inputs), "write": {"y": y}}
+    return {"read": {"gy": y, **inputs}, "write": {"g" + name: b for name, b in inputs.items()}}
+
+
+def minimal_bytes(spec: Spec, N: int, C: int, H: int, W: int, dtype: "torch.dtype | str",
+                  pass_: str = "forward") -> int:
+    """Total of :func:`byte_breakdown`: the bytes a roofline implementation moves in one pass."""
+    parts = byte_breakdown(spec, N, C, H, W, dtype, pass_)
+    return sum(parts["read"].values()) + sum(parts["write"].values())
+
+
+# ---------------------------------------------------------------------------
+# Environment and the copy-bandwidth limit
+# ---------------------------------------------------------------------------
+
+def _module_version(name: str) -> Optional[str]:
+    try:
+        module = __import__(name)
+    except Exception:  # absent, or present but broken (e.g. CUDA libraries missing): report None
+        return None
+    return str(getattr(module, "__version__", None) or "") or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The device and the versions that decide the numbers (None where absent)."""
+    from . import __version__
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": str(device),
+        "gpu": gpu,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cupy": _module_version("cupy"),
+        "triton": _module_version("triton"),
+        "python": platform.python_version(),
+        "gspngen": __version__,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int = 2, iters: int = 10) -> dict[str, Any]:
+    """Median bandwidth of ``dst.copy_(src)`` over ``nbytes`` (read + write counted: 2 * nbytes)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = max(statistics.median(time_calls(lambda i: dst.copy_(src), device, warmup=warmup, iters=iters).ms), 1e-6)
+    del src, dst
+    return {"bytes": 2 * nbytes, "buffer_bytes": nbytes, "median_ms": ms, "gbps": 2 * nbytes / (ms * 1e-3) / 1e9,
+            "iters": iters}
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    """Per-call milliseconds: ``ms`` on the device's clock, ``host_ms`` until the call returned on the host."""
+
+    ms: list[float]
+    host_ms: list[float]
+
+
+@lru_cache(maxsize=None)
+def _spin_cycles_per_ms(device_index: int) -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured once per device."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles)  # first launch outside the measurement
+    begin.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize(device_index)
+    return cycles / max(begin.elapsed_time(end), 1e-3)
+
+
+def _queue_ahead(device: torch.device, ms: float) -> None:
+    """Keep the GPU busy for about ``ms`` so the host can queue the timed calls ahead of it.
+
+    Without it a call whose host work (Python, the dispatcher, argument
+    packing) exceeds its GPU work would be timed as host time; with it the
+    events measure the kernels, which is what the bandwidth is about.
+    """
+    if ms <= 0 or not hasattr(torch.cuda, "_sleep"):
+        return
+    with torch.cuda.device(device):
+        torch.cuda._sleep(int(min(ms, 1000.0) * _spin_cycles_per_ms(torch.cuda.current_device())))
+
+
+def time_calls(fn: Callable[[int], Any], device: torch.device, *, warmup: int, iters: int,
+               max_seconds: Optional[float] = None) -> Timing:
+    """Time up to ``iters`` calls ``fn(i)`` after ``warmup`` untimed ones.
+
+    ``i`` counts every call, so a caller indexing copies with ``i % n``
+    rotates through them without repeating the last warm-up copy.
+
+    On a GPU each call sits between two CUDA events and the timed calls are
+    queued behind a spin kernel as long as the host needs to issue them (from
+    the last warm-up call, at most 1 s), so the events measure GPU time:
+    kernels and the gaps between a call's own launches, not the Python
+    overhead the GPU would hide. On CPU the wall clock is the measure. With
+    ``max_seconds``, warm-up stops after two calls once it has used a quarter
+    of it, and the last warm-up call decides whether ``iters`` calls fit; if
+    not, fewer run (at least 3) and the caller sees it in the length of the
+    result.
+    """
+    i = 0
+    total = host = spent = 0.0
+    for _ in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(i)
+        host = time.perf_counter() - t0
+        _sync(device)
+        total = time.perf_counter() - t0
+        spent += total
+        i += 1
+        if max_seconds is not None and i >= 2 and spent > max_seconds / 4:
+            break  # a slow baseline is warm after two calls; more would only spend the budget
+    if max_seconds is not None and warmup and total * iters > max_seconds:
+        iters = min(iters, max(3, int(max_seconds / max(total, 1e-9))))
+    host_ms: list[float] = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        _queue_ahead(device, 1.25 * host * 1e3 * iters + 0.1)
+        for begin, end in events:
+            t0 = time.perf_counter()
+            begin.record()
+            fn(i)
+            end.record()
+            host_ms.append((time.perf_counter() - t0) * 1e3)
+            i += 1
+        torch.cuda.synchronize(device)
+        return Timing([begin.elapsed_time(end) for begin, end in events], host_ms)
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(i)
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return Timing(list(host_ms), host_ms)
+
+
+def rotation_copies(set_bytes: int, cache_bytes: int, budget_bytes: int, max_copies: int = 128) -> int:
+    """How many copies of a working set to rotate so caches don't flatter.
+
+    A set at least twice the cache flushes it by itself (1 copy); a smaller one
+    is copied until the copies together exceed twice the cache, within the
+    memory budget and ``max_copies``.
+    """
+    set_bytes = max(int(set_bytes), 1)
+    want = 1 if set_bytes >= 2 * cache_bytes else 1 + math.ceil(2 * cache_bytes / set_bytes)
+    fit = max(1, int(budget_bytes) // set_bytes)
+    return max(1, min(want, fit, max_copies))
+
+
+# ---------------------------------------------------------------------------
+# Configuration and results
+# ---------------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    """What to run. ``None`` fields take the device's default (chosen in :func:`run_bench`)."""
+
+    shapes: Sequence[Shape] = ()
+    suite: Optional[str] = None
+    dtypes: Sequence[str] = ("fp32",)
+    backends: Optional[Sequence[str]] = None
+    device: Optional[str] = None  # "cuda" | "cpu" | None (cuda when available)
+    warmup: Optional[int] = None
+    iters: Optional[int] = None
+    copy_bytes: Optional[int] = None
+    reference_max_elements: int = 1 << 23  # N*C*H*W above which the reference is skipped on a GPU
+    reference_iters: int = 5  # the reference is slow: few timed runs on a GPU
+    cpu_suite_max_elements: int = 1 << 12  # suite shapes are scaled down to about this on CPU
+    max_seconds: float = 30.0  # per measured pass; slow baselines get fewer timed runs (noted)
+    max_copies: int = 128
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """cuda (with its index) when available and not told otherwise, else cpu."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected cuda or cpu, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name!r} requested but no CUDA device is available here")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def default_backends(device: torch.device) -> tuple[str, ...]:
+    return GPU_BACKENDS if device.type == "cuda" else ("reference",)
+
+
+def cpu_scaled(spec: Spec, shape: Shape, max_elements: int, max_side: int = 8) -> Shape:
+    """A suite shape shrunk for a CPU run: batch 1, sides capped, C halved while too big.
+
+    C stays divisible by an integer ``weight_groups`` so the scaled shape is valid for the spec.
+    """
+    N, C, H, W = shape
+    H, W = min(H, max_side), min(W, max_side)
+    g = spec.weight_groups if isinstance(spec.weight_groups, int) else 1
+    while C * H * W > max_elements and C % 2 == 0 and (C // 2) % g == 0:
+        C //= 2
+    return (1, C, H, W)
+
+
+def select_shapes(config: BenchConfig, spec: Spec,
+                  device: torch.device) -> tuple[list[tuple[Shape, Optional[Shape], str]], list[str]]:
+    """(shape to run, suite shape it stands for or None, label) triples, and notes.
+
+    Explicit shapes come first, then the suite's. Without a GPU the suite is
+    scaled down (:func:`cpu_scaled`) so CI can run it in seconds; the note says so.
+    """
+    chosen: list[tuple[Shape, Optional[Shape], str]] = [(tuple(s), None, "") for s in config.shapes]
+    notes: list[str] = []
+    if config.suite is not None:
+        if config.suite not in SUITES:
+            raise ValueError(f"suite: expected one of {', '.join(SUITES)}, got {config.suite!r}")
+        for shape, label in SUITES[config.suite]:
+            run = shape if device.type == "cuda" else cpu_scaled(spec, shape, config.cpu_suite_max_elements)
+            chosen.append((run, shape, label))
+        if device.type != "cuda":
+            notes.append(f"no GPU: suite '{config.suite}' scaled down for CPU (batch 1, sides <= 8, C halved "
+                         f"to N*C*H*W <= {config.cpu_suite_max_elements}): "
+                         + "; ".join(f"{shape_label(orig)} -> {shape_label(run)}"
+                                     for run, orig, _ in chosen if orig is not None))
+    return chosen, notes
+
+
+def shape_label(shape: Shape) -> str:
+    return ",".join(str(v) for v in shape)
+
+
+# ---------------------------------------------------------------------------
+# The harness
+# ---------------------------------------------------------------------------
+
+def _device_budget(device: torch.device) -> tuple[int, int]:
+    """(cache bytes to defeat, memory bytes the rotated copies may use)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        l2 = int(getattr(props, "L2_cache_size", 0) or 50 * MIB)
+        free, _ = torch.cuda.mem_get_info(device)
+        return l2, int(free * 0.3)  # the rest: outputs, saved tensors, gradients
+    return 32 * MIB, 1 * GIB  # a typical last-level cache; CPU runs exercise the harness
+
+
+def _free(device: torch.device) -> None:
+    """Return cached GPU memory between rows; best effort (a crashed kernel may have broken the context)."""
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+def base_inputs(spec: Spec, shape: Shape, seed: int = 0) -> dict[str, Optional[torch.Tensor]]:
+    """One tile of inputs from ``make_inputs``: batch 1, at most TILE x TILE pixels, fp32, on the host.
+
+    ``make_inputs`` draws in float64 on the host, far too slow for the large
+    suite shapes (billions of elements); the values do not change the speed
+    of a scan, so :func:`_prepare_copies` tiles this one on the device.
+    """
+    from .testing import make_inputs
+
+    _, C, H, W = shape
+    return make_inputs(spec, 1, C, min(H, TILE), min(W, TILE), dtype=torch.float32, device="cpu", seed=seed)
+
+
+def _tile(t: torch.Tensor, spec: Spec, shape: Shape) -> torch.Tensor:
+    """Repeat a batch-1 tile along the batch and the image axes up to ``shape`` (layout-aware), contiguous."""
+    N, _, H, W = shape
+    h_axis = t.dim() - (3 if spec.layout == "nhwc" else 2)  # (..., H, W, C) or (..., H, W)
+    reps = [1] * t.dim()
+    reps[0] = N
+    reps[h_axis] = -(-H // t.shape[h_axis])
+    reps[h_axis + 1] = -(-W // t.shape[h_axis + 1])
+    return t.repeat(*reps).narrow(h_axis, 0, H).narrow(h_axis + 1, 0, W).contiguous()
+
+
+def _prepare_copies(spec: Spec, shape: Shape, dtype: torch.dtype, device: torch.device, base: dict,
+                    n_copies: int, seed: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """``n_copies`` distinct input sets and gy tensors for ``shape`` in ``dtype`` on the device.
+
+    The inputs are ``base`` (see :func:`base_inputs`) tiled up to ``shape``;
+    gy is drawn on the device.
+    """
+    from .backends.base import result_shape
+    from .validate import validate_inputs
+
+    first = {}
+    for name in ARG_NAMES:
+        t = base[name]
+        if t is not None:
+            t = t.to(device=device, dtype=dtype)
+            t = t if name == "m" else _tile(t, spec, shape)
+        first[name] = t
+    validate_inputs(spec, *(first[a] for a in ARG_NAMES))
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    gy = torch.randn(result_shape(spec, first["x"]), generator=gen, device=device).to(dtype)
+    copies = [first] + [{a: None if t is None else t.clone() for a, t in first.items()} for _ in range(n_copies - 1)]
+    gys = [gy] + [gy.clone() for _ in range(n_copies - 1)]
+    return copies, gys
+
+
+def _pass_result(timing: Timing, nbytes: int, breakdown: dict, copy_gbps: float) -> dict[str, Any]:
+    times = timing.ms
+    ms = max(statistics.median(times), 1e-6)  # a clock tick, never a division by zero
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {
+        "median_ms": ms,
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "host_median_ms": statistics.median(timing.host_ms),  # above median_ms: host-bound without queueing
+        "iters": len(times),
+        "bytes": nbytes,
+        "bytes_breakdown": breakdown,
+        "gbps": gbps,
+        "fraction_of_copy": gbps / copy_gbps if copy_gbps > 0 else None,
+        "speedup_vs_reference": None,
+        "speedup_vs_cuda_per_step": None,
+    }
+
+
+class _Skip(Exception):
+    """A row that cannot run here; the message is its note."""
+
+
+def _check_backend(spec: Spec, name: str, x: torch.Tensor) -> None:
+    """Raise _Skip saying why ``name`` cannot run on inputs like x (not built, not installed, wrong dtype)."""
+    from .api import compile as compile_op
+
+    try:
+        compile_op(spec, backend=name).resolve_backend(x)
+    except ImportError as exc:
+        raise _Skip(f"not available here (cannot import {exc.name or exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise _Skip(f"not available: {exc}") from None
+    except Exception as exc:  # a backend module half-written elsewhere must not stop the run
+        raise _Skip(f"not available: {type(exc).__name__}: {exc}") from None
+
+
+def _measure_backend(spec: Spec, name: str, copies: list[dict], gys: list[torch.Tensor], device: torch.device,
+                     warmup: int, iters: int, max_seconds: float) -> tuple[Timing, Timing]:
+    """Forward and backward timings of one backend over the rotated copies.
+
+    Forward is ``gspngen::scan`` under no_grad; backward is exactly
+    ``gspngen::scan_backward`` fed the backend's own ``saved`` tensor of the
+    same copy, so neither includes autograd bookkeeping or input validation.
+    """
+    from . import ops  # noqa: F401  (registers torch.ops.gspngen.*)
+
+    spec_json = spec.to_json()
+    n = len(copies)
+    args = [[c[a] for a in ARG_NAMES] for c in copies]
+    scan, scan_backward = torch.ops.gspngen.scan, torch.ops.gspngen.scan_backward
+    with torch.no_grad():
+        fwd_times = time_calls(lambda i: scan(*args[i % n], spec_json, name), device,
+                               warmup=warmup, iters=iters, max_seconds=max_seconds)
+        saved = [scan(*a, spec_json, name)[1] for a in args]
+        bwd_times = time_calls(lambda i: scan_backward(gys[i % n], *args[i % n], saved[i % n], spec_json, name),
+                               device, warmup=warmup, iters=iters, max_seconds=max_seconds)
+        del saved
+    return fwd_times, bwd_times
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__)[:300]
+
+
+def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Run the benchmark; returns the report, a JSON-ready dict (see :func:`format_table`, :func:`write_json`).
+
+    Every (shape, dtype, backend) gives one row: status "ok" with forward and
+    backward results, "skipped" with a note (backend not available here,
+    reference too large on a GPU, out of memory) or "error" with the
+    exception's first line — one failing backend does not hide the others.
+    """
+    log = log or (lambda msg: None)
+    device = resolve_device(config.device)
+    on_gpu = device.type == "cuda"
+    warmup = max(1, config.warmup if config.warmup is not None else (5 if on_gpu else 1))
+    iters = config.iters if config.iters is not None else (MIN_GPU_ITERS if on_gpu else 3)
+    notes = list(config.notes)
+    if iters < 1:
+        raise ValueError(f"iters: expected >= 1, got {iters}")
+    if on_gpu and iters < MIN_GPU_ITERS:
+        notes.append(f"iters {iters} raised to {MIN_GPU_ITERS} timed runs on a GPU")
+        iters = MIN_GPU_ITERS
+    backends = list(config.backends) if config.backends else list(default_backends(device))
+    shapes, shape_notes = select_shapes(config, spec, device)
+    notes += shape_notes
+    if not shapes:
+        notes.append("no shape to run")
+
+    env = environment(device)
+    copy_bytes = config.copy_bytes or (GIB if on_gpu else 64 * MIB)
+    if on_gpu:
+        copy_bytes = min(copy_bytes, int(torch.cuda.mem_get_info(device)[0] * 0.4))
+    log(f"copy bandwidth: {copy_bytes / MIB:.0f} MiB on {device}")
+    copy = measure_copy_bandwidth(device, copy_bytes, warmup=2, iters=10 if on_gpu else 5)
+    cache_bytes, budget = _device_budget(device)
+
+    rows: list[dict[str, Any]] = []
+    for shape, suite_shape, label in shapes:
+        N, C, H, W = shape
+        base = None  # the input tile, shared by every dtype of this shape
+        for dname in config.dtypes:
+            dtype = DTYPES[dname]
+            parts = {p: byte_breakdown(spec, N, C, H, W, dtype, p) for p in ("forward", "backward")}
+            nbytes = {p: minimal_bytes(spec, N, C, H, W, dtype, p) for p in ("forward", "backward")}
+            group: list[dict[str, Any]] = []
+
+            def add(backend: str, status: str, note: Optional[str], **extra) -> None:
+                group.append({"shape": list(shape), "dtype": dname, "backend": backend, "status": status,
+                              "note": note, "copies": None, "forward": None, "backward": None,
+                              "bytes": dict(nbytes), "label": label,
+                              "suite_shape": None if suite_shape is None else list(suite_shape), **extra})
+
+            G = spec.groups(C)
+            if C % G:
+                for b in backends:
+                    add(b, "skipped", f"weight_groups={G} does not divide C={C}")
+                rows += group
+                continue
+            copies: list[dict] = []
+            gys: list[torch.Tensor] = []
+            try:
+                if base is None:
+                    log(f"inputs {shape_label(shape)}")
+                    base = base_inputs(spec, shape, config.seed)
+                set_bytes = sum(parts["backward"]["read"].values())  # what one call may read: inputs + gy
+                n_copies = rotation_copies(set_bytes, cache_bytes, budget, config.max_copies)
+                copies, gys = _prepare_copies(spec, shape, dtype, device, base, n_copies, config.seed)
+            except Exception as exc:  # out of memory, or a device already broken by an earlier row
+                copies, gys = [], []
+                _free(device)
+                oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+                for b in backends:
+                    add(b, "skipped" if oom else "error",
+                        "out of memory building the inputs" if oom else "building the inputs: " + _one_line(exc))
+                rows += group
+                continue
+
+            for b in backends:
+                if on_gpu and b == "reference" and N * C * H * W > config.reference_max_elements:
+                    add(b, "skipped", f"N*C*H*W = {N * C * H * W} > {config.reference_max_elements}: "
+                                      "the reference is too slow here")
+                    continue
+                try:
+                    _check_backend(spec, b, copies[0]["x"])
+                except _Skip as exc:
+                    add(b, "skipped", str(exc))
+                    continue
+                b_warmup, b_iters = warmup, iters
+                if on_gpu and b == "reference":  # slow: few runs
+                    b_warmup, b_iters = 2, min(iters, config.reference_iters)
+                log(f"{shape_label(shape)} {dname} {b}")
+                try:
+                    fwd_t, bwd_t = _measure_backend(spec, b, copies, gys, device, b_warmup, b_iters,
+                                                    config.max_seconds)
+                except torch.cuda.OutOfMemoryError:
+                    _free(device)
+                    add(b, "skipped", "out of memory")
+                    continue
+                except Exception as exc:  # a failing backend must not hide the others' numbers
+                    _free(device)
+                    add(b, "error", _one_line(exc))
+                    continue
+                runs = {len(fwd_t.ms), len(bwd_t.ms)}
+                note = None
+                if runs != {iters}:
+                    note = f"{'/'.join(str(r) for r in sorted(runs))} timed runs"
+                    if min(runs) < b_iters:
+                        note += f" (time cap {config.max_seconds:g} s)"
+                add(b, "ok", note, copies=len(copies),
+                    forward=_pass_result(fwd_t, nbytes["forward"], parts["forward"], copy["gbps"]),
+                    backward=_pass_result(bwd_t, nbytes["backward"], parts["backward"], copy["gbps"]))
+            _add_speedups(group)
+            rows += group
+            del copies, gys
+            _free(device)
+
+    return {
+        "spec": spec.to_dict(),
+        "spec_hash": spec.hash,
+        "environment": env,
+        "copy_bandwidth": copy,
+        "config": {"device": str(device), "warmup": warmup, "iters": iters, "dtypes": list(config.dtypes),
+                   "backends": backends, "suite": config.suite, "cache_bytes": cache_bytes,
+                   "reference_max_elements": config.reference_max_elements, "max_seconds": config.max_seconds,
+                   "timing": TIMING_GPU if on_gpu else TIMING_CPU},
+        "notes": notes,
+        "results": rows,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _add_speedups(group: list[dict[str, Any]]) -> None:
+    """Fill speedup_vs_<baseline> = baseline median / row median within one (shape, dtype) group."""
+    by_backend = {r["backend"]: r for r in group if r["status"] == "ok"}
+    for r in by_backend.values():
+        for base in BASELINES:
+            ref = by_backend.get(base)
+            if ref is None:
+                continue
+            for pass_ in ("forward", "backward"):
+                r[pass_][f"speedup_vs_{base}"] = ref[pass_]["median_ms"] / r[pass_]["median_ms"]
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+def _num(v: float) -> str:
+    """About three significant digits without exponents for the usual ranges (0.0123, 4.56, 2834)."""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def _cell(result: Optional[dict], key: str, scale: float = 1.0, suffix: str = "") -> str:
+    v = None if result is None else result.get(key)
+    return "-" if v is None else _num(v * scale) + suffix
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain-text table for people (JSON is for machines)."""
+    env, copy, cfg = report["environment"], report["copy_bandwidth"], report["config"]
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "cuda", "cupy", "triton", "python"))
+    lines = [
+        f"gspngen bench: spec '{report['spec']['name']}' (sha256 {report['spec_hash'][:12]})",
+        f"device: {env['gpu'] or 'CPU ' + (env['cpu'] or '')} ({env['device']})",
+        f"versions: {versions}",
+        f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['buffer_bytes'] / MIB:.0f} MiB dst.copy_(src), "
+        f"read + write, median of {copy['iters']})",
+        f"timing: median of {cfg['iters']} runs after {cfg['warmup']} warm-up, {cfg['timing']}; "
+        "inputs rotated over 'copies' sets",
+        "GB/s = minimal bytes / median time; %copy = GB/s / copy bandwidth; xref, xper_step = speedup fwd/bwd",
+        "",
+    ]
+    head = ["N,C,H,W", "dtype", "backend", "copies", "fwd ms", "fwd GB/s", "fwd %copy",
+            "bwd ms", "bwd GB/s", "bwd %copy", "xref", "xper_step", "note"]
+    table = [head]
+    for r in report["results"]:
+        f, b = r["forward"], r["backward"]
+
+        def speedup(base: str) -> str:
+            key = f"speedup_vs_{base}"
+            return "-" if f is None or f[key] is None else f"{_num(f[key])}/{_num(b[key])}"
+
+        note = r["note"] or ""
+        if r["status"] != "ok":
+            note = f"{r['status']}: {note}"
+        table.append([
+            shape_label(r["shape"]), r["dtype"], r["backend"], "-" if r["copies"] is None else str(r["copies"]),
+            _cell(f, "median_ms"), _cell(f, "gbps"), _cell(f, "fraction_of_copy", 100, "%"),
+            _cell(b, "median_ms"), _cell(b, "gbps"), _cell(b, "fraction_of_copy", 100, "%"),
+            speedup("reference"), speedup("cuda_per_step"), note,
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    numeric = range(3, len(head) - 1)
+    for i, row in enumerate(table):
+        cells = [c.rjust(widths[j]) if j in numeric else c.ljust(widths[j]) for j, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: "str | Path") -> None:
+    """Write the report as strict JSON (no NaN), atomically: a temp file in the same folder, then rename."""
+    path = Path(path)
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
