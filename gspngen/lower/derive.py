@@ -1,0 +1,197 @@
+"""Derive the per-pixel GSPN math with sympy: forward programs and their adjoints.
+
+The forward update is written once, as a small SSA program of local
+assignments (DESIGN §4)::
+
+    ws_c = select(e_c, w_c, 0)              # sanitise: garbage logits never reach arithmetic
+    a_c  = select(e_c, sigmoid(ws_c), 0)    # stability  (softmax: exp(ws_c - mx))
+    Z    = a_0 + ... + a_{k-1}
+    wn_c = a_c / Z
+    h    = lam*x + wn_0*hp_0 + ... + wn_{k-1}*hp_{k-1}
+
+The adjoint is *derived*, never written by hand: reverse-mode accumulation
+walks the program backwards and takes every local partial derivative with
+``sympy.diff``. Because Z is one node, its adjoint is one sum shared by all k
+weights, so the normalisation's vector-Jacobian product costs O(k) rather
+than the O(k^2) of differentiating each wn_c as a whole. Finally each block is
+flattened and passed through ``sympy.cse`` so every sigmoid/exp is computed
+once.
+
+Softmax subtracts mx = max over the existing logits before exp. The result
+does not depend on mx (it cancels between numerator and Z), so mx is a
+stop-gradient node: its true contribution to any gradient is exactly zero,
+and skipping it avoids differentiating the non-smooth Max.
+
+The centre neighbour (offset 0, c = r) is the pixel's own lane and always
+exists, so ``e_r`` is replaced by True before differentiation; its flag stays
+a block input so every template passes the same variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import sympy as sp
+
+from .ir import CodeBlock
+
+
+class sigmoid(sp.Function):  # noqa: N801  (printed by name: tl.sigmoid, torch.sigmoid)
+    """The logistic function; its derivative reuses its own value, so CSE shares it."""
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+def select(flag: sp.Symbol, value: sp.Expr, otherwise: sp.Expr) -> sp.Expr:
+    """``value`` where ``flag`` holds, else ``otherwise`` (printed as ?:, tl.where, torch.where)."""
+    return sp.Piecewise((value, flag), (otherwise, True))
+
+
+def real(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+@dataclass
+class Program:
+    """Straight-line SSA assignments; ``stop`` names nodes no gradient flows through."""
+
+    assigns: list[tuple[sp.Symbol, sp.Expr]] = field(default_factory=list)
+    stop: set[sp.Symbol] = field(default_factory=set)
+    subs: dict = field(default_factory=dict)  # facts applied to every assignment (the centre exists)
+
+    def node(self, name: str, expr: sp.Expr, *, stop_gradient: bool = False) -> sp.Symbol:
+        sym = real(name)
+        self.assigns.append((sym, sp.sympify(expr).xreplace(self.subs)))
+        if stop_gradient:
+            self.stop.add(sym)
+        return sym
+
+
+def reverse_mode(program: Program, seeds: dict[sp.Symbol, sp.Expr], wrt: list[sp.Symbol]) -> tuple[Program, dict]:
+    """Adjoint program of ``program`` given output adjoints ``seeds``.
+
+    Returns the adjoint assignments (one ``g_<node>`` per node, SSA) and the
+    gradient expression of every symbol in ``wrt``. Flags (boolean symbols) and
+    stop-gradient nodes receive nothing.
+    """
+    differentiable = set(wrt) | {s for s, _ in program.assigns}
+    contrib: dict[sp.Symbol, list[sp.Expr]] = {s: [g] for s, g in seeds.items()}
+    adj = Program()
+    for v, f in reversed(program.assigns):
+        if v not in contrib or v in program.stop:
+            continue
+        # Every use of v comes later in the program, so its adjoint is complete here.
+        gv = adj.node("g_" + v.name, sp.Add(*contrib[v]))
+        for s in sorted(f.free_symbols & (differentiable - program.stop), key=lambda s: s.name):
+            d = sp.diff(f, s)
+            if d != 0:
+                # piecewise_fold moves the adjoint inside the selection: (e ? gv*d : 0)
+                contrib.setdefault(s, []).append(sp.piecewise_fold(gv * d))
+    grads = {s: sp.Add(*contrib.get(s, [sp.Integer(0)])) for s in wrt}
+    return adj, grads
+
+
+def finish_block(inputs: list[str], outputs: list[tuple[str, sp.Expr]], *programs: Program) -> CodeBlock:
+    """Flatten the programs into the outputs, then eliminate common subexpressions.
+
+    ``factor_terms`` first pulls common factors out of sums, so e.g. the normalisation's
+    gradient takes the form (gh/Z)*a_c*(hp_c - sum_c' wn_c'*hp_c'): fewer operations and no 1/Z^2.
+    """
+    env: dict[sp.Symbol, sp.Expr] = {}
+    for prog in programs:
+        for sym, rhs in prog.assigns:
+            env[sym] = rhs.xreplace(env)
+    flat = [sp.factor_terms(sp.sympify(expr).xreplace(env)) for _, expr in outputs]
+    repl, reduced = sp.cse(flat, symbols=sp.numbered_symbols("cse", real=True))
+    assigns = list(repl) + [(real(name), expr) for (name, _), expr in zip(outputs, reduced)]
+    return CodeBlock(tuple(inputs), tuple(name for name, _ in outputs), tuple(assigns))
+
+
+@dataclass(frozen=True)
+class UpdateSymbols:
+    w: tuple[sp.Symbol, ...]
+    e: tuple[sp.Symbol, ...]
+    hp: tuple[sp.Symbol, ...]
+    lam: sp.Symbol
+    x: sp.Symbol
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in (*self.w, *self.e, *self.hp, self.lam, self.x)]
+
+
+def update_symbols(k: int) -> UpdateSymbols:
+    return UpdateSymbols(
+        w=tuple(real(f"w{c}") for c in range(k)),
+        e=tuple(sp.Symbol(f"e{c}") for c in range(k)),
+        hp=tuple(real(f"hp{c}") for c in range(k)),
+        lam=real("lam"), x=real("x"),
+    )
+
+
+def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, UpdateSymbols]:
+    """The forward SSA program of one pixel's update; returns (program, h, symbols)."""
+    r = (k - 1) // 2
+    v = update_symbols(k)
+    p = Program(subs={v.e[r]: sp.true})  # the centre always exists
+    ws = [p.node(f"_ws{c}", select(v.e[c], v.w[c], 0)) for c in range(k)]
+    if normalization == "none":
+        wn = ws
+    else:
+        if normalization == "stability":
+            a = [p.node(f"_a{c}", select(v.e[c], sigmoid(ws[c]), 0)) for c in range(k)]
+        elif normalization == "softmax":
+            # Fill non-existing entries with the centre logit: mx is then the max
+            # over existing logits exactly, so exp(ws - mx) <= 1 and Z >= 1.
+            mx = p.node("_mx", sp.Max(*[select(v.e[c], ws[c], ws[r]) for c in range(k)]), stop_gradient=True)
+            a = [p.node(f"_a{c}", select(v.e[c], sp.exp(ws[c] - mx), 0)) for c in range(k)]
+        else:
+            raise ValueError(f"normalization: expected stability, softmax or none, got {normalization!r}")
+        z = p.node("_Z", sp.Add(*a))
+        wn = [p.node(f"_wn{c}", a[c] / z) for c in range(k)]
+    h = p.node("_h", v.lam * v.x + sp.Add(*[wn[c] * v.hp[c] for c in range(k)]))
+    return p, h, v
+
+
+@lru_cache(maxsize=None)
+def update_blocks(k: int, normalization: str) -> tuple[CodeBlock, CodeBlock]:
+    """(forward, adjoint) blocks of the per-pixel update (contract: gspngen/lower)."""
+    p, h, v = update_program(k, normalization)
+    forward = finish_block(v.names, [("h", h)], p)
+    gh = real("gh")
+    wrt = [v.lam, v.x, *v.w, *v.hp]
+    adj, grads = reverse_mode(p, {h: gh}, wrt)
+    outputs = [("glam", grads[v.lam]), ("gx", grads[v.x])]
+    outputs += [(f"gw{c}", grads[v.w[c]]) for c in range(k)]
+    outputs += [(f"ghp{c}", grads[v.hp[c]]) for c in range(k)]
+    adjoint = finish_block(["gh"] + v.names, outputs, p, adj)
+    return forward, adjoint
+
+
+def merge_factor(merge: str, num_directions: int) -> sp.Expr:
+    """f in y_d = f*(...): 1 for sum/stack, 1/D for mean, the symbol md for learned."""
+    if merge == "learned":
+        return real("md")
+    if merge == "mean":
+        return sp.Rational(1, num_directions)
+    return sp.Integer(1)
+
+
+@lru_cache(maxsize=None)
+def output_blocks(modulation: bool, skip: bool, merge: str, num_directions: int) -> tuple[CodeBlock, CodeBlock]:
+    """(output, adjoint_output) blocks: y_d = f*(u*h or h) + f*s*x and its gradients."""
+    h, x, u, s, md, gy = (real(n) for n in ("h", "x", "u", "s", "md", "gy"))
+    f = merge_factor(merge, num_directions)
+    p = Program()
+    y = p.node("_y", f * (u * h if modulation else h) + (f * s * x if skip else 0))
+    used = {"u": modulation, "s": skip, "md": merge == "learned"}
+    extra = [sym for sym in (u, s, md) if used[sym.name]]
+    adj, grads = reverse_mode(p, {y: gy}, [h, x, *extra])
+    names = ["h", "x"] + [sym.name for sym in extra]
+    output = finish_block(names, [("y", y)], p)
+    outs = [("gh", grads[h]), ("gx", grads[x])] + [("g" + sym.name, grads[sym]) for sym in extra]
+    adjoint_output = finish_block(["gy"] + names, outs, p, adj)
+    return output, adjoint_output

@@ -1,0 +1,201 @@
+"""Print lowered code blocks as CUDA C, Triton, PyTorch or readable text.
+
+Each printer turns one SSA :class:`CodeBlock` into source lines (no
+indentation) that define every intermediate and output from the block inputs.
+Only a few sympy node types occur in blocks (Add, Mul, integer Pow, Rational,
+exp, sigmoid, Max, Piecewise on a boolean flag); each printer maps those.
+
+CUDA uses accurate single-precision libm calls (``expf``, ``fmaxf``): no fast
+intrinsics, because ``__expf``'s error grows with |x| (CUDA C Programming
+Guide, intrinsic functions) and generated kernels must match the reference to
+1e-5. Sums of products become ``fmaf`` chains, which fixes the fused rounding
+whatever the compiler's ``--fmad`` setting is.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.codegen.ast import float32, real
+from sympy.printing.c import C99CodePrinter
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
+from sympy.printing.str import StrPrinter
+
+from .ir import CodeBlock
+
+LANGS = ("cuda", "triton", "torch", "text")
+
+
+def _int_pow(printer, expr: sp.Pow, one: str) -> str | None:
+    """Small integer powers as products: b*b is exact and faster than pow()."""
+    e = expr.exp
+    if not (e.is_Integer and 1 <= abs(int(e)) <= 4):
+        return None
+    n = abs(int(e))
+    base = printer.parenthesize(expr.base, PRECEDENCE["Mul"])
+    prod = "*".join([base] * n)
+    if int(e) > 0:
+        return f"({prod})" if n > 1 else prod
+    return f"({one}/{prod})" if n == 1 else f"({one}/({prod}))"
+
+
+def _nested(fn: str, args: list[str]) -> str:
+    out = args[-1]
+    for a in reversed(args[:-1]):
+        out = f"{fn}({a}, {out})"
+    return out
+
+
+class CudaPrinter(C99CodePrinter):
+    """C99 printer for fp32 device code: ``1.0f`` literals, ``expf``, ``(e ? a : b)``, ``fmaf``."""
+
+    def __init__(self):
+        super().__init__(settings={"type_aliases": {real: float32}})
+
+    @staticmethod
+    def _literal(value: float) -> str:
+        text = repr(float(value))
+        if "e" not in text and "." not in text and "inf" not in text:
+            text += ".0"
+        return text + "f"
+
+    def _print_Float(self, expr):
+        return self._literal(float(expr))
+
+    def _print_Integer(self, expr):
+        return self._literal(int(expr))  # 0.0f, not 0: every value in a block is fp32
+
+    def _print_Rational(self, expr):
+        # A spec constant such as 1/D: one correctly rounded literal.
+        return self._literal(int(expr.p) / int(expr.q))
+
+    def _print_Pow(self, expr):
+        return _int_pow(self, expr, "1.0f") or super()._print_Pow(expr)
+
+    def _print_Piecewise(self, expr):
+        *cases, (last, cond) = expr.args
+        if cond is not sp.true:
+            raise ValueError(f"Piecewise without a default branch: {expr}")
+        out = self._print(last)
+        for value, flag in reversed(cases):
+            out = f"({self._print(flag)} ? {self._print(value)} : {out})"
+        return out
+
+    def _print_sigmoid(self, expr):
+        return f"(1.0f/(1.0f + expf(-{self.parenthesize(expr.args[0], PRECEDENCE['Mul'])})))"
+
+    def _print_Max(self, expr):
+        return _nested("fmaxf", [self._print(a) for a in expr.args])
+
+    def _fma_split(self, term):
+        """term = a*b with a, b printable factors, or None if term is not a product."""
+        if not term.is_Mul:
+            return None
+        factors = list(term.args)
+        if factors[0] == -1:
+            if len(factors) < 3:
+                return None
+            factors = [-factors[1]] + factors[2:]
+        if len(factors) < 2:
+            return None
+        return factors[0], sp.Mul(*factors[1:])
+
+    def _print_Add(self, expr, order=None):
+        terms = self._as_ordered_terms(expr, order=order)
+        prods = [self._fma_split(t) for t in terms]
+        if sum(p is not None for p in prods) == 0:
+            return super()._print_Add(expr, order=order)
+        rest = [t for t, p in zip(terms, prods) if p is None]
+        fused = [p for p in prods if p is not None]
+        if rest:
+            acc = self._print(rest[0]) if len(rest) == 1 else super()._print_Add(sp.Add(*rest))
+        else:
+            a, b = fused.pop()
+            acc = f"{self.parenthesize(a, PRECEDENCE['Mul'])}*{self.parenthesize(b, PRECEDENCE['Mul'])}"
+        for a, b in reversed(fused):
+            acc = f"fmaf({self._print(a)}, {self._print(b)}, {acc})"
+        return acc
+
+
+class _PyMathPrinter(PythonCodePrinter):
+    """Python expressions over a tensor module (``tl`` or ``torch``)."""
+
+    module = ""
+    float_integers = False
+
+    def _print_Rational(self, expr):
+        return repr(int(expr.p) / int(expr.q))
+
+    def _print_Integer(self, expr):
+        return repr(float(int(expr))) if self.float_integers else str(int(expr))
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Pow(self, expr, rational=False):
+        return _int_pow(self, expr, "1.0") or super()._print_Pow(expr, rational=rational)
+
+    def _print_Piecewise(self, expr):
+        *cases, (last, cond) = expr.args
+        if cond is not sp.true:
+            raise ValueError(f"Piecewise without a default branch: {expr}")
+        out = self._print(last)
+        for value, flag in reversed(cases):
+            out = f"{self.module}.where({self._print(flag)}, {self._print(value)}, {out})"
+        return out
+
+    def _print_exp(self, expr):
+        return f"{self.module}.exp({self._print(expr.args[0])})"
+
+    def _print_sigmoid(self, expr):
+        return f"{self.module}.sigmoid({self._print(expr.args[0])})"
+
+    def _print_Max(self, expr):
+        return _nested(f"{self.module}.maximum", [self._print(a) for a in expr.args])
+
+
+class TritonPrinter(_PyMathPrinter):
+    module = "tl"
+    float_integers = True  # a float literal never turns a value into an int tensor
+
+
+class TorchPrinter(_PyMathPrinter):
+    module = "torch"
+
+
+class TextPrinter(StrPrinter):
+    """Readable math for ``gspngen show``: selections read as select(flag, value, otherwise)."""
+
+    def _print_Piecewise(self, expr):
+        *cases, (last, _) = expr.args
+        out = self._print(last)
+        for value, flag in reversed(cases):
+            out = f"select({self._print(flag)}, {self._print(value)}, {out})"
+        return out
+
+
+_PRINTERS = {"cuda": CudaPrinter, "triton": TritonPrinter, "torch": TorchPrinter, "text": TextPrinter}
+
+
+def print_expr(expr: sp.Expr, lang: str) -> str:
+    if lang not in _PRINTERS:
+        raise ValueError(f"lang: expected one of {', '.join(LANGS)}, got {lang!r}")
+    return _PRINTERS[lang]().doprint(expr)
+
+
+def print_block(block: CodeBlock, lang: str) -> list[str]:
+    """Source lines defining every intermediate and output of ``block`` (contract: gspngen/lower)."""
+    if lang not in _PRINTERS:
+        raise ValueError(f"lang: expected one of {', '.join(LANGS)}, got {lang!r}")
+    printer = _PRINTERS[lang]()
+    lines = []
+    for sym, rhs in block.assigns:
+        code = printer.doprint(rhs)
+        if lang == "cuda":
+            # (a real Symbol is also a sympy Boolean: only flags and logic are bool)
+            flag = isinstance(rhs, sp.logic.boolalg.Boolean) and not (isinstance(rhs, sp.Symbol) and rhs.is_real)
+            ctype = "bool" if flag else "float"
+            lines.append(f"const {ctype} {sym.name} = {code};")
+        else:
+            lines.append(f"{sym.name} = {code}")
+    return lines
