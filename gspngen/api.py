@@ -67,7 +67,11 @@ def _resolve_backend(spec_json: str, backend: str, device_type: str, device_inde
     if backend in KERNEL_BACKENDS and dname not in spec.precision:
         raise TypeError(f"x: backend {backend!r} has kernels for dtypes {list(spec.precision)} "
                         f"(spec precision), got {dtype}")
-    if not get_backend(backend).available(device):
+    try:
+        impl = get_backend(backend)
+    except ImportError as exc:
+        raise ValueError(f"backend: {backend!r} is not available here ({exc})") from None
+    if not impl.available(device):
         raise ValueError(f"x: backend {backend!r} cannot run on device {device} here")
     return backend
 
