@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from .api import GSPNOp
-from .geometry import to_channel_first
+from .geometry import image_dims, to_channel_first
 from .spec import Spec
 
 Inputs = Mapping[str, Optional[torch.Tensor]]
@@ -94,18 +94,23 @@ def _check_pixel(pixel, H: int, W: int) -> tuple[int, int]:
     return int(pixel[0]), int(pixel[1])
 
 
+def mark_pixel_(cot: torch.Tensor, batch: int, pixel: tuple[int, int], layout: str) -> None:
+    """Set every channel (and direction, for ``stack``) of output pixel ``pixel`` of batch element
+    ``batch`` to 1: y is (N, C, H, W) or (N, D, C, H, W), with the channel axis last in nhwc."""
+    i, j = pixel
+    if layout == "nhwc":
+        cot[batch, ..., i, j, :] = 1
+    else:
+        cot[batch, ..., i, j] = 1
+
+
 def _pixel_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, pixel: tuple[int, int],
                batch: int, layout: str) -> torch.Tensor:
     """sum_c |d(sum_c' y[c', p]) / dx[c, q]| for batch element ``batch``: one backward pass."""
     xg = x.detach().clone().requires_grad_(True)
     y = fn(xg)
-    i, j = pixel
     cot = torch.zeros_like(y)
-    # y is (N, C, H, W) or (N, D, C, H, W) (stack); in nhwc the channel axis is last.
-    if layout == "nhwc":
-        cot[batch, ..., i, j, :] = 1
-    else:
-        cot[batch, ..., i, j] = 1
+    mark_pixel_(cot, batch, pixel, layout)
     (gx,) = torch.autograd.grad(y, xg, cot)
     g = to_channel_first(gx[batch], layout)  # (C, H, W)
     return g.detach().abs().sum(dim=0).to(device="cpu", dtype=torch.float64)
@@ -152,7 +157,7 @@ def _layer_affinity(layer: Callable, x: torch.Tensor, pixel, batch: int, layout:
         raise ValueError(f"inputs: expected a 4-d input x, got shape {tuple(x.shape)}")
     if not 0 <= batch < x.shape[0]:
         raise ValueError(f"batch: expected 0 <= batch < {x.shape[0]}, got {batch}")
-    H, W = (x.shape[1], x.shape[2]) if layout == "nhwc" else (x.shape[2], x.shape[3])
+    _, _, H, W = image_dims(x.shape, layout)
     p = _check_pixel(pixel, H, W)
     aggregate = _pixel_vjp(layer, x, p, batch, layout)
     per: dict[str, torch.Tensor] = {}

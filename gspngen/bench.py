@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -697,18 +695,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: "str | Path") -> None:
     """Write the report as strict JSON (no NaN), atomically: a temp file in the same folder, then rename."""
-    path = Path(path)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .atomic import write_file_atomically
+
+    write_file_atomically(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())

@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .analysis import mark_pixel_
 from .api import KERNEL_BACKENDS, GSPNOp
 from .backends import BACKEND_NAMES, get_backend
 from .geometry import chunk_starts, frame_extent, from_channel_first, from_frame, neighbour_exists, \
@@ -181,11 +182,7 @@ def check_connectivity(spec: Spec, shape, seed: int) -> Row:
     y = GSPNOp(spec, "reference")(x, **rep)
     cot = torch.zeros_like(y)
     for n in range(P):
-        i, j = divmod(n, W)
-        if spec.layout == "nhwc":
-            cot[n, ..., i, j, :] = 1
-        else:
-            cot[n, ..., i, j] = 1
+        mark_pixel_(cot, n, divmod(n, W), spec.layout)
     (gx,) = torch.autograd.grad(y, x, cot)
     influence = to_channel_first(gx, spec.layout).abs().sum(dim=1)  # (P, H, W): output pixel x input pixel
     zeros = int((influence == 0).sum())

@@ -20,6 +20,31 @@ class CLIError(Exception):
     """A user error in the command line: printed as one line, exit status 2."""
 
 
+def parse_ints(text: str, names: str, option: str, minimum: int = 1) -> tuple[int, ...]:
+    """'2,4,8,8' -> (2, 4, 8, 8) for names 'N,C,H,W'; a CLIError naming the option otherwise."""
+    parts = text.split(",")
+    want = names.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != len(want) or min(values) < minimum:
+        what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise CLIError(f"{option}: expected {len(want)} {what} {names}, got {text!r}")
+    return values
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: what torch.Generator.manual_seed takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64-1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gspngen",

@@ -48,9 +48,26 @@ def package_files(spec: Spec) -> dict[str, str]:
     return files
 
 
+def check_replaceable(out: Path) -> None:
+    """Raise FileExistsError unless ``out`` is absent, an empty folder or an earlier gspngen output.
+
+    Replacing is a rename of the whole folder, so a folder holding anything else
+    (``-o .``, ``-o ~/project``) or a file would be lost.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a folder; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no manifest.json, so it is not a gspngen output "
+                              f"folder; refusing to replace it")
+
+
 def write_package(spec: Spec, out_dir: str | Path) -> Path:
-    """Render ``spec`` and atomically replace ``out_dir`` with the result. Returns the folder."""
-    out = Path(out_dir)
+    """Render ``spec`` and atomically replace ``out_dir`` with the result. Returns the folder.
+
+    ``out_dir`` must be absent, empty, or an earlier output (see :func:`check_replaceable`).
+    """
+    out = Path(os.path.abspath(out_dir))  # "." and ".." get a real name
+    check_replaceable(out)
     files = package_files(spec)  # render everything before touching the disk
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

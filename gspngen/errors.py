@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+import reprlib
+
+# A spec may come from a stranger: a few bytes of YAML aliases can expand to
+# millions of items, so the value is shown abbreviated (bounded time and length).
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 8
+_short.maxlevel = 2
+
+
+def show_value(value: object) -> str:
+    """repr(value), abbreviated; never fails (repr of a huge int raises ValueError)."""
+    try:
+        return _short.repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to print>"
+
 
 class SpecError(ValueError):
     """A spec field is missing, unknown, of the wrong type or out of range.
@@ -16,4 +33,4 @@ class SpecError(ValueError):
         self.allowed = allowed
         self.line = line
         where = f" (line {line})" if line is not None else ""
-        super().__init__(f"spec field '{field}'{where}: got {value!r}; expected {allowed}")
+        super().__init__(f"spec field '{field}'{where}: got {show_value(value)}; expected {allowed}")

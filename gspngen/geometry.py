@@ -29,6 +29,15 @@ DIRECTION_TABLE = {
 }
 
 
+def image_dims(shape, layout: str) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of a 4-d per-pixel shape (x, or the merged result) in either layout."""
+    if layout == "nhwc":
+        N, H, W, C = shape
+        return N, C, H, W
+    N, C, H, W = shape
+    return N, C, H, W
+
+
 def to_channel_first(t: torch.Tensor, layout: str) -> torch.Tensor:
     """(..., H, W, C) -> (..., C, H, W) view for nhwc; identity for nchw."""
     return t.movedim(-1, -3) if layout == "nhwc" else t

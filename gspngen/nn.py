@@ -97,7 +97,11 @@ class GSPN2d(nn.Module):
         lam = torch.sigmoid(self._per_direction(next(parts), self.d_state))
         u = self._per_direction(next(parts), self.d_state) if spec.modulation else None
         s = self._per_direction(next(parts), self.d_state) if spec.skip else None
-        return {"x": self.proxy(x), "w": w, "lam": lam, "u": u, "s": s, "m": self.merge_weights}
+        f = self.proxy(x)
+        # Under autocast the heads run in 16 bits while the merge weights stay an fp32 Parameter;
+        # the op wants one dtype.
+        m = None if self.merge_weights is None else self.merge_weights.to(f.dtype)
+        return {"x": f, "w": w, "lam": lam, "u": u, "s": s, "m": m}
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
         if self.spec.merge == "stack":  # (N, D, ...) -> D*d_state channels
@@ -116,7 +120,7 @@ class GSPN2d(nn.Module):
         if direction not in self.spec.directions:
             raise ValueError(f"direction: expected one of {list(self.spec.directions)}, got {direction!r}")
         inp = self._op_inputs(x)
-        keep = torch.zeros(self.spec.num_directions, dtype=x.dtype, device=x.device)
+        keep = torch.zeros(self.spec.num_directions, dtype=inp["lam"].dtype, device=x.device)
         keep[self.spec.directions.index(direction)] = 1
         shape = (1, -1) + (1,) * (inp["lam"].dim() - 2)
         for name in ("lam", "s"):

@@ -5,6 +5,10 @@ strings, so a single registration serves every spec, works with
 ``torch.compile`` (no graph breaks) and passes ``torch.library.opcheck``.
 Backward is a second op, ``gspngen::scan_backward``, that the backend
 implements with its own adjoint kernels (the reference uses autograd).
+
+Both ops check their inputs (``gspngen.validate``) before the backend runs:
+they are public (``torch.ops.gspngen.scan``) and callable without
+``gspngen.compile``, and a kernel must never read out of bounds (DESIGN §7).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from .backends import get_backend
 from .backends.base import result_shape
 from .spec import Spec
+from .validate import validate_backend_inputs, validate_backward_inputs
 
 Tensor = torch.Tensor
 
@@ -33,7 +38,9 @@ def scan(x: Tensor, w: Tensor, lam: Tensor, u: Optional[Tensor], s: Optional[Ten
          spec_json: str, backend: str) -> tuple[Tensor, Tensor]:
     """Returns (y, saved): ``saved`` is whatever the backend keeps for backward (maybe empty)."""
     spec = spec_from_json(spec_json)
-    return get_backend(backend).forward(spec, x, w, lam, u, s, m)
+    impl = get_backend(backend)
+    validate_backend_inputs(spec, x, w, lam, u, s, m)
+    return impl.forward(spec, x, w, lam, u, s, m)
 
 
 @scan.register_fake
@@ -48,7 +55,10 @@ def scan_backward(gy: Tensor, x: Tensor, w: Tensor, lam: Tensor, u: Optional[Ten
                   m: Optional[Tensor], saved: Tensor, spec_json: str, backend: str) -> list[Tensor]:
     """Gradients for (x, w, lam, u, s, m); an empty tensor stands for an unused input."""
     spec = spec_from_json(spec_json)
-    grads = get_backend(backend).backward(spec, gy.contiguous(), x, w, lam, u, s, m, saved)
+    impl = get_backend(backend)
+    validate_backend_inputs(spec, x, w, lam, u, s, m)
+    validate_backward_inputs(spec, gy, x, saved, *impl.saved_shape(spec, x))
+    grads = impl.backward(spec, gy.contiguous(), x, w, lam, u, s, m, saved)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 

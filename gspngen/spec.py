@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import SpecError
+from .errors import SpecError, show_value
 
 DIRECTIONS = ("lr", "rl", "tb", "bt")
 NORMALIZATIONS = ("stability", "softmax", "none")
@@ -27,6 +27,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("cuda", "triton")
 NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 MAX_CONNECTION = 9
+# chunk and an integer weight_groups reach kernels as 32-bit integer arguments
+MAX_INT32 = 2**31 - 1
 
 DEFAULTS: dict[str, Any] = {
     "connection": 3,
@@ -44,14 +46,16 @@ DEFAULTS: dict[str, Any] = {
 FIELDS = ("name",) + tuple(DEFAULTS)
 
 
+# Exact built-in types only: a str or int subclass could carry its own __str__/__format__ into
+# generated code, and bool is an int. Accepted strings are replaced by this module's constants.
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int
 
 
 def _choice(field: str, v: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(v, str) or v not in allowed:
+    if type(v) is not str or v not in allowed:
         raise SpecError(field, v, "one of " + ", ".join(allowed))
-    return v
+    return allowed[allowed.index(v)]
 
 
 def _subset(field: str, v: object, allowed: tuple[str, ...], *, empty_ok: bool) -> tuple[str, ...]:
@@ -59,11 +63,11 @@ def _subset(field: str, v: object, allowed: tuple[str, ...], *, empty_ok: bool) 
     if not isinstance(v, (list, tuple)) or (not v and not empty_ok):
         raise SpecError(field, v, what)
     for item in v:
-        if not isinstance(item, str) or item not in allowed:
-            raise SpecError(field, v, what + f" ({item!r} is not allowed)")
+        if type(item) is not str or item not in allowed:
+            raise SpecError(field, v, what + f" ({show_value(item)} is not allowed)")
     if len(set(v)) != len(v):
         raise SpecError(field, v, what + " (repeated entry)")
-    return tuple(v)
+    return tuple(allowed[allowed.index(item)] for item in v)
 
 
 def _bool(field: str, v: object) -> bool:
@@ -100,7 +104,7 @@ class Spec:
             raise SpecError("<document>", data, "a mapping of spec fields")
         for key in data:
             if key not in FIELDS:
-                raise SpecError(str(key), data[key], "no such field; known fields: " + ", ".join(FIELDS))
+                raise SpecError(str(key)[:80], data[key], "no such field; known fields: " + ", ".join(FIELDS))
         if "name" not in data:
             raise SpecError("name", None, "a required identifier matching [a-z_][a-z0-9_]{0,63}")
         # Lists from YAML/JSON become tuples during validation (__post_init__).
@@ -109,12 +113,18 @@ class Spec:
     @classmethod
     def from_yaml(cls, text: str) -> "Spec":
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
+        except SpecError:
+            raise
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise SpecError("<yaml>", problem, "valid YAML", line=line) from None
+        except RecursionError:
+            raise SpecError("<yaml>", "nesting too deep", "a flat mapping of spec fields") from None
+        except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+            raise SpecError("<yaml>", str(exc).split(";")[0], "valid YAML") from None
         return cls.from_dict(data)
 
     # -- views --------------------------------------------------------------
@@ -165,40 +175,64 @@ class Spec:
 
 def _validate_into(spec: Spec) -> None:
     set_ = object.__setattr__
-    if not isinstance(spec.name, str) or not NAME_RE.fullmatch(spec.name):
+    if type(spec.name) is not str or not NAME_RE.fullmatch(spec.name):
         raise SpecError("name", spec.name, "an identifier matching [a-z_][a-z0-9_]{0,63}")
     k = spec.connection
     if not _is_int(k) or not (1 <= k <= MAX_CONNECTION) or k % 2 == 0:
         raise SpecError("connection", k, f"an odd integer from 1 to {MAX_CONNECTION}")
     set_(spec, "directions", _subset("directions", spec.directions, DIRECTIONS, empty_ok=False))
-    _choice("normalization", spec.normalization, NORMALIZATIONS)
+    set_(spec, "normalization", _choice("normalization", spec.normalization, NORMALIZATIONS))
     g = spec.weight_groups
     if isinstance(g, str):
-        _choice("weight_groups", g, ("channel", "shared"))
-    elif not _is_int(g) or g < 1:
-        raise SpecError("weight_groups", g, "channel, shared, or a positive integer that divides C")
+        set_(spec, "weight_groups", _choice("weight_groups", g, ("channel", "shared")))
+    elif not _is_int(g) or not 1 <= g <= MAX_INT32:
+        raise SpecError("weight_groups", g, f"channel, shared, or an integer from 1 to {MAX_INT32} that divides C")
     elif g == 1:
         set_(spec, "weight_groups", "shared")  # one group is weight sharing; one canonical form
     c = spec.chunk
-    if c is not None and (not _is_int(c) or c < 1):
-        raise SpecError("chunk", c, "null (global scan) or an integer >= 1")
+    if c is not None and (not _is_int(c) or not 1 <= c <= MAX_INT32):
+        raise SpecError("chunk", c, f"null (global scan) or an integer from 1 to {MAX_INT32}")
     _bool("modulation", spec.modulation)
     _bool("skip", spec.skip)
-    _choice("merge", spec.merge, MERGES)
-    _choice("layout", spec.layout, LAYOUTS)
+    set_(spec, "merge", _choice("merge", spec.merge, MERGES))
+    set_(spec, "layout", _choice("layout", spec.layout, LAYOUTS))
     prec = _subset("precision", spec.precision, PRECISIONS, empty_ok=False)
     set_(spec, "precision", tuple(p for p in PRECISIONS if p in prec))
     be = _subset("backends", spec.backends, BACKENDS, empty_ok=True)
     set_(spec, "backends", tuple(b for b in BACKENDS if b in be))
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                continue
+            seen[key] = line
+            if first is not None:
+                again = self.construct_object(value_node) if isinstance(value_node, yaml.ScalarNode) else "..."
+                raise SpecError(str(key)[:80], again, f"each field at most once (it is already given on line {first})",
+                                line=line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError("<file>", str(path), f"a readable YAML file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpecError("<file>", str(path), "a YAML text file in UTF-8") from None
     return Spec.from_yaml(text)
 
 

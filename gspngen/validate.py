@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from .backends.base import result_shape
+from .geometry import image_dims
 from .spec import Spec
+
+# Floating dtypes torch computes with everywhere (the float8/float4 types are storage-only).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def expected_shapes(spec: Spec, N: int, C: int, H: int, W: int) -> dict[str, tuple[int, ...]]:
@@ -31,15 +36,13 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
     for name in ("x", "w", "lam"):
         if not isinstance(args[name], torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(args[name]).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point dtype, got {x.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: expected a floating-point dtype torch computes with (float16, bfloat16, float32 or "
+                        f"float64), got {x.dtype}")
     if x.dim() != 4:
         axes = "(N, H, W, C)" if spec.layout == "nhwc" else "(N, C, H, W)"
         raise ValueError(f"x: expected a 4-d tensor {axes} for layout {spec.layout}, got shape {tuple(x.shape)}")
-    if spec.layout == "nhwc":
-        N, H, W, C = x.shape
-    else:
-        N, C, H, W = x.shape
+    N, C, H, W = image_dims(x.shape, spec.layout)
     if min(N, C, H, W) < 1:
         raise ValueError(f"x: expected every dimension >= 1, got shape {tuple(x.shape)}")
     G = spec.groups(C)
@@ -57,9 +60,39 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
         t = args[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got {t.layout}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+
+
+def validate_backend_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
+    """What a backend may assume (gspngen.backends.base): valid and contiguous. The custom ops check it,
+    since ``torch.ops.gspngen.scan`` can be called without going through ``gspngen.compile``."""
+    validate_inputs(spec, x, w, lam, u, s, m)
+    for name, t in (("x", x), ("w", w), ("lam", lam), ("u", u), ("s", s), ("m", m)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor (gspngen.compile's op makes its inputs "
+                             f"contiguous), got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def validate_backward_inputs(spec: Spec, gy, x, saved, saved_shape: tuple[int, ...],
+                             saved_dtype: torch.dtype) -> None:
+    """gy must match the result and ``saved`` what the backend's forward returns (checked before its kernels)."""
+    want = result_shape(spec, x)
+    if not isinstance(gy, torch.Tensor) or gy.layout != torch.strided or tuple(gy.shape) != want:
+        got = tuple(gy.shape) if isinstance(gy, torch.Tensor) else type(gy).__name__
+        raise ValueError(f"gy: expected shape {want} (the result's), got {got}")
+    if gy.dtype != x.dtype or gy.device != x.device:
+        raise TypeError(f"gy: expected dtype {x.dtype} on {x.device} (those of x), got {gy.dtype} on {gy.device}")
+    ok = (isinstance(saved, torch.Tensor) and tuple(saved.shape) == tuple(saved_shape) and saved.dtype == saved_dtype
+          and saved.device == x.device and saved.is_contiguous())
+    if not ok:
+        got = (f"shape {tuple(saved.shape)}, dtype {saved.dtype} on {saved.device}"
+               if isinstance(saved, torch.Tensor) else type(saved).__name__)
+        raise ValueError(f"saved: expected shape {tuple(saved_shape)} and dtype {saved_dtype} on {x.device}, "
+                         f"contiguous (what the forward returned), got {got}")

@@ -214,3 +214,57 @@ def test_heatmap_without_matplotlib(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert "matplotlib" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "h.png").exists()
+
+
+@pytest.mark.parametrize("name,words", [
+    ("h.foo", ["-o", "'h.foo'", "png"]),  # not an image format
+    ("h", ["-o", "'h'", "png"]),  # matplotlib would silently write h.png
+    ("missing/h.png", ["-o", "missing", "does not exist"]),
+    ("folder", ["-o", "folder", "is a folder"]),
+])
+def test_heatmap_bad_output_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, name, words):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: demo\n")
+    (tmp_path / "folder.png").mkdir()
+    name = "folder.png" if name == "folder" else name
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gspngen.analysis, "affinity", None)  # must not get that far
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["heatmap", str(spec_file), "--size", "4,4", "-o", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for w in words:
+        assert w in err, (w, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_heatmap_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import os
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: demo\ndirections: [lr]\n")
+
+    def fail(*args):  # the image is written to a temporary file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    assert main(["heatmap", str(spec_file), "--size", "4,4", "-o", str(tmp_path / "h.png")]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "x"])
+def test_heatmap_bad_seed_is_a_usage_error(tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as info:
+        main(["heatmap", "s.yaml", "--seed", seed, "-o", str(tmp_path / "h.png")])
+    assert info.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_heatmap_file_gets_the_usual_permissions(tmp_path, capsys):
+    """Written through a temporary file (mkstemp makes it 0600), yet readable like any new file."""
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: demo\ndirections: [lr]\n")
+    (tmp_path / "plain").write_bytes(b"")
+    out = tmp_path / "h.png"
+    assert main(["heatmap", str(spec_file), "--size", "4,4", "-o", str(out)]) == 0
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777

@@ -243,6 +243,7 @@ def test_cli_paper_suite_runs_scaled_on_cpu(tmp_path, capsys):
     (["--iters", "0"], "--iters"),
     (["--warmup", "many"], "--warmup"),
     (["--json", "/nonexistent-dir/r.json"], "--json"),
+    (["--json", "."], "--json"),  # a folder: refused before the run, not after it
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, option):
     rc = main(["bench", _spec_file(tmp_path, weight_groups=2), *argv])

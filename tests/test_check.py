@@ -157,3 +157,16 @@ def test_gradcheck_row_detects_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(ReferenceBackend, "backward", off)
     row = gspngen.check.check_gradcheck(spec, 0)
     assert row.status == "FAIL" and "input 2" in row.note
+
+
+def test_bad_seed_is_a_usage_error_not_failed_checks(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check", str(EXAMPLES[0]), "--seed", str(2**70)])
+    assert info.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "foo"])
+def test_bad_device_is_a_one_line_error(capsys, device):
+    assert main(["check", str(EXAMPLES[0]), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and len(err.strip().splitlines()) == 1

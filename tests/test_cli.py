@@ -85,22 +85,24 @@ def test_committed_generated_output_is_current(path, tmp_path):
     ("name: t\ndirections: [lr, [\n", "<yaml>"),
     ("- just\n- a list\n", "<document>"),
 ])
-def test_bad_spec_one_line_exit_2_no_output(tmp_path, text, field):
+def test_bad_spec_one_line_exit_2_no_output(tmp_path, capsys, text, field):
+    # in-process (a subprocess costs ~4 s of imports); test_missing_spec_file runs the real entry point
     spec = tmp_path / "bad.yaml"
     spec.write_text(text)
     out = tmp_path / "out"
-    r = run_cli("compile", spec, "-o", out)
-    assert r.returncode == 2
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr and f"'{field}'" in lines[0]
+    assert main(["compile", str(spec), "-o", str(out)]) == 2
+    stdout, stderr = capsys.readouterr()
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and f"'{field}'" in lines[0]
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 def test_missing_spec_file(tmp_path):
     r = run_cli("compile", tmp_path / "nope.yaml")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
 
 
 def test_failed_render_leaves_old_output_untouched(tmp_path, monkeypatch):
@@ -134,9 +136,37 @@ def test_failed_write_leaves_no_temp_folder(tmp_path, monkeypatch):
 
 
 def test_overwrite_replaces_whole_folder(tmp_path):
-    out = tmp_path / "pkg"
-    out.mkdir()
+    spec = gspngen.Spec.from_dict({"name": "t", "backends": []})
+    out = codegen.write_package(spec, tmp_path / "pkg")  # an earlier gspngen output
     (out / "stale.txt").write_text("old")
-    codegen.write_package(gspngen.Spec.from_dict({"name": "t", "backends": []}), out)
+    codegen.write_package(spec, out)
     assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (codegen.write_package(spec, empty) / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("target", ["folder", "file", "dot"])
+def test_compile_never_replaces_what_it_did_not_write(tmp_path, target, monkeypatch, capsys):
+    """-o naming a user's folder or file is refused with one line; nothing there changes."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("precious")
+    out = {"folder": work, "file": work / "thesis.tex", "dot": "."}[target]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(work)
+    assert main(["compile", str(ROOT / "examples" / "local8.yaml"), "-o", str(out)]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and len(err.strip().splitlines()) == 1 and "-o" in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (work / "thesis.tex").read_text() == "precious"
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["compile", str(ROOT / "examples" / "local8.yaml"), "-o", str(blocker / "pkg")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot write" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -75,3 +75,18 @@ def test_backend_auto_and_yaml_path(tmp_path):
     layer = GSPN2d(3, str(path))
     assert layer.spec.name == "from_file" and layer.op.backend == "auto"
     assert layer(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_runs_under_autocast(layout):
+    """Under autocast the 1x1 heads give bf16 while the merge weights stay an fp32 Parameter."""
+    torch.manual_seed(3)
+    layer = GSPN2d(6, spec_of(layout=layout), d_state=4, backend="reference")
+    x = torch.randn((1, 6, 3, 4) if layout == "nchw" else (1, 3, 4, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert layer.forward_direction(x, "tb").shape == x.shape
+    y.float().sum().backward()
+    assert y.shape == x.shape and layer.merge_weights.grad is not None
+    assert layer.merge_weights.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.1, atol=0.1)

@@ -123,3 +123,62 @@ def test_examples_load():
     root = pathlib.Path(__file__).resolve().parents[1] / "examples"
     names = {gspngen.load_spec(p).name for p in root.glob("*.yaml")}
     assert {"gspn4", "gspn2_compact", "local8", "wide5"} <= names
+
+
+def test_error_message_stays_short_for_huge_values():
+    """A few hundred bytes of YAML aliases expand to millions of list items: the message must not."""
+    levels = ['- &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"- &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    text = "name: t\ndirections:\n" + "\n".join("  " + line for line in levels) + "\n"
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml(text)
+    assert info.value.field == "directions" and len(str(info.value)) < 1000
+
+
+def test_deeply_nested_yaml_is_a_spec_error():
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml("name: t\ndirections: " + "[" * 1000 + "]" * 1000 + "\n")
+    assert info.value.field == "<yaml>"
+
+
+def test_binary_file_is_a_spec_error(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_bytes(b"name: t\n\xff\xfe\x00garbage")
+    with pytest.raises(SpecError) as info:
+        gspngen.load_spec(p)
+    assert info.value.field == "<file>" and "UTF-8" in str(info.value)
+
+
+def test_duplicate_field_is_an_error():
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml("name: t\nconnection: 3\nconnection: 5\n")
+    assert info.value.field == "connection" and info.value.line == 3 and "line 2" in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["chunk", "weight_groups"])
+def test_integers_fit_the_kernels_int32_arguments(field):
+    assert getattr(Spec.from_dict({"name": "t", field: 2**31 - 1}), field) == 2**31 - 1
+    with pytest.raises(SpecError) as info:
+        Spec.from_dict({"name": "t", field: 2**31})
+    assert info.value.field == field and "2147483647" in str(info.value)
+
+
+def test_subclasses_of_str_and_int_are_not_accepted():
+    """A str/int subclass could bring its own __str__/__format__ into generated code."""
+
+    class Sly(str):
+        def __str__(self):
+            return "t; import os"
+
+        __format__ = lambda self, spec: str(self)  # noqa: E731
+
+    class Num(int):
+        def __repr__(self):
+            return "3; import os"
+
+    for data, field in [({"name": Sly("t")}, "name"), ({"name": "t", "connection": Num(3)}, "connection"),
+                        ({"name": "t", "chunk": Num(4)}, "chunk"), ({"name": "t", "merge": Sly("sum")}, "merge"),
+                        ({"name": "t", "directions": [Sly("lr")]}, "directions")]:
+        with pytest.raises(SpecError) as info:
+            Spec.from_dict(data)
+        assert info.value.field == field

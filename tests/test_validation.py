@@ -83,3 +83,42 @@ def test_compile_accepts_mapping_and_path(tmp_path):
     assert gspngen.compile({"name": "t"}).spec.connection == 3
     with pytest.raises(TypeError, match="spec: expected"):
         gspngen.compile(42)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64])
+def test_dtypes_torch_cannot_compute_with_are_rejected_up_front(dtype):
+    inp = {k: (v.to(dtype) if v is not None else None) for k, v in good().items()}
+    with pytest.raises(TypeError, match=rf"x: expected .*float16, bfloat16, float32 or float64.*got {dtype}"):
+        gspngen.compile(SPEC, backend="reference")(**inp)
+
+
+@pytest.mark.parametrize("name", ["x", "w", "m"])
+def test_sparse_tensors_are_rejected_up_front(name):
+    with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got torch.sparse_coo"):
+        call(**{name: good()[name].to_sparse()})
+
+
+def _op_args(spec=SPEC, backend="lowered", **over):
+    inp = {**good(spec), **over}
+    return (*(inp[k] for k in ("x", "w", "lam", "u", "s", "m")), spec.to_json(), backend)
+
+
+def test_custom_op_called_directly_validates_its_inputs():
+    """torch.ops.gspngen.scan is public: a bad call is an error naming the argument, never a bad access."""
+    with pytest.raises(ValueError, match=r"lam: expected shape \(1, 4, 4, 3, 5\), got \(1, 4, 4, 3, 4\)"):
+        torch.ops.gspngen.scan(*_op_args(lam=torch.zeros(1, 4, 4, 3, 4)))
+    x = torch.zeros(1, 5, 3, 4).permute(0, 3, 2, 1)[:, :, :, :5]  # right shape, not contiguous
+    with pytest.raises(ValueError, match=r"x: expected a contiguous tensor"):
+        torch.ops.gspngen.scan(*_op_args(x=x))
+
+
+def test_custom_backward_op_called_directly_validates_its_inputs():
+    args = _op_args(backend="lowered")
+    y, saved = torch.ops.gspngen.scan(*args)
+    x, w, lam, u, s, m, spec_json, backend = args
+    with pytest.raises(ValueError, match=r"gy: expected shape \(1, 4, 3, 5\) \(the result's\), got \(1, 4, 3, 4\)"):
+        torch.ops.gspngen.scan_backward(y[..., :4].contiguous(), x, w, lam, u, s, m, saved, spec_json, backend)
+    with pytest.raises(ValueError, match=r"saved: expected shape \(1, 4, 4, 3, 5\) and dtype torch.float32"):
+        torch.ops.gspngen.scan_backward(y, x, w, lam, u, s, m, saved[:, :2].contiguous(), spec_json, backend)
+    grads = torch.ops.gspngen.scan_backward(y, x, w, lam, u, s, m, saved, spec_json, backend)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (x, w, lam, u, s, m)]

@@ -49,9 +49,10 @@ def scan_direction(spec: Spec, direction: str, x: torch.Tensor, w: torch.Tensor,
     wn = normalize_weights(wf, spec.normalization, neighbour_exists(L, k, x.device))
     wn = wn.permute(0, 2, 1, 3, 4).unsqueeze(2)  # (N, G, 1, k, L, T): broadcast over channels of a group
     drive = (lf * xf).view(N, G, C // G, L, T)  # lam * x for every pixel at once
-    # unbind once: indexing step t inside the loop would make autograd build a
-    # full-size gradient for every step (O(T^2) memory traffic in backward)
-    drive_t, wn_t = drive.unbind(-1), wn.unbind(-1)
+    # Step-major copies, unbound once: each step then reads contiguous memory,
+    # and autograd does not build a full-size gradient per indexed step.
+    drive_t = drive.movedim(-1, 0).contiguous().unbind(0)
+    wn_t = wn.movedim(-1, 0).contiguous().unbind(0)
     starts = chunk_starts(T, spec.chunk)
     lines: list[torch.Tensor] = []
     h = None

@@ -56,30 +56,16 @@ def _int_option(option: str, value, minimum: int):
     return n
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """'N,C,H,W' -> (N, C, H, W), or a CLIError naming --shape."""
-    from ..cli import CLIError
-
-    parts = text.split(",")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) != 4 or min(dims) < 1:
-        raise CLIError(f"--shape: expected N,C,H,W (four positive integers separated by commas), got {text!r}")
-    return dims  # type: ignore[return-value]
-
-
 def run(args) -> int:
     import sys
 
     from ..backends import BACKEND_NAMES
     from ..bench import SUITES, BenchConfig, format_table, run_bench, write_json
-    from ..cli import CLIError
+    from ..cli import CLIError, parse_ints
     from ..spec import load_spec
 
     spec = load_spec(args.spec)
-    shapes = [parse_shape(s) for s in args.shape]
+    shapes = [parse_ints(s, "N,C,H,W", "--shape") for s in args.shape]
     for N, C, H, W in shapes:
         G = spec.groups(C)
         if C % G:
@@ -106,6 +92,8 @@ def run(args) -> int:
         parent = Path(args.json).parent
         if not parent.is_dir():
             raise CLIError(f"--json: folder {str(parent)!r} does not exist")
+        if Path(args.json).is_dir():
+            raise CLIError(f"--json: {args.json!r} is a folder; expected a file name such as bench.json")
     copy_mib = _int_option("--copy-mib", args.copy_mib, 1)
     config = BenchConfig(
         shapes=shapes,

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from ..cli import CLIError
+from ..cli import CLIError, parse_ints, seed
 
 DTYPE_CHOICES = ("fp32", "fp64", "fp16", "bf16")
-
-
-def parse_ints(text: str, names: str, option: str, minimum: int = 1) -> tuple[int, ...]:
-    """'2,4,8,8' -> (2, 4, 8, 8) for names 'N,C,H,W'; a CLIError naming the option otherwise."""
-    parts = text.split(",")
-    want = names.split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != len(want) or min(values) < minimum:
-        what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
-        raise CLIError(f"{option}: expected {len(want)} {what} {names}, got {text!r}")
-    return values
 
 
 def register(sub) -> None:
@@ -37,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--shape", metavar="N,C,H,W", help="input shape (default: 2,C,9,10 with a small C)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="storage dtype (default fp32)")
     p.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed for the inputs (default 0)")
     p.set_defaults(func=run)
 
 
@@ -58,10 +44,14 @@ def run(args) -> int:
     shape = parse_ints(args.shape, "N,C,H,W", "--shape") if args.shape else None
     if shape is not None and shape[1] % spec.groups(shape[1]):
         raise CLIError(f"--shape: weight_groups={spec.weight_groups} must divide C, got C={shape[1]}")
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError:
-        raise CLIError(f"--device: expected a torch device such as cpu or cuda, got {args.device!r}") from None
+    device = None
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            pass
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise CLIError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device: {args.device} requested but torch sees no CUDA device here")
     dtype = DTYPES[args.dtype]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..cli import CLIError
-from .check import parse_ints
+from pathlib import Path
+
+from ..cli import CLIError, parse_ints, seed
 
 DIRECTION_TITLES = {"lr": "lr: left \u2192 right", "rl": "rl: right \u2192 left",
                     "tb": "tb: top \u2192 bottom", "bt": "bt: bottom \u2192 top"}
@@ -24,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--pixel", metavar="I,J", help="output pixel (row, column); default the centre")
     p.add_argument("--channels", type=int, default=None, metavar="C",
                    help="channels of the random inputs (default 4, or the smallest multiple of weight_groups)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--input", metavar="FILE.pt",
                    help="a dict of input tensors (x, w, lam and u, s, m as the spec needs) saved with torch.save")
     p.add_argument("--backend", default="auto", help="backend to differentiate through (default auto)")
@@ -65,10 +66,12 @@ def run(args) -> int:
         raise CLIError("matplotlib is required for heatmaps: pip install 'gspngen[plot]'") from None
     import torch
 
+    out_path, fmt = _output_file(args.output)  # before any work
     from ..analysis import affinity
     from ..api import KERNEL_BACKENDS, GSPNOp
     from ..backends import BACKEND_NAMES
     from ..check import small_channels
+    from ..geometry import image_dims
     from ..spec import load_spec
     from ..testing import make_inputs
 
@@ -79,7 +82,7 @@ def run(args) -> int:
     if args.input:
         inputs = _load_inputs(args.input, spec)
         x = inputs["x"]
-        hw = tuple(x.shape[1:3] if spec.layout == "nhwc" else x.shape[2:4])
+        hw = image_dims(x.shape, spec.layout)[2:]
         if size is not None and size != hw:
             raise CLIError(f"--size: the inputs in {args.input} are {hw[0]},{hw[1]}, got {size[0]},{size[1]}")
         size = hw
@@ -108,9 +111,40 @@ def run(args) -> int:
         raise CLIError(f"--backend {args.backend}: {exc}") from None
     subtitle = f"{source}, size {H}x{W}"
     fig = plot_affinity(maps, spec, subtitle)
-    fig.savefig(args.output, dpi=110)
+    _save(fig, out_path, fmt)
     print(f"wrote {args.output}: {len(maps.panels())} panels (spec '{spec.name}', output pixel {pixel[0]},{pixel[1]})")
     return 0
+
+
+def _output_file(name: str) -> tuple[Path, str]:
+    """(path, image format) for -o, or a CLIError: a known format, a file name, an existing folder."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(name)
+    fmt = path.suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise CLIError(f"-o: expected a file name ending in .png (or .{', .'.join(sorted(set(formats) - {'png'}))}),"
+                       f" got {name!r}")
+    if path.is_dir():
+        raise CLIError(f"-o: {name!r} is a folder; expected a file name such as heat.png")
+    if not path.parent.is_dir():
+        raise CLIError(f"-o: folder {str(path.parent)!r} does not exist")
+    return path, fmt
+
+
+def _save(fig, path: Path, fmt: str) -> None:
+    """Render in memory, then write atomically: a failure leaves no partial image."""
+    import io
+
+    from ..atomic import write_file_atomically
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=fmt, dpi=110)
+        write_file_atomically(path, buf.getvalue())
+    except OSError as exc:
+        raise CLIError(f"-o: cannot write {str(path)!r} ({exc.strerror or exc})") from None
 
 
 def plot_affinity(maps, spec, subtitle: str = ""):

@@ -39,6 +39,17 @@ def _int_pow(printer, expr: sp.Pow, one: str) -> str | None:
     return f"({one}/{prod})" if n == 1 else f"({one}/({prod}))"
 
 
+def _select_chain(printer, expr: sp.Piecewise, select, strict: bool = True) -> str:
+    """A Piecewise over boolean flags as nested selections ``select(flag, value, otherwise)``."""
+    *cases, (last, cond) = expr.args
+    if strict and cond is not sp.true:
+        raise ValueError(f"Piecewise without a default branch: {expr}")
+    out = printer._print(last)
+    for value, flag in reversed(cases):
+        out = select(printer._print(flag), printer._print(value), out)
+    return out
+
+
 def _nested(fn: str, args: list[str]) -> str:
     out = args[-1]
     for a in reversed(args[:-1]):
@@ -73,13 +84,7 @@ class CudaPrinter(C99CodePrinter):
         return _int_pow(self, expr, "1.0f") or super()._print_Pow(expr)
 
     def _print_Piecewise(self, expr):
-        *cases, (last, cond) = expr.args
-        if cond is not sp.true:
-            raise ValueError(f"Piecewise without a default branch: {expr}")
-        out = self._print(last)
-        for value, flag in reversed(cases):
-            out = f"({self._print(flag)} ? {self._print(value)} : {out})"
-        return out
+        return _select_chain(self, expr, lambda flag, value, other: f"({flag} ? {value} : {other})")
 
     def _print_sigmoid(self, expr):
         return f"(1.0f/(1.0f + expf(-{self.parenthesize(expr.args[0], PRECEDENCE['Mul'])})))"
@@ -136,13 +141,7 @@ class _PyMathPrinter(PythonCodePrinter):
         return _int_pow(self, expr, "1.0") or super()._print_Pow(expr, rational=rational)
 
     def _print_Piecewise(self, expr):
-        *cases, (last, cond) = expr.args
-        if cond is not sp.true:
-            raise ValueError(f"Piecewise without a default branch: {expr}")
-        out = self._print(last)
-        for value, flag in reversed(cases):
-            out = f"{self.module}.where({self._print(flag)}, {self._print(value)}, {out})"
-        return out
+        return _select_chain(self, expr, lambda flag, value, other: f"{self.module}.where({flag}, {value}, {other})")
 
     def _print_exp(self, expr):
         return f"{self.module}.exp({self._print(expr.args[0])})"
@@ -167,11 +166,7 @@ class TextPrinter(StrPrinter):
     """Readable math for ``gspngen show``: selections read as select(flag, value, otherwise)."""
 
     def _print_Piecewise(self, expr):
-        *cases, (last, _) = expr.args
-        out = self._print(last)
-        for value, flag in reversed(cases):
-            out = f"select({self._print(flag)}, {self._print(value)}, {out})"
-        return out
+        return _select_chain(self, expr, lambda flag, value, other: f"select({flag}, {value}, {other})", strict=False)
 
 
 _PRINTERS = {"cuda": CudaPrinter, "triton": TritonPrinter, "torch": TorchPrinter, "text": TextPrinter}
