@@ -12,8 +12,8 @@ from .validate import expected_shapes
 ARG_NAMES = ("x", "w", "lam", "u", "s", "m")
 
 
-def make_inputs(spec: Spec, N: int, C: int, H: int, W: int, *, dtype=torch.float64, device="cpu",
-                seed: int = 0, logit_scale: float = 1.0, requires_grad: bool = False) -> dict[str, Optional[torch.Tensor]]:
+def make_inputs(spec: Spec, N: int, C: int, H: int, W: int, *, dtype=torch.float64, device="cpu", seed: int = 0,
+                logit_scale: float = 1.0, requires_grad: bool = False) -> dict[str, Optional[torch.Tensor]]:
     """Random inputs of the right shapes for a spec: dict with keys x, w, lam, u, s, m (None if unused)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = expected_shapes(spec, N, C, H, W)

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..geometry import chunk_starts, from_channel_first, from_frame, neighbour_exists, to_channel_first, to_frame
+from ..geometry import (chunk_starts, from_channel_first, from_frame, image_dims, neighbour_exists,
+                        to_channel_first, to_frame)
 from ..lower import CodeBlock, lower, print_block
 from ..spec import Spec
 from ..testing import poison_
@@ -114,14 +115,6 @@ def _gather_prev(ghp: list[torch.Tensor], r: int) -> torch.Tensor:
     return buf[..., r:r + L]
 
 
-def _cf_shape(spec: Spec, x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(N, C, H, W) whatever the layout."""
-    if spec.layout == "nhwc":
-        N, H, W, C = x.shape
-        return N, C, H, W
-    return tuple(x.shape)
-
-
 class LoweredBackend:
     name = "lowered"
 
@@ -129,7 +122,7 @@ class LoweredBackend:
         return True  # plain torch: runs wherever torch does
 
     def saved_shape(self, spec: Spec, x: torch.Tensor):
-        N, C, H, W = _cf_shape(spec, x)
+        N, C, H, W = image_dims(x.shape, spec.layout)
         return (N, spec.num_directions, C, H, W), compute_dtype(x.dtype)
 
     # -- forward ------------------------------------------------------------
