@@ -1,0 +1,312 @@
+"""The CUDA backends: generated CUDA C++ (gspngen/render/cuda.py) behind the Backend protocol.
+
+``CudaBackend`` runs the fused kernels: per pass, one launch per direction,
+each covering every step of its scan. ``CudaPerStepBackend`` runs GSPN-1's
+launch structure (one launch per step) with the same math, for benchmarks.
+Both save h (storage dtype, frame order: (N, D, C, H*W); nhwc (N, D, H*W, C))
+in the forward for the backward.
+
+All shapes and launch geometry are decided here before any launch; the
+kernels additionally mask every access to the problem's bounds. Kernels are
+built and launched by a runner (gspngen/runtime/cuda_build.py: CuPy/NVRTC on
+the current PyTorch stream; the tests use a CPU emulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..geometry import DIRECTION_TABLE
+from ..render import cuda as rc
+from ..spec import Spec
+from .base import Grads, result_shape
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# A config chooser: (spec, dtype name, direction, kind, C, H, W) -> KernelConfig or None (use the default).
+ConfigChooser = Callable[[Spec, str, str, str, int, int, int], Optional[rc.KernelConfig]]
+
+
+def _dims(spec: Spec, x: torch.Tensor) -> tuple[int, int, int, int]:
+    if spec.layout == "nhwc":
+        N, H, W, C = x.shape
+    else:
+        N, C, H, W = x.shape
+    return N, C, H, W
+
+
+def saved_shape(spec: Spec, x: torch.Tensor) -> tuple[int, ...]:
+    """The stored h: one frame-order image per (n, direction, channel)."""
+    N, C, H, W = _dims(spec, x)
+    D = spec.num_directions
+    return (N, D, H * W, C) if spec.layout == "nhwc" else (N, D, C, H * W)
+
+
+def _dtype_name(x: torch.Tensor, backend: str) -> str:
+    name = DTYPE_NAMES.get(x.dtype)
+    if name is None:
+        raise TypeError(f"x: the {backend} backend stores fp32, fp16 or bf16, got {x.dtype}")
+    return name
+
+
+def _check_saved(spec: Spec, x: torch.Tensor, saved: torch.Tensor, backend: str) -> None:
+    want = saved_shape(spec, x)
+    if tuple(saved.shape) != want or saved.dtype != x.dtype or not saved.is_contiguous():
+        raise ValueError(f"saved: expected the stored h of shape {want} and dtype {x.dtype} from the {backend} "
+                         f"forward, got shape {tuple(saved.shape)} and dtype {saved.dtype}")
+
+
+def _chunk_arg(spec: Spec) -> int:
+    return int(spec.chunk) if spec.chunk is not None else 0  # 0: global scan
+
+
+@dataclass(frozen=True)
+class FusedLaunch:
+    name: str
+    grid: int
+    block: int
+    smem: int
+    cpb: int
+    tail: tuple[tuple[str, int], ...]  # the run-time arguments after the shape: cpb, d, rev, stepw, acc
+
+
+class _CudaBase:
+    def __init__(self, runner=None, poison: bool = False):
+        self._runner = runner
+        self.poison = poison  # tests: NaN-fill every output the kernels must write
+
+    def _out(self, shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        if self.poison:
+            return torch.full(tuple(shape), float("nan"), dtype=dtype, device=like.device)
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            from ..runtime.cuda_build import default_runner
+
+            self._runner = default_runner()
+        return self._runner
+
+    def available(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        from ..runtime.cuda_build import cupy_available
+
+        return cupy_available()
+
+    def saved_shape(self, spec: Spec, x: torch.Tensor):
+        return saved_shape(spec, x), x.dtype
+
+    def _ready(self, x: torch.Tensor) -> str:
+        dname = _dtype_name(x, self.name)
+        if self._runner is None and not self.available(x.device):
+            raise ValueError(f"x: the {self.name} backend needs a CUDA device and cupy, got device {x.device}")
+        return dname
+
+    def _check_grid(self, grid: int) -> int:
+        """Called while planning, before any launch."""
+        if grid > 2**31 - 1:
+            raise ValueError(f"x: too large for one launch of the {self.name} backend ({grid} blocks)")
+        return grid
+
+    def _launch(self, device, source: str, name: str, names, grid: int, block: int, smem: int, args) -> None:
+        if grid < 1:
+            return
+        kernel = self.runner.kernel(device, source, name, names)
+        self.runner.launch(kernel, device, grid, block, smem, args)
+
+
+class CudaBackend(_CudaBase):
+    """The fused kernels. ``configs`` may choose the tuning per direction (an autotuner's hook)."""
+
+    name = "cuda"
+
+    def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False):
+        super().__init__(runner, poison)
+        self.configs = configs
+
+    # -- planning ------------------------------------------------------------
+    def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
+               smem_limit: int) -> rc.KernelConfig:
+        cfg = self.configs(spec, dname, direction, kind, C, H, W) if self.configs is not None else None
+        if cfg is None:
+            cfg = rc.default_config(spec, dname, direction, kind, C, H, W, smem_limit)
+        return cfg
+
+    def plan(self, spec: Spec, dname: str, kind: str, d: int, dims: tuple[int, int, int, int],
+             tensors: list[Optional[torch.Tensor]], acc: bool, watom: bool,
+             limits: tuple[int, int]) -> FusedLaunch:
+        """Instantiation, grid and shared memory of one direction's fused kernel."""
+        N, C, H, W = dims
+        direction = spec.directions[d]
+        sm_count, smem_limit = limits
+        cfg = self.config(spec, dname, direction, kind, C, H, W, smem_limit)
+        mapping = rc.thread_map(spec, direction)
+        cfg.check(mapping)
+        L, T = (H, W) if DIRECTION_TABLE[direction].step_axis == "W" else (W, H)
+        if cfg.nseg * cfg.lanes_per_segment(mapping) < L:
+            raise ValueError(f"config {cfg}: covers {cfg.nseg * cfg.lanes_per_segment(mapping)} lanes, "
+                             f"the line has {L}")
+        smem = rc.smem_bytes(spec, kind, mapping, cfg)
+        if smem > smem_limit:
+            raise ValueError(f"x: the {self.name} backend needs {smem} bytes of shared memory per block for "
+                             f"lines of {L} lanes, the GPU offers {smem_limit}; use backend='triton' or 'reference'")
+        vec = self._vec_ok(spec, dname, mapping, cfg.vec, C, L, T, tensors)
+        cpb, grid = rc.chunks_per_block(spec, direction, N, C, H, W, cfg, sm_count)
+        geo = DIRECTION_TABLE[direction]
+        name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom)
+        tail = (("i32", cpb), ("i32", d), ("i32", int(geo.reverse)), ("i32", int(geo.step_axis == "W")),
+                ("i32", int(acc)))
+        return FusedLaunch(name, grid, cfg.threads, smem, cpb, tail)
+
+    @staticmethod
+    def _vec_ok(spec: Spec, dname: str, mapping: int, v: int, C: int, L: int, T: int,
+                tensors: list[Optional[torch.Tensor]]) -> bool:
+        """Whole-vector accesses are legal: runs never straddle a row and every base is aligned."""
+        if v == 1:
+            return False
+        axis = {rc.LANES: L, rc.STEPS: T, rc.CHAN: C}[mapping]
+        if axis % v:
+            return False
+        align = v * rc.ELEM_BYTES[dname]
+        return all(t.data_ptr() % align == 0 for t in tensors if t is not None)
+
+    # -- passes --------------------------------------------------------------
+    def forward(self, spec: Spec, x, w, lam, u, s, m):
+        dname = self._ready(x)
+        dims = N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        y = self._out(result_shape(spec, x), x)
+        saved = self._out(saved_shape(spec, x), x)
+        source = rc.render_source(spec, dname)
+        limits = self.runner.limits(x.device)
+        vec_tensors = [x, w, lam, u, s, y, saved]
+        stack = spec.merge == "stack"
+        plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
+                           limits=limits) for d in range(spec.num_directions)]
+        names = [p.name for p in plans]
+        for p in plans:
+            args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", y), ("out", saved),
+                    ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)), *p.tail]
+            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        return y, saved
+
+    def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
+        dname = self._ready(x)
+        _check_saved(spec, x, saved, self.name)
+        dims = N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        watom = G != C  # weights shared by several channels: fp32 atomic sums
+        gx = self._out(x.shape, x)
+        glam = self._out(lam.shape, lam)
+        gu = self._out(u.shape, u) if u is not None else None
+        gs = self._out(s.shape, s) if s is not None else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if watom else self._out(w.shape, w)
+        gm32 = torch.zeros(spec.num_directions, dtype=torch.float32, device=x.device) if m is not None else None
+        source = rc.render_source(spec, dname)
+        limits = self.runner.limits(x.device)
+        vec_tensors = [gy, x, w, lam, u, s, saved, gx, glam, gu, gs] + ([] if watom else [gw])
+        plans = [self.plan(spec, dname, "bwd", d, dims, vec_tensors, acc=d > 0, watom=watom, limits=limits)
+                 for d in range(spec.num_directions)]
+        names = [p.name for p in plans]
+        for p in plans:
+            args = [("in", gy), ("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("in", saved),
+                    ("out", gx), ("out", glam), ("out", gu), ("out", gs), ("vptr", gw), ("f32", gm32),
+                    ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)), *p.tail]
+            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        if watom:
+            gw = gw.to(x.dtype)
+        gm = gm32.to(m.dtype) if m is not None else None
+        return gx, gw, glam, gu, gs, gm
+
+    def kernel_names(self, spec: Spec, dname: str, dims: tuple[int, int, int, int],
+                     limits: tuple[int, int]) -> list[str]:
+        """Every fused instantiation a forward and a backward at this shape launch, with aligned tensors
+        (for building ahead)."""
+        N, C, H, W = dims
+        watom = spec.groups(C) != C
+        names = []
+        for kind in ("fwd", "bwd"):
+            for d in range(spec.num_directions):
+                p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits)
+                names.append(p.name)
+        return list(dict.fromkeys(names))
+
+
+class CudaPerStepBackend(_CudaBase):
+    """GSPN-1's launch structure: one launch per scan step (all directions), for benchmarks only."""
+
+    name = "cuda_per_step"
+
+    @staticmethod
+    def _steps(spec: Spec, H: int, W: int) -> int:
+        """Launches per pass: the longest chunk over the directions."""
+        most = 0
+        for dn in spec.directions:
+            T = W if DIRECTION_TABLE[dn].step_axis == "W" else H
+            most = max(most, min(spec.chunk, T) if spec.chunk is not None else T)
+        return most
+
+    def _step_grid(self, spec: Spec, N: int, C: int, H: int, W: int) -> int:
+        lm = max(H, W)
+        nchm = -(-lm // spec.chunk) if spec.chunk is not None else 1
+        return self._check_grid(-(-(spec.num_directions * N * C * lm * nchm) // rc.PS_THREADS))
+
+    def forward(self, spec: Spec, x, w, lam, u, s, m):
+        dname = self._ready(x)
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        y = self._out(result_shape(spec, x), x)
+        saved = self._out(saved_shape(spec, x), x)
+        source = rc.render_source(spec, dname)
+        kn = rc.per_step_names(G != C)
+        names = list(kn.values())
+        grid = self._step_grid(spec, N, C, H, W)
+        pixel_grid = self._check_grid(-(-x.numel() // rc.PS_THREADS))
+        for step in range(self._steps(spec, H, W)):
+            args = [("in", x), ("in", w), ("in", lam), ("out", saved), ("i32", N), ("i32", C), ("i32", G),
+                    ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)), ("i32", step)]
+            self._launch(x.device, source, kn["ps_fwd"], names, grid, rc.PS_THREADS, 0, args)
+        args = [("in", x), ("in", u), ("in", s), ("in", m), ("in", saved), ("out", y),
+                ("i32", N), ("i32", C), ("i32", H), ("i32", W)]
+        self._launch(x.device, source, kn["ps_merge"], names, pixel_grid, rc.PS_THREADS, 0, args)
+        return y, saved
+
+    def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
+        dname = self._ready(x)
+        _check_saved(spec, x, saved, self.name)
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        watom = G != C
+        source = rc.render_source(spec, dname)
+        kn = rc.per_step_names(watom)
+        names = list(kn.values())
+        f32 = dict(dtype=torch.float32, device=x.device)
+        gh32 = self._out(saved.shape, x, torch.float32)  # gh of every pixel and direction, frame order
+        gx32 = self._out(x.shape, x, torch.float32)
+        gm32 = torch.zeros(spec.num_directions, **f32) if m is not None else None
+        glam = self._out(lam.shape, lam)
+        gu = self._out(u.shape, u) if u is not None else None
+        gs = self._out(s.shape, s) if s is not None else None
+        gw = torch.zeros(w.shape, **f32) if watom else self._out(w.shape, w)
+        grid = self._step_grid(spec, N, C, H, W)
+        pixel_grid = self._check_grid(-(-x.numel() // rc.PS_THREADS))
+        args = [("in", gy), ("in", x), ("in", u), ("in", s), ("in", m), ("in", saved), ("out", gu), ("out", gs),
+                ("f32", gh32), ("f32", gx32), ("f32", gm32), ("i32", N), ("i32", C), ("i32", H), ("i32", W)]
+        self._launch(x.device, source, kn["ps_bwd_out"], names, pixel_grid, rc.PS_THREADS, 0, args)
+        for step in reversed(range(self._steps(spec, H, W))):
+            args = [("in", x), ("in", w), ("in", lam), ("in", saved), ("out", glam), ("vptr", gw), ("f32", gh32),
+                    ("f32", gx32), ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W),
+                    ("i32", _chunk_arg(spec)), ("i32", step)]
+            self._launch(x.device, source, kn["ps_bwd_step"], names, grid, rc.PS_THREADS, 0, args)
+        gx = gx32.to(x.dtype)
+        if watom:
+            gw = gw.to(x.dtype)
+        gm = gm32.to(m.dtype) if m is not None else None
+        return gx, gw, glam, gu, gs, gm

@@ -1,0 +1,479 @@
+"""Render a spec's CUDA C++ kernels from ``templates/cuda`` and describe how to instantiate them.
+
+One source per spec and storage dtype holds every kernel as a C++ template:
+the fused forward and backward scans (``gspn_fwd``, ``gspn_bwd``) and the
+per-step baseline (``gspn_ps_*``). The templates hold thread mapping, memory
+access and the scan loop; the per-pixel math is the lowering's printed code
+(:func:`gspngen.lower.print_block`), pasted into one device function per
+block. Nothing from the spec reaches the source except validated numbers,
+flags and identifiers; the spec's name does not reach it at all.
+
+The host picks a tuning per launch (:class:`KernelConfig`) and names the
+instantiation it needs (:func:`fused_name`), which NVRTC compiles through
+name expressions. :func:`candidate_configs` lists the tunings an autotuner may
+try, the documented default first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from functools import lru_cache
+
+from .. import __version__
+from ..geometry import DIRECTION_TABLE
+from ..lower import lower, print_block
+from ..lower.ir import CodeBlock
+from ..spec import Spec
+from .templates import environment
+
+STORE_KIND = {"fp32": 0, "fp16": 1, "bf16": 2}
+ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# Kernel parameters, in order: (kind, name). Kinds: in = const storage pointer,
+# out = storage pointer, f32 = fp32 pointer, vptr = untyped pointer (storage or
+# fp32, by template flag), i32 = int. The source's signatures and the host's
+# argument packing both come from this table.
+PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "fwd": (("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("in", "p_u"), ("in", "p_s"), ("in", "p_m"),
+            ("out", "p_y"), ("out", "p_h"),
+            ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"), ("i32", "cpb"),
+            ("i32", "d"), ("i32", "rev"), ("i32", "stepw"), ("i32", "acc")),
+    "bwd": (("in", "p_gy"), ("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("in", "p_u"), ("in", "p_s"),
+            ("in", "p_m"), ("in", "p_h"),
+            ("out", "p_gx"), ("out", "p_glam"), ("out", "p_gu"), ("out", "p_gs"), ("vptr", "p_gw"), ("f32", "p_gm"),
+            ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"), ("i32", "cpb"),
+            ("i32", "d"), ("i32", "rev"), ("i32", "stepw"), ("i32", "acc")),
+    "ps_fwd": (("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("out", "p_h"),
+               ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"), ("i32", "s")),
+    "ps_merge": (("in", "p_x"), ("in", "p_u"), ("in", "p_s"), ("in", "p_m"), ("in", "p_h"), ("out", "p_y"),
+                 ("i32", "N"), ("i32", "C"), ("i32", "H"), ("i32", "W")),
+    "ps_bwd_out": (("in", "p_gy"), ("in", "p_x"), ("in", "p_u"), ("in", "p_s"), ("in", "p_m"), ("in", "p_h"),
+                   ("out", "p_gu"), ("out", "p_gs"), ("f32", "p_gh"), ("f32", "p_gx32"), ("f32", "p_gm"),
+                   ("i32", "N"), ("i32", "C"), ("i32", "H"), ("i32", "W")),
+    "ps_bwd_step": (("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("in", "p_h"), ("out", "p_glam"),
+                    ("vptr", "p_gw"), ("f32", "p_gh"), ("f32", "p_gx32"),
+                    ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
+                    ("i32", "s")),
+}
+C_TYPES = {"in": "const gs_t* __restrict__", "out": "gs_t* __restrict__", "f32": "float* __restrict__",
+           "vptr": "void*", "i32": "int"}
+
+# Thread mappings (see templates/cuda/fused.cuh.j2).
+LANES, STEPS, CHAN = 0, 1, 2
+MAP_NAMES = {LANES: "lanes", STEPS: "steps", CHAN: "chan"}
+
+# Printed-block variables -> the template's locals. Inputs and outputs of
+# both adjoint blocks are named apart (gh, gx occur in both).
+_IN_MAP = {"lam": "f_lam", "x": "f_x", "u": "f_u", "s": "f_s", "md": "f_md", "h": "f_h", "gy": "f_gy", "gh": "f_gh"}
+_OUT_MAP = {
+    "forward": {"h": "f_h"},
+    "output": {"y": "f_y"},
+    "adjoint_output": {"gh": "f_gho", "gx": "f_gxo", "gu": "f_gu", "gs": "f_gs", "gmd": "f_gmd"},
+    "adjoint": {"glam": "f_glam", "gx": "f_gxa"},
+}
+_INDEXED_IN = re.compile(r"(w|e|hp)([0-9])")
+_INDEXED_OUT = re.compile(r"(gw|ghp)([0-9])")
+_IDENT = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# A printed line: one const definition of fp32 arithmetic over identifiers,
+# literals, + - * / ( ) ? : , and a few libm calls. Nothing else may reach the source.
+_LINE = re.compile(r"const (float|bool) ([a-z][a-z0-9_]*) = ([A-Za-z0-9_ .+\-*/()?:,<>=!&|]+);")
+_CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+_ALLOWED_CALLS = {"expf", "fmaf", "fmaxf", "fminf", "logf", "log1pf", "expm1f", "sqrtf", "fabsf"}
+
+
+def _check_ident(name: str, what: str) -> str:
+    if not _IDENT.fullmatch(name) or name.startswith(("cse", "o_", "f_", "gs_", "p_")):
+        raise ValueError(f"{what}: {name!r} is not a valid block variable name")
+    return name
+
+
+def _check_lines(block_name: str, lines: list[str]) -> list[str]:
+    for line in lines:
+        m = _LINE.fullmatch(line)
+        if not m:
+            raise ValueError(f"block {block_name}: unexpected printed line {line!r}")
+        for fn in _CALLS.findall(m.group(3)):
+            if fn not in _ALLOWED_CALLS:
+                raise ValueError(f"block {block_name}: printed line calls {fn!r}, not an allowed libm function")
+    return lines
+
+
+def _arg(name: str, block_name: str, output: bool) -> str:
+    """The template expression a block variable binds to."""
+    if output:
+        m = _INDEXED_OUT.fullmatch(name)
+        if m:
+            return f"f_{m.group(1)}[{int(m.group(2))}]"
+        if name in _OUT_MAP[block_name]:
+            return _OUT_MAP[block_name][name]
+    else:
+        m = _INDEXED_IN.fullmatch(name)
+        if m:
+            return f"f_{m.group(1)}[{int(m.group(2))}]"
+        if name in _IN_MAP:
+            return _IN_MAP[name]
+    raise ValueError(f"block {block_name}: the CUDA templates have no variable for {'output' if output else 'input'} "
+                     f"{name!r} (lowering contract)")
+
+
+def _math_block(name: str, block: CodeBlock) -> dict:
+    """A device function for one printed block and the call that binds it to the template's locals."""
+    used = [_check_ident(v, f"block {name} input") for v in block.used_inputs]
+    outs = [_check_ident(v, f"block {name} output") for v in block.outputs]
+    params = [f"const {'bool' if re.fullmatch(r'e[0-9]', v) else 'float'} {v}" for v in used]
+    params += [f"float& o_{o}" for o in outs]
+    call = [_arg(v, name, False) for v in used] + [_arg(o, name, True) for o in outs]
+    return {
+        "name": name,
+        "inputs": list(block.inputs),
+        "outputs": outs,
+        "signature": ", ".join(params),
+        "lines": _check_lines(name, print_block(block, "cuda")),
+        "call": ", ".join(call),
+    }
+
+
+def _w_used(block: CodeBlock, k: int) -> list[bool]:
+    used = set(block.used_inputs)
+    return [f"w{c}" in used for c in range(k)]
+
+
+def _cbool(v: object) -> str:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected a bool, got {v!r}")
+    return "true" if v else "false"
+
+
+@lru_cache(maxsize=None)
+def _env():
+    env = environment().overlay()
+    env.filters["cbool"] = _cbool
+    return env
+
+
+def render_context(spec: Spec, dtype: str) -> dict:
+    """Everything the CUDA templates read, for one spec and storage dtype."""
+    if dtype not in STORE_KIND:
+        raise ValueError(f"dtype: expected one of {', '.join(STORE_KIND)}, got {dtype!r}")
+    ir = lower(spec)
+    blocks = {n: _math_block(n, b) for n, b in ir.blocks.items()}
+    want = {"gu": ir.modulation, "gs": ir.skip, "gmd": ir.merge == "learned"}
+    outs = set(ir.adjoint_output.outputs)
+    for name, used in want.items():
+        if (name in outs) != used:
+            raise ValueError(f"adjoint_output block: output {name} {'missing' if used else 'unexpected'}")
+    if not {"gh", "gx"} <= outs or set(ir.forward.outputs) != {"h"} or set(ir.output.outputs) != {"y"}:
+        raise ValueError("printed blocks do not have the contract's outputs")
+    adj_used = set(ir.adjoint.used_inputs)
+    dirs = [{"index": int(d.index), "rev": bool(d.reverse), "step_w": d.step_axis == "W"} for d in ir.directions]
+    params = {k: ", ".join(f"{C_TYPES[kind]} {name}" for kind, name in v) for k, v in PARAMS.items()}
+    args = {k: ", ".join(name for _, name in v) for k, v in PARAMS.items()}
+    return {
+        "version": __version__,
+        "dtype": dtype,
+        "store_kind": STORE_KIND[dtype],
+        "k": int(ir.k),
+        "r": int(ir.r),
+        "num_directions": len(ir.directions),
+        "dirs": dirs,
+        "nhwc": ir.layout == "nhwc",
+        "modulation": bool(ir.modulation),
+        "skip": bool(ir.skip),
+        "learned": ir.merge == "learned",
+        "stack": ir.merge == "stack",
+        "weight_per_channel": spec.weight_groups == "channel",
+        "bwd_needs_h": "h" in ir.adjoint_output.used_inputs,
+        "bwd_needs_hp": any(f"hp{c}" in adj_used for c in range(ir.k)),
+        "w_used_fwd": _w_used(ir.forward, ir.k),
+        "w_used_bwd": _w_used(ir.adjoint, ir.k),
+        "math": [blocks[n] for n in ("forward", "output", "adjoint", "adjoint_output")],
+        "calls": {n: b["call"] for n, b in blocks.items()},
+        "params": params,
+        "args": args,
+    }
+
+
+@lru_cache(maxsize=64)
+def render_source(spec: Spec, dtype: str) -> str:
+    """The CUDA C++ source of every kernel of ``spec`` for one storage dtype (deterministic)."""
+    return _env().get_template("cuda/gspn.cu.j2").render(**render_context(spec, dtype))
+
+
+def file_name(dtype: str) -> str:
+    return f"gspn_{dtype}.cu"
+
+
+def render_files(spec: Spec) -> dict[str, str]:
+    """Files for ``gspngen compile``: one .cu per storage dtype of the spec."""
+    return {file_name(dt): render_source(spec, dt) for dt in spec.precision}
+
+
+# ---------------------------------------------------------------------------
+# Tunings and instantiation names
+# ---------------------------------------------------------------------------
+
+def thread_map(spec: Spec, direction: str) -> int:
+    """LANES, STEPS or CHAN: which axis a thread's vector runs along (see the fused template)."""
+    if spec.layout == "nhwc":
+        return CHAN
+    return STEPS if DIRECTION_TABLE[direction].step_axis == "W" else LANES
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One tuning of a fused kernel: the template parameters the host chooses.
+
+    lane_threads (LT) x chan_threads (CT) threads per block; each thread owns
+    ``vec`` (V) elements per segment along the contiguous axis and ``nseg``
+    segments of lanes; loads run ``prefetch`` - 1 tiles ahead; ``bufs`` line
+    buffers (2: one barrier per step, 1: half the shared memory, two barriers).
+    """
+
+    lane_threads: int
+    chan_threads: int
+    vec: int
+    nseg: int
+    prefetch: int = 2
+    bufs: int = 2
+
+    @property
+    def threads(self) -> int:
+        return self.lane_threads * self.chan_threads
+
+    def check(self, mapping: int) -> None:
+        lt, ct, v = self.lane_threads, self.chan_threads, self.vec
+        ok = (1 <= v <= 16 and v & (v - 1) == 0 and self.nseg >= 1 and 1 <= self.prefetch <= 4
+              and self.bufs in (1, 2) and lt >= 1 and ct >= 1 and self.threads % 32 == 0 and self.threads <= 1024)
+        if ok and mapping != CHAN:
+            ok = (lt % 32 == 0) if lt >= 32 else (32 % lt == 0)
+        if not ok:
+            raise ValueError(f"invalid CUDA kernel config {self} for the {MAP_NAMES[mapping]} mapping")
+
+    def lanes_per_segment(self, mapping: int) -> int:
+        return self.lane_threads * (self.vec if mapping == LANES else 1)
+
+    def channels_per_block(self, mapping: int) -> int:
+        return self.chan_threads * (self.vec if mapping == CHAN else 1)
+
+    def plane_floats(self, mapping: int, r: int) -> int:
+        """Floats of one on-chip line buffer (must match GsBlock::PLANE)."""
+        padc = -(-r // self.vec) if mapping == LANES else r
+        cols = self.nseg * self.lane_threads + 2 * padc
+        rows = self.chan_threads * (1 if mapping == STEPS else self.vec)
+        return rows * cols
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok: bool, watom: bool = False) -> str:
+    """NVRTC name expression of a fused kernel instantiation.
+
+    One instantiation serves every direction with the same thread mapping
+    (the direction, its step order and step axis and whether it accumulates
+    are run-time arguments), except that the steps mapping compiles its step
+    order in: its tile walk is unrolled over registers.
+    """
+    revt = bool(reverse) and mapping == STEPS
+    head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
+            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
+    if kind == "fwd":
+        return f"gspn_fwd<{head}>"
+    if kind == "bwd":
+        return f"gspn_bwd<{head}, {_b(watom)}>"
+    raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+
+
+PS_THREADS = 256  # per-step kernels: GSPN-1 used 512; 256 keeps more blocks per SM
+
+
+def per_step_names(watom: bool) -> dict[str, str]:
+    return {
+        "ps_fwd": f"gspn_ps_fwd<{PS_THREADS}>",
+        "ps_merge": f"gspn_ps_merge<{PS_THREADS}>",
+        "ps_bwd_out": f"gspn_ps_bwd_out<{PS_THREADS}>",
+        "ps_bwd_step": f"gspn_ps_bwd_step<{PS_THREADS}, {_b(watom)}>",
+    }
+
+
+def smem_bytes(spec: Spec, kind: str, mapping: int, cfg: KernelConfig) -> int:
+    """Dynamic shared memory of a fused kernel (must match SMEM_FLOATS in the template)."""
+    ir = lower(spec)
+    plane = cfg.plane_floats(mapping, ir.r)
+    if kind == "fwd":
+        return 4 * cfg.bufs * plane
+    needs_h = ("h" in ir.adjoint_output.used_inputs
+               or any(f"hp{c}" in ir.adjoint.used_inputs for c in range(ir.k)))
+    floats = (2 * plane if needs_h else 0) + cfg.bufs * ir.k * plane + (32 if spec.merge == "learned" else 0)
+    return 4 * floats
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _streams(spec: Spec, kind: str, acc: bool = True) -> tuple[int, int]:
+    """(input, output) tensors a fused kernel streams per element (register-budget estimate)."""
+    ir = lower(spec)
+    if kind == "fwd":
+        nw = sum(_w_used(ir.forward, ir.k))
+        return 2 + nw + spec.modulation + spec.skip + acc, 1
+    nw = sum(_w_used(ir.adjoint, ir.k))
+    return 4 + nw + spec.modulation + spec.skip + acc, 2 + ir.k + spec.modulation + spec.skip
+
+
+def _tile_words(spec: Spec, kind: str, cfg: KernelConfig, mapping: int) -> int:
+    """Values a thread keeps in flight: P input tiles, one output tile, one step's ghp (backward).
+    16-bit values count as whole registers: the compiler unpacks them at the load."""
+    nin, nout = _streams(spec, kind)
+    e = cfg.nseg * cfg.vec
+    words = cfg.prefetch * e * nin + e * nout
+    if kind == "bwd":
+        words += cfg.nseg * (1 if mapping == STEPS else cfg.vec) * (spec.connection + 1)
+    return words
+
+
+def predicted_registers(spec: Spec, kind: str, cfg: KernelConfig, mapping: int) -> float:
+    """Registers per thread, fitted to ptxas reports (sm_90, fp32 and bf16, 2 mappings, 48 tunings)
+    plus a margin above the worst under-prediction seen."""
+    w = _tile_words(spec, kind, cfg, mapping)
+    if kind == "fwd":
+        return w + 6 * cfg.nseg + 42 + 16
+    return 0.6 * w + 7 * cfg.nseg + 54 + 30
+
+
+def register_cap(threads: int) -> int:
+    """Registers a thread may use when the whole block must fit one SM's 64K registers."""
+    return min(255, 65536 // threads)
+
+
+def default_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, W: int,
+                   smem_limit: int = 227 * 1024) -> KernelConfig:
+    """The documented default tuning for one direction of one pass.
+
+    - Vectors of 16 bytes along the contiguous axis (4 fp32 or 8 16-bit
+      elements); for ``chan`` the largest power of two <= that dividing C.
+    - lanes/steps: one line per 32..512 threads (LT), short lines packed
+      several per block (CT lines) to reach 128 threads; a longer line uses
+      segments. chan: CT (8..1) channel vectors x LT lanes, at most 512 threads.
+    - prefetch 2 (one tile in flight while one is consumed).
+    - two line buffers (one barrier per step).
+    The first tuning in order (widest vector, deepest prefetch, for chan the
+    most channel threads, 512 then 256 threads, two then one buffer) whose predicted registers fit the register
+    file and whose shared memory fits the GPU; else the one with the fewest
+    predicted registers.
+    """
+    mapping = thread_map(spec, direction)
+    L = H if DIRECTION_TABLE[direction].step_axis == "W" else W
+    v16 = 16 // ELEM_BYTES[dtype]
+    if mapping == CHAN:
+        v = v16
+        while v > 1 and C % v:
+            v //= 2
+        vecs = [v >> i for i in range(v.bit_length()) if v >> i >= 1]
+    else:
+        vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
+    fallback, least = None, None
+    for v in vecs:
+        # chan: channel threads per block, most first (wider coalesced runs per pixel)
+        cts = [ct for ct in (8, 4, 2, 1) if ct <= _pow2_ceil(-(-C // v))] if mapping == CHAN else [None]
+        for p in (2, 1):
+            for ct in cts:
+                for max_threads in (512, 256):
+                    for bufs in (2, 1):
+                        cfg = _shape_config(mapping, L, C, v, p, bufs, max_threads, ct)
+                        if smem_bytes(spec, kind, mapping, cfg) > smem_limit:
+                            continue
+                        over = predicted_registers(spec, kind, cfg, mapping) - register_cap(cfg.threads)
+                        if over <= 0:
+                            return cfg
+                        if least is None or over < least:
+                            fallback, least = cfg, over
+    if fallback is None:
+        # Even one line buffer of the narrowest tiling does not fit: the line is too long.
+        raise ValueError(f"x: an image line of {L} lanes needs more shared memory than the GPU offers "
+                         f"({smem_limit} bytes) for the cuda backend; use backend='triton' or 'reference'")
+    return fallback
+
+
+def _shape_config(mapping: int, L: int, C: int, v: int, p: int, bufs: int, max_threads: int = 512,
+                  chan_threads: int | None = None) -> KernelConfig:
+    """Threads and segments for a line of L lanes (see default_config)."""
+    if mapping == CHAN:
+        ct = chan_threads or min(_pow2_ceil(-(-C // v)), 8)
+        step = max(1, 32 // ct)  # LT granularity keeping threads a multiple of 32
+        max_lt = max(step, max_threads // ct)
+        nseg = -(-L // max_lt)
+        lt = -(-(-(-L // nseg)) // step) * step
+        return KernelConfig(lt, ct, v, nseg, p, bufs)
+    groups = -(-L // v) if mapping == LANES else L
+    if groups <= 32:
+        lt = _pow2_ceil(groups)
+        ct = max(32 // lt, min(128 // lt, _pow2_ceil(C)))
+        return KernelConfig(lt, ct, v, 1, p, bufs)
+    nseg = -(-groups // max_threads)
+    lt = -(-(-(-groups // nseg)) // 32) * 32
+    return KernelConfig(lt, 1, v, nseg, p, bufs)
+
+
+def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, W: int,
+                      smem_limit: int = 227 * 1024) -> list[KernelConfig]:
+    """Tunings an autotuner may time for one direction and pass; the default comes first.
+
+    Variations: prefetch depth 1..3, vector width halved, one line buffer,
+    and for nchw lines twice the channels (short lines) or half the threads
+    with twice the segments (long lines). Each is valid, fits shared memory
+    and is predicted to fit the register file.
+    """
+    base = default_config(spec, dtype, direction, kind, C, H, W, smem_limit)
+    mapping = thread_map(spec, direction)
+    out = [base]
+    L = H if DIRECTION_TABLE[direction].step_axis == "W" else W
+
+    def add(cfg: KernelConfig) -> None:
+        try:
+            cfg.check(mapping)
+        except ValueError:
+            return
+        fits = (smem_bytes(spec, kind, mapping, cfg) <= smem_limit
+                and predicted_registers(spec, kind, cfg, mapping) <= register_cap(cfg.threads))
+        if cfg not in out and fits:
+            out.append(cfg)
+
+    for p in (1, 2, 3):
+        add(_replace(base, prefetch=p))
+    add(_replace(base, bufs=1))
+    if base.vec > 1:
+        add(_shape_config(mapping, L, C, base.vec // 2, base.prefetch, base.bufs))
+    if mapping != CHAN:
+        if base.lane_threads <= 32:
+            add(_replace(base, chan_threads=base.chan_threads * 2))
+        elif base.lane_threads >= 64:
+            lt = -(-(base.lane_threads // 2) // 32) * 32
+            nseg = -(-(-(-L // (base.vec if mapping == LANES else 1))) // lt)
+            add(_replace(base, lane_threads=lt, nseg=nseg))
+    return out
+
+
+def chunks_per_block(spec: Spec, direction: str, N: int, C: int, H: int, W: int, cfg: KernelConfig,
+                     sm_count: int) -> tuple[int, int]:
+    """(cpb, grid size): chunks per block so the grid fills about 4 blocks per SM when chunks allow."""
+    mapping = thread_map(spec, direction)
+    T = W if DIRECTION_TABLE[direction].step_axis == "W" else H
+    K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
+    nck = -(-T // K)
+    ncb = -(-C // cfg.channels_per_block(mapping))
+    base = N * ncb
+    target = 4 * max(1, sm_count)
+    cpb = nck if base >= target else max(1, math.ceil(nck * base / target))
+    nsr = -(-nck // cpb)
+    while base * nsr > 2**31 - 1 and cpb < nck:
+        cpb = min(nck, cpb * 2)
+        nsr = -(-nck // cpb)
+    if base * nsr > 2**31 - 1:
+        raise ValueError(f"x: N * C = {N * C} is too large for one launch of the cuda backend")
+    return cpb, base * nsr

@@ -1,0 +1,269 @@
+// A small CUDA execution emulator for the generated kernels, on the CPU.
+//
+// Every CUDA thread of a block is a fiber (ucontext) with its own stack; a
+// scheduler runs them one at a time until each reaches a barrier, a warp
+// operation or its end. Semantics are strict where the hardware's are
+// undefined: a __syncthreads that not every live thread reaches, a warp
+// operation whose mask names an exited or absent lane, or lanes of one warp
+// disagreeing on the mask is an error, as is any deadlock. Threads between
+// two synchronisation points run in a chosen order (forward or reverse), so
+// a shared-memory race shows up as results that depend on the order.
+// Global memory goes through the gs_* primitives, which check every access
+// against the launch's registered buffers and the vector alignment.
+// Dynamic shared memory is NaN-filled before each block and guarded on both
+// sides. Tests only; never part of gspngen.
+#pragma once
+#define GSPN_EMULATE 1
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define GS_DEV inline
+#define GS_CX constexpr
+
+namespace emu {
+
+struct dim3v {
+    unsigned x, y, z;
+};
+
+enum State { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
+enum WarpOp { OP_SYNC = 0, OP_XOR = 1 };
+
+struct Fiber {
+    ucontext_t ctx;
+    int tid = 0;
+    State state = RUN;
+    unsigned mask = 0;
+    WarpOp op = OP_SYNC;
+    int arg = 0;
+    uint32_t val = 0, res = 0;
+};
+
+struct Range {
+    uintptr_t lo, hi;
+};
+
+struct Ctx {
+    unsigned grid = 1, block = 1, bid = 0;
+    std::vector<Fiber> fibers;
+    std::vector<char> stacks;
+    Fiber* cur = nullptr;
+    ucontext_t sched;
+    std::vector<float> smem;  // guard | usable | guard
+    size_t smem_bytes = 0;
+    std::vector<Range> ranges;
+    std::string err;
+    std::function<void()> body;
+    long long checks = 0;
+};
+
+inline Ctx g;
+constexpr size_t STACK = 256 * 1024;
+constexpr size_t GUARD = 64;  // floats on each side of shared memory
+
+inline void fail(const std::string& msg)
+{
+    if (g.err.empty()) {
+        char where[96];
+        std::snprintf(where, sizeof where, " [block %u thread %d]", g.bid, g.cur ? g.cur->tid : -1);
+        g.err = msg + where;
+    }
+}
+
+inline dim3v tidx() { return dim3v{(unsigned)g.cur->tid, 0u, 0u}; }
+inline dim3v bidx() { return dim3v{g.bid, 0u, 0u}; }
+inline dim3v bdim() { return dim3v{g.block, 1u, 1u}; }
+inline dim3v gdim() { return dim3v{g.grid, 1u, 1u}; }
+
+inline void yield() { swapcontext(&g.cur->ctx, &g.sched); }
+
+inline void syncthreads()
+{
+    g.cur->state = BAR;
+    yield();
+}
+
+inline uint32_t warp_op(WarpOp op, unsigned mask, int arg, uint32_t val)
+{
+    Fiber* f = g.cur;
+    f->state = WARP;
+    f->op = op;
+    f->mask = mask;
+    f->arg = arg;
+    f->val = val;
+    yield();
+    return f->res;
+}
+
+// Global-memory check: [p, p + n) inside one registered buffer, p aligned.
+inline bool check(const void* p, size_t n, size_t align, const char* what)
+{
+    ++g.checks;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (align > 1 && a % align != 0) {
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "misaligned %s of %zu bytes at %#lx", what, n, (unsigned long)a);
+        fail(buf);
+        return false;
+    }
+    for (const Range& r : g.ranges)
+        if (a >= r.lo && a + n <= r.hi) return true;
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at %#lx", what, n, (unsigned long)a);
+    fail(buf);
+    return false;
+}
+
+inline void trampoline()
+{
+    g.body();
+    g.cur->state = DONE;
+    swapcontext(&g.cur->ctx, &g.sched);
+}
+
+// Resolve warp operations whose participants have all arrived.
+inline bool resolve_warps()
+{
+    bool progress = false;
+    const int nt = (int)g.fibers.size();
+    for (int w0 = 0; w0 < nt; w0 += 32) {
+        const int wn = std::min(32, nt - w0);
+        int first = -1;
+        for (int l = 0; l < wn; ++l)
+            if (g.fibers[w0 + l].state == WARP) { first = l; break; }
+        if (first < 0) continue;
+        const unsigned mask = g.fibers[w0 + first].mask;
+        const WarpOp op = g.fibers[w0 + first].op;
+        bool ready = true;
+        for (int l = 0; l < 32; ++l) {
+            if (!((mask >> l) & 1u)) continue;
+            if (l >= wn) { fail("warp operation names a lane that does not exist"); return false; }
+            const Fiber& f = g.fibers[w0 + l];
+            if (f.state == DONE) { fail("warp operation names an exited lane"); return false; }
+            if (f.state != WARP) { ready = false; continue; }
+            if (f.mask != mask || f.op != op) { fail("lanes of a warp disagree on a warp operation"); return false; }
+        }
+        if (!ready) continue;
+        for (int l = 0; l < wn; ++l) {
+            Fiber& f = g.fibers[w0 + l];
+            if (f.state != WARP) continue;
+            if (!((mask >> l) & 1u)) { fail("a lane outside the mask joined a warp operation"); return false; }
+            if (op == OP_XOR) {
+                const int src = l ^ f.arg;
+                if (src >= 32 || !((mask >> src) & 1u)) { fail("shuffle source lane outside the mask"); return false; }
+                f.res = g.fibers[w0 + src].val;
+            }
+        }
+        for (int l = 0; l < wn; ++l)
+            if (g.fibers[w0 + l].state == WARP) g.fibers[w0 + l].state = RUN;
+        progress = true;
+    }
+    return progress;
+}
+
+inline void run_block(int order)
+{
+    const int nt = (int)g.block;
+    g.fibers.assign(nt, Fiber{});
+    if (g.stacks.size() < STACK * nt) g.stacks.resize(STACK * nt);
+    const size_t nsm = g.smem_bytes / 4 + 2 * GUARD;
+    g.smem.assign(nsm, std::nanf(""));
+    for (int i = 0; i < nt; ++i) {
+        Fiber& f = g.fibers[i];
+        f.tid = i;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = g.stacks.data() + STACK * i;
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, trampoline, 0);
+    }
+    while (g.err.empty()) {
+        bool ran = false;
+        for (int k = 0; k < nt; ++k) {
+            const int i = order ? nt - 1 - k : k;
+            if (g.fibers[i].state != RUN) continue;
+            g.cur = &g.fibers[i];
+            swapcontext(&g.sched, &g.cur->ctx);
+            g.cur = nullptr;
+            ran = true;
+        }
+        if (!g.err.empty()) break;
+        if (resolve_warps()) continue;
+        int done = 0, bar = 0;
+        for (const Fiber& f : g.fibers) {
+            done += f.state == DONE;
+            bar += f.state == BAR;
+        }
+        if (done == nt) break;
+        if (bar + done == nt && bar > 0) {
+            if (done > 0) { fail("__syncthreads not reached by threads that exited"); break; }
+            for (Fiber& f : g.fibers) f.state = RUN;
+            continue;
+        }
+        if (!ran) { fail("deadlock: threads wait at different barriers"); break; }
+    }
+    for (size_t i = 0; i < GUARD; ++i)
+        if (!std::isnan(g.smem[i]) || !std::isnan(g.smem[nsm - 1 - i])) {
+            fail("shared memory written out of bounds");
+            break;
+        }
+}
+
+inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::function<void()> body)
+{
+    g.err.clear();
+    g.grid = grid;
+    g.block = block;
+    g.smem_bytes = smem;
+    g.body = std::move(body);
+    for (unsigned b = 0; b < grid && g.err.empty(); ++b) {
+        g.bid = order ? grid - 1 - b : b;
+        run_block(order);
+    }
+    return g.err.empty() ? 0 : 1;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::tidx())
+#define blockIdx (emu::bidx())
+#define blockDim (emu::bdim())
+#define gridDim (emu::gdim())
+
+inline float __uint_as_float(unsigned u)
+{
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f)
+{
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+extern "C" {
+void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long long* hi)
+{
+    emu::g.ranges.clear();
+    for (int i = 0; i < n; ++i) emu::g.ranges.push_back({(uintptr_t)lo[i], (uintptr_t)hi[i]});
+}
+const char* emu_error() { return emu::g.err.c_str(); }
+long long emu_checks() { return emu::g.checks; }
+}

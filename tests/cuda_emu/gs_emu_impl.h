@@ -1,0 +1,74 @@
+// The emulator's versions of the prelude's device primitives (see emu.h).
+// Included by the generated source at the point where gs_t is defined.
+#pragma once
+
+GS_DEV float gs_f(gs_t v)
+{
+#if GS_STORE == 0
+    return v;
+#elif GS_STORE == 1
+    _Float16 h;
+    std::memcpy(&h, &v, 2);
+    return (float)h;
+#else
+    return __uint_as_float(((unsigned)v) << 16);
+#endif
+}
+
+GS_DEV gs_t gs_s(float f)
+{
+#if GS_STORE == 0
+    return f;
+#elif GS_STORE == 1
+    const _Float16 h = (_Float16)f;  // round to nearest even
+    unsigned short r;
+    std::memcpy(&r, &h, 2);
+    return r;
+#else
+    unsigned u = __float_as_uint(f);
+    if (std::isnan(f)) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return (unsigned short)(u >> 16);
+#endif
+}
+
+template <int NW, bool NC>
+GS_DEV void gs_ld_words(unsigned* w, const void* p)
+{
+    const size_t n = 4 * NW;
+    if (emu::check(p, n, n < 16 ? n : 16, "load")) std::memcpy(w, p, n);
+    else for (int i = 0; i < NW; ++i) w[i] = 0x7fc00000u;  // NaN
+}
+
+template <int NW>
+GS_DEV void gs_st_words(void* p, const unsigned* w)
+{
+    const size_t n = 4 * NW;
+    if (emu::check(p, n, n < 16 ? n : 16, "store")) std::memcpy(p, w, n);
+}
+
+template <bool NC>
+GS_DEV gs_t gs_ld1(const gs_t* p)
+{
+    if (emu::check(p, sizeof(gs_t), sizeof(gs_t), "load")) return *p;
+    return gs_s(std::nanf(""));
+}
+
+GS_DEV void gs_st1(gs_t* p, gs_t v)
+{
+    if (emu::check(p, sizeof(gs_t), sizeof(gs_t), "store")) *p = v;
+}
+
+GS_DEV void gs_atomic_add(float* p, float v)
+{
+    if (emu::check(p, 4, 4, "atomic add")) *p += v;  // fibers run one at a time: a plain add is atomic
+}
+
+GS_DEV float* gs_smem() { return emu::g.smem.data() + emu::GUARD; }
+GS_DEV unsigned gs_dyn_smem_bytes() { return (unsigned)emu::g.smem_bytes; }
+GS_DEV void gs_sync_block() { emu::syncthreads(); }
+GS_DEV void gs_sync_warp() { emu::warp_op(emu::OP_SYNC, 0xffffffffu, 0, 0); }
+GS_DEV float gs_shfl_xor(float v, int m)
+{
+    return __uint_as_float(emu::warp_op(emu::OP_XOR, 0xffffffffu, m, __float_as_uint(v)));
+}

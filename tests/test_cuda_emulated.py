@@ -1,0 +1,275 @@
+"""The generated CUDA kernels, run on the CPU by the fiber emulator in tests/cuda_emu.
+
+The real CUDA backends plan and launch exactly as on a GPU; only the runner
+differs: the rendered source is compiled with g++ and every CUDA thread is a
+fiber. Global accesses are bounds- and alignment-checked against the tensors
+of each launch, shared memory starts NaN-filled, barriers and warp operations
+are strict, and outputs are NaN-poisoned, so an unwritten element, a wrong
+index, a missing barrier or a race (threads run first-to-last or
+last-to-first) shows as an error or a mismatch with the reference.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cuda_emu.emulator import EmuError, EmuRunner
+from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
+from gspngen.backends.reference import ReferenceBackend
+from gspngen.render import cuda as rc
+from gspngen.spec import Spec, load_spec
+from gspngen.testing import make_inputs, spec_strategy, tolerance
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(glob.glob(str(ROOT / "examples" / "*.yaml")))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ARGS = ("x", "w", "lam", "u", "s", "m")
+REF = ReferenceBackend()
+LIMITS = (2, 227 * 1024)  # the emulated device: 2 multiprocessors (so chunks split over blocks), H100 shared memory
+
+
+@pytest.fixture(scope="module")
+def runners():
+    made = {0: EmuRunner(order=0, sm_count=LIMITS[0], opt="-O0"), 1: EmuRunner(order=1, sm_count=LIMITS[0], opt="-O0")}
+    yield made
+    for r in made.values():
+        r.close()
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the reference's largest magnitude, floored at 0.1: where a gradient
+    is zero by construction (a one-lane line, a one-step scan) only rounding noise is left to compare."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape
+    if a.numel() == 0:
+        return 0.0
+    if torch.isnan(a).any():
+        return float("inf")
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 0.1)
+
+
+def inputs(spec: Spec, dtype: torch.dtype, shape, seed: int):
+    raw = make_inputs(spec, *shape, dtype=torch.float64, seed=seed)
+    return [None if raw[k] is None else raw[k].to(dtype) for k in ARGS]
+
+
+def names_for(runner: EmuRunner, spec: Spec, dname: str, shapes, choosers=(None,), per_step=False) -> list[str]:
+    """Every instantiation the cases launch, so that one g++ build serves them (builds dominate the time)."""
+    names = []
+    for chooser in choosers:
+        be = CudaBackend(runner=runner, configs=chooser)
+        for shape in shapes:
+            names += be.kernel_names(spec, dname, shape, LIMITS)
+    if per_step:
+        names += list(rc.per_step_names(False).values()) + list(rc.per_step_names(True).values())
+    return names
+
+
+def prebuild(runner: EmuRunner, spec: Spec, dname: str, shapes, choosers=(None,), per_step=False) -> None:
+    runner.build(rc.render_source(spec, dname), names_for(runner, spec, dname, shapes, choosers, per_step))
+
+
+def prebuild_all(runners, cases) -> None:
+    """cases: (order, spec, dtype, shapes); the g++ builds run two at a time."""
+    jobs = {0: [], 1: []}
+    for order, spec, dname, shapes in cases:
+        jobs[order].append((rc.render_source(spec, dname), names_for(runners[order], spec, dname, shapes)))
+    for o in (0, 1):
+        if jobs[o]:
+            runners[o].build_many(jobs[o])
+
+
+def run(backend, spec: Spec, dtype: torch.dtype, shape, seed: int = 0):
+    """Forward and every gradient from the backend, and from the reference on the same (rounded) inputs."""
+    args = inputs(spec, dtype, shape, seed)
+    y, saved = backend.forward(spec, *args)
+    ref_args = [None if a is None else a.double() for a in args]
+    y_ref, _ = REF.forward(spec, *ref_args)
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64).to(dtype)
+    grads = backend.backward(spec, gy, *args, saved)
+    grads_ref = REF.backward(spec, gy.double(), *ref_args, None)
+    got = {"y": y, **{f"g{n}": g for n, g in zip(ARGS, grads) if g is not None}}
+    want = {"y": y_ref, **{f"g{n}": g for n, g in zip(ARGS, grads_ref) if g is not None}}
+    assert got.keys() == want.keys()
+    return got, want
+
+
+def assert_matches(backend, spec, dname, shape, seed=0):
+    dtype = DTYPES[dname]
+    got, want = run(backend, spec, dtype, shape, seed)
+    errors = {k: err(got[k], want[k]) for k in want}
+    bad = {k: v for k, v in errors.items() if not v <= tolerance(dtype)}
+    assert not bad, f"{spec.to_json()} {dname} {shape}: {bad}"
+
+
+# -- every example spec, every dtype ------------------------------------------
+
+EXAMPLE_SHAPES = [(2, 4, 6, 8), (1, 8, 11, 17)]  # vector-aligned rows; odd sizes with chunk tails
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: Path(p).stem)
+def test_examples_match_reference(path, runners):
+    spec = load_spec(path)
+    prebuild_all(runners, [(i % 2, spec, dname, EXAMPLE_SHAPES) for i, dname in enumerate(spec.precision)])
+    for i, dname in enumerate(spec.precision):
+        be = CudaBackend(runner=runners[i % 2], poison=True)  # alternate thread orders
+        for j, shape in enumerate(EXAMPLE_SHAPES):
+            assert_matches(be, spec, dname, shape, seed=j)
+
+
+# -- every feature ------------------------------------------------------------
+
+FEATURE_SPECS = [
+    dict(connection=1, directions=["rl", "tb"], normalization="softmax", chunk=3, merge="stack", layout="nhwc"),
+    dict(connection=9, directions=["lr", "bt"], normalization="none", merge="sum", modulation=False),
+    dict(connection=5, directions=["bt", "lr", "rl"], weight_groups=2, merge="mean", layout="nhwc", skip=False),
+    dict(connection=7, directions=["tb", "rl"], normalization="softmax", weight_groups="shared", chunk=1,
+         modulation=False, skip=False, merge="learned"),
+    dict(connection=3, directions=["rl", "lr", "bt", "tb"], normalization="none", chunk=4, merge="stack"),
+]
+
+
+@pytest.mark.parametrize("features", FEATURE_SPECS, ids=lambda d: f"k{d['connection']}-{d['merge']}")
+def test_features_match_reference(features, runners):
+    spec = Spec.from_dict({"name": "feat", "precision": ["fp32", "bf16"], **features})
+    shapes = [(2, 4, 9, 7), (1, 6, 1, 5)]  # incl. one-lane and one-step scans
+    prebuild_all(runners, [(0, spec, "fp32", shapes), (1, spec, "bf16", shapes)])
+    for dname, order in (("fp32", 0), ("bf16", 1)):
+        be = CudaBackend(runner=runners[order], poison=True)
+        for j, shape in enumerate(shapes):
+            assert_matches(be, spec, dname, shape, seed=j)
+
+
+# -- tunings: segments, prefetch depths, one line buffer, vector widths, several lines per block ----
+
+def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: int | None = None):
+    """A chooser that forces a tiling; lines longer than a segment get several segments."""
+    def choose(spec, dname, direction, kind, C, H, W):
+        mapping = rc.thread_map(spec, direction)
+        L = H if direction in ("lr", "rl") else W
+        v = vec
+        if mapping == rc.CHAN:
+            while C % v:
+                v //= 2
+        ct = chan_threads or max(1, 32 // lane_threads)
+        lps = lane_threads * (v if mapping == rc.LANES else 1)
+        return rc.KernelConfig(lane_threads, ct, v, -(-L // lps), prefetch, bufs)
+    choose.__name__ = f"lt{lane_threads}-v{vec}-p{prefetch}-b{bufs}"
+    return choose
+
+
+TUNINGS = [forced(8, 4, 1, 2), forced(4, 2, 3, 1), forced(32, 1, 2, 2), forced(16, 8, 2, 1), forced(2, 4, 2, 2, 16)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_tunings_match_reference(layout, runners):
+    spec = Spec.from_dict({"name": "tune", "connection": 5, "chunk": 6, "layout": layout, "weight_groups": "channel",
+                           "precision": ["fp32"]})
+    shape = (1, 4, 13, 40)  # lines of 13 and 40 lanes: several segments at these tilings; chunk tails
+    runner = runners[1 if layout == "nhwc" else 0]
+    prebuild(runner, spec, "fp32", [shape], TUNINGS)
+    for chooser in TUNINGS:
+        be = CudaBackend(runner=runner, configs=chooser, poison=True)
+        assert_matches(be, spec, "fp32", shape)
+
+
+def test_candidate_configs_match_reference(runners):
+    """Every candidate an autotuner may pick for this spec and shape computes the same."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    shape = (1, 2, 8, 16)
+    cands = {}
+    for d in spec.directions:
+        for kind in ("fwd", "bwd"):
+            cands[(d, kind)] = rc.candidate_configs(spec, "fp32", d, kind, shape[1], shape[2], shape[3])
+    most = max(len(v) for v in cands.values())
+    choosers = [(lambda i: lambda sp, dn, d, kind, C, H, W: cands[(d, kind)][min(i, len(cands[(d, kind)]) - 1)])(i)
+                for i in range(most)]
+    prebuild(runners[0], spec, "fp32", [shape], choosers)
+    for chooser in choosers:
+        assert_matches(CudaBackend(runner=runners[0], configs=chooser, poison=True), spec, "fp32", shape)
+
+
+# -- the per-step baseline ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("features", [FEATURE_SPECS[0], FEATURE_SPECS[2], FEATURE_SPECS[3]],
+                         ids=["nhwc-chunk-stack", "nhwc-groups-mean", "shared-chunk1-learned"])
+def test_per_step_matches_reference_and_fused(features, runners):
+    spec = Spec.from_dict({"name": "ps", "precision": ["fp32"], **features})
+    shape = (2, 4, 7, 9)
+    prebuild(runners[0], spec, "fp32", [shape], per_step=True)
+    ps = CudaPerStepBackend(runner=runners[0], poison=True)
+    fused = CudaBackend(runner=runners[0], poison=True)
+    assert_matches(ps, spec, "fp32", shape)
+    a, _ = run(ps, spec, torch.float32, shape)
+    b, _ = run(fused, spec, torch.float32, shape)
+    for k in a:
+        assert err(a[k], b[k]) <= tolerance(torch.float32), k
+
+
+# -- random specs -------------------------------------------------------------------------------
+
+@settings(max_examples=4, deadline=None)
+@given(spec=spec_strategy(), shape=st.tuples(st.integers(1, 2), st.sampled_from([2, 4]), st.integers(1, 9),
+                                             st.integers(1, 9)), order=st.integers(0, 1))
+def test_random_specs_match_reference(spec, shape, order, runners):
+    prebuild(runners[order], spec, "fp32", [shape])
+    assert_matches(CudaBackend(runner=runners[order], poison=True), spec, "fp32", shape)
+
+
+# -- the emulator has teeth ---------------------------------------------------------------------
+
+def _fwd_launch(spec, shape, y_shape=None, smem=None, runner=None):
+    """Launch direction 0's forward kernel directly, bypassing the backend's checks."""
+    be = CudaBackend(runner=runner, poison=True)
+    args = inputs(spec, torch.float32, shape, 0)
+    x, w, lam, u, s, m = args
+    N, C, H, W = shape
+    plan = be.plan(spec, "fp32", "fwd", 0, shape, [], acc=False, watom=False, limits=LIMITS)
+    y = torch.full(y_shape or x.shape, float("nan"))
+    saved = torch.full((N, spec.num_directions, C, H * W), float("nan"))
+    source = rc.render_source(spec, "fp32")
+    kernel = runner.kernel(None, source, plan.name, [plan.name])
+    runner.launch(kernel, None, plan.grid, plan.block, plan.smem if smem is None else smem,
+                  [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", y), ("out", saved),
+                   ("i32", N), ("i32", C), ("i32", spec.groups(C)), ("i32", H), ("i32", W), ("i32", 0), *plan.tail])
+    return y
+
+
+def test_emulator_reports_out_of_bounds(runners):
+    spec = Spec.from_dict({"name": "oob", "directions": ["tb"], "merge": "sum"})
+    with pytest.raises(EmuError, match="out-of-bounds"):
+        _fwd_launch(spec, (1, 2, 4, 8), y_shape=(1, 2, 4, 7), runner=runners[0])
+
+
+def test_kernel_writes_nothing_when_shared_memory_is_short(runners):
+    spec = Spec.from_dict({"name": "smem", "directions": ["tb"], "merge": "sum"})
+    y = _fwd_launch(spec, (1, 2, 4, 8), smem=16, runner=runners[0])
+    assert torch.isnan(y).all()
+
+
+def test_emulator_catches_a_missing_barrier(monkeypatch):
+    """Without the per-step barrier, results depend on thread order: the emulator must see it."""
+    spec = Spec.from_dict({"name": "race", "directions": ["tb"], "merge": "sum", "precision": ["fp32"]})
+    needle = "                step(tl, oy, sm, t);\n                B_t::sync();\n"
+    source = rc.render_source(spec, "fp32")
+    assert source.count(needle) == 1
+    broken = source.replace(needle, "                step(tl, oy, sm, t);\n")
+    monkeypatch.setattr(rc, "render_source", lambda sp, dn: broken)  # what the backend now renders
+    shape = (1, 2, 6, 64)  # 64 lanes: one line spans two warps, so the block barrier matters
+    args = inputs(spec, torch.float32, shape, 0)
+    y_ref, _ = REF.forward(spec, *[None if a is None else a.double() for a in args])
+    worst = 0.0
+    for order in (0, 1):
+        runner = EmuRunner(order=order, sm_count=LIMITS[0], opt="-O0")
+        try:
+            y, _ = CudaBackend(runner=runner, poison=True).forward(spec, *args)
+        finally:
+            runner.close()
+        worst = max(worst, err(y, y_ref))
+    assert worst > 1e-3

@@ -1,0 +1,166 @@
+"""The CUDA backends on a GPU against the reference: forward and every gradient.
+
+Marked ``gpu``: skipped only where torch sees no CUDA device. Outputs are
+NaN-poisoned before every launch (the backends' ``poison`` flag), so an
+element a kernel forgets to write fails the comparison. The reference runs
+in fp64 on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gspngen
+from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
+from gspngen.backends.reference import ReferenceBackend
+from gspngen.render import cuda as rc
+from gspngen.spec import Spec, load_spec
+from gspngen.testing import make_inputs, spec_strategy, tolerance
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(glob.glob(str(ROOT / "examples" / "*.yaml")))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ARGS = ("x", "w", "lam", "u", "s", "m")
+REF = ReferenceBackend()
+FUSED = CudaBackend(poison=True)
+PER_STEP = CudaPerStepBackend(poison=True)
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the reference's largest magnitude (floored at 0.1, for gradients
+    that are zero by construction: one-lane lines, one-step scans); NaN anywhere is inf."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape
+    if a.numel() == 0:
+        return 0.0
+    if torch.isnan(a).any():
+        return float("inf")
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 0.1)
+
+
+def run(backend, spec: Spec, dtype: torch.dtype, shape, seed: int = 0, gy_scale: float = 1.0):
+    raw = make_inputs(spec, *shape, dtype=torch.float64, seed=seed, device="cuda")
+    args = [None if raw[k] is None else raw[k].to(dtype) for k in ARGS]
+    y, saved = backend.forward(spec, *args)
+    ref_args = [None if a is None else a.double() for a in args]
+    y_ref, _ = REF.forward(spec, *ref_args)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 7)
+    gy = (torch.randn(y_ref.shape, generator=gen, dtype=torch.float64, device="cuda") * gy_scale).to(dtype)
+    grads = backend.backward(spec, gy, *args, saved)
+    grads_ref = REF.backward(spec, gy.double(), *ref_args, None)
+    got = {"y": y, **{f"g{n}": g for n, g in zip(ARGS, grads) if g is not None}}
+    want = {"y": y_ref, **{f"g{n}": g for n, g in zip(ARGS, grads_ref) if g is not None}}
+    assert got.keys() == want.keys()
+    return got, want
+
+
+def assert_matches(backend, spec: Spec, dname: str, shape, seed: int = 0) -> None:
+    dtype = DTYPES[dname]
+    got, want = run(backend, spec, dtype, shape, seed)
+    bad = {k: err(got[k], want[k]) for k in want if not err(got[k], want[k]) <= tolerance(dtype)}
+    assert not bad, f"{backend.name} {spec.to_json()} {dname} {shape}: {bad}"
+
+
+@settings(max_examples=8, deadline=None)
+@given(spec=spec_strategy(), dname=st.sampled_from(["fp32", "bf16", "fp16"]),
+       shape=st.tuples(st.integers(1, 3), st.sampled_from([2, 4, 6]), st.integers(1, 70), st.integers(1, 70)),
+       seed=st.integers(0, 2**16))
+def test_random_specs_both_backends(spec, dname, shape, seed):
+    assert_matches(FUSED, spec, dname, shape, seed)
+    assert_matches(PER_STEP, spec, dname, shape, seed)
+
+
+SMALL = (2, 8, 33, 200)  # scripts/device_check.sh's sanitizer case uses this shape too (shared kernel cache)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: Path(p).stem)
+def test_examples_every_dtype(path):
+    spec = load_spec(path)
+    for dname in spec.precision:
+        assert_matches(FUSED, spec, dname, SMALL)
+
+
+@pytest.mark.parametrize("name, dname, shape", [("gspn4", "fp32", (1, 4, 1024, 1024)),
+                                                ("wide5", "bf16", (1, 8, 1024, 1024)),
+                                                ("local8", "bf16", (2, 2, 768, 1024))])
+def test_large_images(name, dname, shape):
+    assert_matches(FUSED, load_spec(ROOT / "examples" / f"{name}.yaml"), dname, shape)
+
+
+def test_per_step_equals_fused():
+    for path in EXAMPLES:
+        spec = load_spec(path)
+        shape = SMALL
+        a, _ = run(FUSED, spec, torch.float32, shape)
+        b, _ = run(PER_STEP, spec, torch.float32, shape)
+        for k in a:
+            assert err(a[k], b[k]) <= tolerance(torch.float32), (spec.name, k)
+
+
+def test_candidate_configs():
+    """Every tuning an autotuner may pick computes what the default does."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    shape = (2, 8, 96, 160)
+    cands = {(d, kind): rc.candidate_configs(spec, "fp32", d, kind, *shape[1:])
+             for d in spec.directions for kind in ("fwd", "bwd")}
+    for i in range(max(len(v) for v in cands.values())):
+        be = CudaBackend(poison=True, configs=lambda sp, dn, d, kind, C, H, W: cands[(d, kind)][
+            min(i, len(cands[(d, kind)]) - 1)])
+        assert_matches(be, spec, "fp32", shape)
+
+
+def test_public_op_autograd_and_streams():
+    """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    raw = make_inputs(spec, 2, 4, 48, 64, dtype=torch.float32, device="cuda", requires_grad=True)
+    args = [raw[k] for k in ARGS]
+    op = gspngen.compile(spec, backend="cuda")
+    ref = gspngen.compile(spec, backend="reference")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = op(*args)
+        g = torch.autograd.grad(y.square().sum(), args)
+    torch.cuda.current_stream().wait_stream(stream)
+    y_ref = ref(*args)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), args)
+    assert err(y, y_ref) <= 1e-5
+    for a, b in zip(g, g_ref):
+        assert err(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("direction", ["tb", "lr"])
+def test_more_than_2_31_elements(direction):
+    """N*C*H*W > 2^31 in bf16: 64-bit offsets. With k = 1 and stability the scan is a running sum,
+    h = cumsum(lam * x) along the step axis, so the last channels (past 2^31) are checked exactly."""
+    spec = Spec.from_dict({"name": "big", "connection": 1, "directions": [direction], "modulation": False,
+                           "skip": False, "merge": "sum", "weight_groups": "shared", "precision": ["bf16"]})
+    N, C, H, W = 1, 2049, 1024, 1024
+    assert N * C * H * W > 2**31
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand((N, C, H, W), generator=gen, device=dev, dtype=torch.bfloat16)
+    lam = torch.rand((N, 1, C, H, W), generator=gen, device=dev, dtype=torch.bfloat16)
+    w = torch.zeros((N, 1, 1, 1, H, W), device=dev, dtype=torch.bfloat16)
+    y, saved = FUSED.forward(spec, x, w, lam, None, None, None)
+    axis = -1 if direction == "lr" else -2
+    for c in (0, C - 1):
+        want = torch.cumsum(lam[0, 0, c].float() * x[0, c].float(), dim=axis)
+        assert err(y[0, c], want) <= 2e-2, c
+    gy = torch.rand((N, C, H, W), generator=gen, device=dev, dtype=torch.bfloat16)
+    gx, gw, glam, _, _, _ = FUSED.backward(spec, gy, x, w, lam, None, None, None, saved)
+    del saved
+    c = C - 1
+    gh = torch.flip(torch.cumsum(torch.flip(gy[0, c].float(), [axis]), dim=axis), [axis])  # reverse cumsum
+    assert err(gx[0, c], gh * lam[0, 0, c].float()) <= 2e-2
+    assert err(glam[0, 0, c], gh * x[0, c].float()) <= 2e-2
+    assert torch.count_nonzero(gw) == 0
