@@ -5,8 +5,11 @@
 #      synccheck on a smaller one),
 #   3. gspngen bench --suite paper in fp32 and bf16,
 # then a report (report.md + report.json) in $OUT (default ./out).
-# Every stage is time-boxed so the script finishes in under 8 minutes and
-# reports what ran, what failed and what ran out of time.
+# Every stage is time-boxed so the script finishes in under 8 minutes (the
+# limits sum to 460 s) and reports what ran, what failed and what ran
+# out of time. $OUT receives exactly 8 files (the device tool returns at most
+# 8): report.md, report.json, gpu_tests_cuda.log, gpu_tests_triton.log,
+# sanitizer.log, bench.log, bench_fp32.json, bench_bf16.json.
 #
 # Usage: scripts/device_check.sh            (from anywhere; runs in the repository root)
 #        OUT=/some/dir PYTHON=python3 scripts/device_check.sh
@@ -21,7 +24,14 @@ WORK="$(mktemp -d)"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+# tests/conftest.py turns Triton's CPU interpreter on unless the variable is
+# set: on a GPU the Triton tests must run compiled kernels.
+export TRITON_INTERPRET=0
 : > "$WORK/stages.tsv"
+for f in report.md report.json gpu_tests_cuda.log gpu_tests_triton.log sanitizer.log bench.log \
+         bench_fp32.json bench_bf16.json; do
+    rm -f "$OUT/$f"
+done
 
 # stage NAME SECONDS LOGFILE COMMAND...: run with a time limit, record status and duration.
 stage() {
@@ -30,7 +40,8 @@ stage() {
     local start end rc status
     start=$(date +%s)
     echo "== $name (limit ${limit}s): $*" | tee -a "$WORK/progress.log"
-    timeout -k 10 "$limit" "$@" > "$log" 2>&1
+    echo "== $name: $*" >> "$log"
+    timeout -k 5 "$limit" "$@" >> "$log" 2>&1
     rc=$?
     end=$(date +%s)
     case $rc in
@@ -49,69 +60,147 @@ stage environment 20 "$WORK/environment.log" bash -c "
     $PY -c 'import cupy; print(\"cupy\", cupy.__version__)' || true
     $PY -c 'import triton; print(\"triton\", triton.__version__)' || true
     (command -v compute-sanitizer && compute-sanitizer --version | tail -1) || echo 'compute-sanitizer: not found'
+    $PY -c 'import xdist; print(\"pytest-xdist\", xdist.__version__)' || true
+    $PY -c 'import pytest_timeout; print(\"pytest-timeout: yes\")' || true
 "
 
 # -- 1. GPU tests --------------------------------------------------------------
-# NVRTC compiles dominate a first run: several pytest workers compile in parallel (one GPU, small cases).
-XDIST=""
-"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST="-n 4"
-stage gpu_tests 160 "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs $XDIST tests
+# Compiles (NVRTC, Triton) dominate, on the CPU: the CUDA-side and the Triton
+# tests run at the same time, each over several pytest workers (one GPU, small
+# cases; the two > 2^31-element cases need about 30 GB each). -v records every
+# outcome as it happens, so a stage that runs out of time still says what
+# passed; a per-test time-out (pytest-timeout, thread method: a hung kernel
+# ends its worker, which xdist replaces) keeps one test from eating the stage.
+PYTEST_OPTS=(-m gpu -v --tb=short -rfEs -p no:cacheprovider)
+"$PY" -c "import xdist" > /dev/null 2>&1 && PYTEST_OPTS+=(-n 6)
+"$PY" -c "import pytest_timeout" > /dev/null 2>&1 && PYTEST_OPTS+=(--timeout 120 --timeout-method thread)
+stage gpu_tests_cuda 170 "$OUT/gpu_tests_cuda.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" tests \
+    --ignore tests/test_triton_backend.py &
+stage gpu_tests_triton 170 "$OUT/gpu_tests_triton.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+    tests/test_triton_backend.py &
+wait
 
 # -- 2. compute-sanitizer ------------------------------------------------------
 cat > "$WORK/sanitize_case.py" <<'EOF'
-"""A small case of every kernel: the example specs (lanes, steps both orders, chan mappings; shared
-and grouped weights; chunks; every merge but stack, and a stack spec) in their dtypes, and the
-per-step kernels. The shape matches tests/test_cuda_gpu.py, so CuPy's kernel cache holds most builds."""
+"""A small case of every kernel. cuda: the example specs (lanes, steps both orders, chan mappings;
+shared and grouped weights; chunks; every merge but stack, and a stack spec) in their dtypes, and
+the per-step kernels; the shape matches tests/test_cuda_gpu.py, so CuPy's kernel cache holds most
+builds. small: the first spec in one dtype. triton: the first case of
+tests/test_triton_backend.py::test_gpu_matches_reference, so Triton's cache holds its builds."""
 import glob
 import sys
 
 import torch
 
-from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
 from gspngen.spec import Spec, load_spec
 from gspngen.testing import make_inputs
 
-small = len(sys.argv) > 1 and sys.argv[1] == "small"
-specs = [load_spec(p) for p in sorted(glob.glob("examples/*.yaml"))]
-specs.append(Spec.from_dict(dict(name="stack", connection=9, directions=["rl", "tb"], normalization="none",
-                                 merge="stack", chunk=2, precision=["fp32"])))
-if small:
-    specs = specs[:1]
-shape = (2, 8, 33, 200)
-for spec in specs:
-    for dname in (spec.precision[:1] if small else spec.precision):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dname]
-        inp = make_inputs(spec, *shape, dtype=dtype, device="cuda")
-        args = [inp[k] for k in ("x", "w", "lam", "u", "s", "m")]
-        backends = [CudaBackend()] + ([CudaPerStepBackend()] if dname == "fp32" and not small else [])
-        for be in backends:
-            y, saved = be.forward(spec, *args)
-            be.backward(spec, torch.randn_like(y), *args, saved)
+mode = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+ARGS = ("x", "w", "lam", "u", "s", "m")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run(be, spec, shape, dtype):
+    inp = make_inputs(spec, *shape, dtype=dtype, device="cuda")
+    args = [inp[k] for k in ARGS]
+    y, saved = be.forward(spec, *args)
+    be.backward(spec, torch.randn_like(y), *args, saved)
+
+
+if mode == "triton":
+    from gspngen.backends.triton import TritonBackend
+
+    for dtype in (torch.float32, torch.bfloat16):
+        run(TritonBackend(), Spec.from_dict({"name": "gpu", "connection": 3}), (2, 8, 64, 64), dtype)
+else:
+    from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
+
+    small = mode == "small"
+    specs = [load_spec(p) for p in sorted(glob.glob("examples/*.yaml"))]
+    specs.append(Spec.from_dict(dict(name="stack", connection=9, directions=["rl", "tb"], normalization="none",
+                                     merge="stack", chunk=2, precision=["fp32"])))
+    if small:
+        specs = specs[:1]
+    for spec in specs:
+        for dname in (spec.precision[:1] if small else spec.precision):
+            backends = [CudaBackend()] + ([CudaPerStepBackend()] if dname == "fp32" and not small else [])
+            for be in backends:
+                run(be, spec, (2, 8, 33, 200), DTYPES[dname])
 torch.cuda.synchronize()
-print("ok")
+print("ok", mode)
 EOF
+# sanitize NAME LIMIT TOOL MODE: one compute-sanitizer stage; its log is appended to sanitizer.log at once.
+# PyTorch's caching allocator would hide an overrun inside its pooled blocks: every tensor gets its own
+# allocation. API errors are left to the Python side (a failed launch raises there).
+sanitize() {
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage "$1" "$2" "$WORK/$1.log" compute-sanitizer --tool "$3" \
+        --error-exitcode 1 --print-limit 20 --report-api-errors no "$PY" "$WORK/sanitize_case.py" "$4"
+    cat "$WORK/$1.log" >> "$OUT/sanitizer.log"
+}
 if command -v compute-sanitizer > /dev/null 2>&1; then
-    stage memcheck 70 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        "$PY" "$WORK/sanitize_case.py"
-    stage racecheck 25 "$WORK/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
-        "$PY" "$WORK/sanitize_case.py" small
-    stage synccheck 20 "$WORK/synccheck.log" compute-sanitizer --tool synccheck --error-exitcode 1 --print-limit 20 \
-        "$PY" "$WORK/sanitize_case.py" small
-    cat "$WORK/racecheck.log" "$WORK/synccheck.log" >> "$OUT/sanitizer.log" 2>/dev/null
+    sanitize memcheck 55 memcheck cuda
+    sanitize memcheck_triton 30 memcheck triton
+    sanitize racecheck 20 racecheck small
+    sanitize synccheck 15 synccheck small
 else
     printf 'memcheck\tnot_available\t-\t0\t-\n' >> "$WORK/stages.tsv"
+    echo "compute-sanitizer: not found" > "$OUT/sanitizer.log"
 fi
 
 # -- 3. benchmarks -------------------------------------------------------------
+# The paper suite, one shape at a time in one process (the same run_bench as
+# gspngen bench --suite paper): the JSON is rewritten after every shape, so a
+# stage that runs out of time keeps the shapes it finished ("complete": false).
+cat > "$WORK/bench_suite.py" <<'EOF'
+import sys
+
+from gspngen import bench
+from gspngen.spec import load_spec
+
+spec_path, dtype, json_path = sys.argv[1:4]
+spec = load_spec(spec_path)
+suite = bench.SUITES["paper"]
+merged = None
+for i, entry in enumerate(suite):
+    bench.SUITES[f"paper_{i}"] = (entry,)
+    rep = bench.run_bench(spec, bench.BenchConfig(suite=f"paper_{i}", dtypes=[dtype]),
+                          log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    if merged is None:
+        merged = rep
+        merged["copy_bandwidth_per_shape"] = []
+    else:
+        merged["results"] += rep["results"]
+        merged["notes"] += [n for n in rep["notes"] if n not in merged["notes"]]
+    merged["copy_bandwidth_per_shape"].append(rep["copy_bandwidth"])
+    merged["config"]["suite"] = "paper"
+    merged["complete"] = i == len(suite) - 1
+    merged["device_check_note"] = ("one suite shape per run_bench call; each row's fraction_of_copy uses the "
+                                   "copy bandwidth measured for its shape (copy_bandwidth_per_shape)")
+    bench.write_json(merged, json_path)
+    print(bench.format_table(rep), flush=True)
+    print(f"-- {dtype}: {i + 1}/{len(suite)} shapes written to {json_path}", file=sys.stderr, flush=True)
+print(bench.format_table(merged))
+sys.exit(1 if any(r["status"] == "error" for r in merged["results"]) else 0)
+EOF
 for dt in fp32 bf16; do
-    stage "bench_$dt" 80 "$OUT/bench_$dt.log" "$PY" -m gspngen bench "$SPEC" --suite paper --dtype "$dt" \
-        --json "$OUT/bench_$dt.json"
+    stage "bench_$dt" 75 "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
+    cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
 # -- report --------------------------------------------------------------------
-"$PY" - "$WORK" "$OUT" "$SPEC" <<'EOF'
+timeout 30 "$PY" - "$WORK" "$OUT" "$SPEC" <<'EOF'
 import json, os, sys, time
 work, out, spec = sys.argv[1:4]
+
+def shown(name, log):
+    """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
+    if log == "-" or name == "environment":
+        return None
+    if name.startswith("bench_"):
+        return "bench.log"
+    if name.startswith(("memcheck", "racecheck", "synccheck")):
+        return "sanitizer.log"
+    return os.path.basename(log)
 
 def tail(path, n=40):
     try:
@@ -125,7 +214,7 @@ with open(os.path.join(work, "stages.tsv")) as f:
     for line in f:
         name, status, rc, seconds, log = line.rstrip("\n").split("\t")
         stages.append({"stage": name, "status": status, "rc": rc, "seconds": int(seconds),
-                       "log": os.path.basename(log) if log != "-" else None, "tail": tail(log) if log != "-" else ""})
+                       "log": shown(name, log), "tail": tail(log) if log != "-" else ""})
 bench = {}
 for dt in ("fp32", "bf16"):
     p = os.path.join(out, f"bench_{dt}.json")
@@ -136,7 +225,8 @@ for dt in ("fp32", "bf16"):
             bench[dt] = None
 report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "spec": spec,
           "environment": tail(os.path.join(work, "environment.log"), 20), "stages": stages,
-          "bench_files": sorted(f"bench_{dt}.json" for dt in bench)}
+          "bench_files": sorted(f"bench_{dt}.json" for dt in bench),
+          "bench_complete": {dt: bool(b and b.get("complete")) for dt, b in bench.items()}}
 with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
 lines = ["# gspngen CUDA device check", "", f"{report['date']}; spec {spec}", "", "## Environment", "", "```",
@@ -147,7 +237,20 @@ for s in stages:
     if s["stage"] == "environment":
         continue
     lines += ["", f"### {s['stage']} ({s['status']})", "", "```", s["tail"].rstrip()[-6000:], "```"]
-lines += ["", "Benchmark tables: the bench_*.log files; machine-readable: bench_*.json."]
+def cell(r, p, k, scale=1.0):
+    v = (r.get(p) or {}).get(k)
+    return "-" if v is None else f"{v * scale:.3g}"
+
+for dt, b in bench.items():
+    if not b:
+        continue
+    lines += ["", f"## Benchmark {dt} ({'complete' if b.get('complete') else 'INCOMPLETE: stage ran out of time'})",
+              "", "| N,C,H,W | backend | status | fwd ms | fwd %copy | bwd ms | bwd %copy |", "|---|---|---|---|---|---|---|"]
+    for r in b["results"]:
+        lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['status']} | "
+                     f"{cell(r, 'forward', 'median_ms')} | {cell(r, 'forward', 'fraction_of_copy', 100)} | "
+                     f"{cell(r, 'backward', 'median_ms')} | {cell(r, 'backward', 'fraction_of_copy', 100)} |")
+lines += ["", "Benchmark tables and notes: bench.log; machine-readable: bench_*.json."]
 with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(f"{s['stage']}: {s['status']} ({s['seconds']} s)" for s in stages))

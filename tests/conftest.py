@@ -3,6 +3,7 @@
 import os
 
 # Triton kernels run on CPU tensors through the interpreter; must be set before triton is imported.
+# On a GPU machine set TRITON_INTERPRET=0 to test the compiled kernels (scripts/device_check.sh does).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
