@@ -24,7 +24,7 @@ from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
 from gspngen.backends.reference import ReferenceBackend
 from gspngen.render import cuda as rc
 from gspngen.spec import Spec, load_spec
-from gspngen.testing import make_inputs, spec_strategy, tolerance
+from gspngen.testing import make_inputs, rel_error, spec_strategy, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(glob.glob(str(ROOT / "examples" / "*.yaml")))
@@ -43,15 +43,8 @@ def runners():
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to the reference's largest magnitude, floored at 0.1: where a gradient
-    is zero by construction (a one-lane line, a one-step scan) only rounding noise is left to compare."""
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape
-    if a.numel() == 0:
-        return 0.0
-    if torch.isnan(a).any():
-        return float("inf")
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 0.1)
+    """Error relative to the reference, floored at 0.1 for gradients that are zero by construction."""
+    return rel_error(a, b, floor=0.1)
 
 
 def inputs(spec: Spec, dtype: torch.dtype, shape, seed: int):

@@ -21,7 +21,7 @@ from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
 from gspngen.backends.reference import ReferenceBackend
 from gspngen.render import cuda as rc
 from gspngen.spec import Spec, load_spec
-from gspngen.testing import make_inputs, spec_strategy, tolerance
+from gspngen.testing import make_inputs, rel_error, spec_strategy, tolerance
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -36,15 +36,8 @@ PER_STEP = CudaPerStepBackend(poison=True)
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| relative to the reference's largest magnitude (floored at 0.1, for gradients
-    that are zero by construction: one-lane lines, one-step scans); NaN anywhere is inf."""
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape
-    if a.numel() == 0:
-        return 0.0
-    if torch.isnan(a).any():
-        return float("inf")
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 0.1)
+    """Error relative to the reference, floored at 0.1 for gradients that are zero by construction."""
+    return rel_error(a, b, floor=0.1)
 
 
 def run(backend, spec: Spec, dtype: torch.dtype, shape, seed: int = 0, gy_scale: float = 1.0):
