@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.gspngen.*)
-from .backends import BACKEND_NAMES, backend_available, get_backend
+from .backends import backend_available, get_backend, split_backend_name
 from .spec import Spec, as_spec
 from .validate import validate_inputs
 
@@ -25,10 +25,9 @@ class GSPNOp:
     """
 
     def __init__(self, spec: Spec, backend: str = "auto"):
-        if backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: expected auto or one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
-        if backend in KERNEL_BACKENDS and backend not in spec.backends:
-            raise ValueError(f"backend: {backend!r} is not generated for spec '{spec.name}' "
+        base = split_backend_name(backend)[0] if backend != "auto" else backend
+        if base in KERNEL_BACKENDS and base not in spec.backends:
+            raise ValueError(f"backend: {base!r} is not generated for spec '{spec.name}' "
                              f"(its backends field lists {list(spec.backends)})")
         self.spec = spec
         self.backend = backend
@@ -64,7 +63,8 @@ def _resolve_backend(spec_json: str, backend: str, device_type: str, device_inde
                 if name in spec.backends and backend_available(name, device):
                     return name
         return "reference"
-    if backend in KERNEL_BACKENDS and dname not in spec.precision:
+    base = split_backend_name(backend)[0]
+    if base in KERNEL_BACKENDS and dname not in spec.precision:
         raise TypeError(f"x: backend {backend!r} has kernels for dtypes {list(spec.precision)} "
                         f"(spec precision), got {dtype}")
     try:

@@ -9,6 +9,7 @@ when it recomputes instead). ``backward`` returns gradients for
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Protocol
 
 import torch
@@ -31,6 +32,65 @@ class Backend(Protocol):
     def forward(self, spec: Spec, x, w, lam, u, s, m) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads: ...
+
+    # -- the config protocol (the autotuner's view of a backend) ---------------
+    # A *config key* is a short canonical string of ``name=value`` pairs joined
+    # by commas, e.g. ``"cb=8,tile=32"``, characters ``[a-z0-9_=,.-]`` only;
+    # ``""`` is the documented default. Backends without tunings (reference,
+    # lowered) inherit :class:`Untuned`.
+
+    def candidates(self, spec: Spec, dtype: str, pass_: str, shape: tuple[int, int, int, int]) -> list[str]:
+        """Config keys the tuner may time for ``pass_`` ("fwd" | "bwd") on ``shape`` (N, C, H, W) in
+        storage ``dtype`` ("fp32" | "fp16" | "bf16" | "fp64"); the default ("" or its explicit key) first."""
+        ...
+
+    def with_config(self, fwd: str = "", bwd: str = "") -> "Backend":
+        """This backend running the forward config ``fwd`` and the backward config ``bwd``
+        (ValueError naming the key if it is not one of this backend's)."""
+        ...
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when the backend can run on ``device`` here, else one line saying why not."""
+        ...
+
+
+_KEY = re.compile(r"[a-z0-9_=,.\-]{0,200}")
+
+
+def check_config_key(key: str, what: str = "config") -> str:
+    """A config key as given, or ValueError naming ``what``: keys reach kernel names, so no other characters."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"{what}: a config key is up to 200 characters of [a-z0-9_=,.-], got {key!r}")
+    return key
+
+
+def parse_config_key(key: str, what: str = "config") -> dict[str, str]:
+    """``"cb=8,tile=32"`` -> ``{"cb": "8", "tile": "32"}`` (ValueError naming ``what`` if malformed)."""
+    check_config_key(key, what)
+    out: dict[str, str] = {}
+    for part in filter(None, key.split(",")):
+        name, eq, value = part.partition("=")
+        if not eq or not name or not value or name in out:
+            raise ValueError(f"{what}: expected name=value pairs joined by commas, got {key!r}")
+        out[name] = value
+    return out
+
+
+class Untuned:
+    """The config protocol for a backend with one configuration (reference, lowered)."""
+
+    name: str
+
+    def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
+        return [""]
+
+    def with_config(self, fwd: str = "", bwd: str = ""):
+        if fwd or bwd:
+            raise ValueError(f"backend: {self.name!r} has no configurations, got {fwd!r}|{bwd!r}")
+        return self
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return None if self.available(device) else f"{self.name} cannot run on {torch.device(device).type} here"
 
 
 def result_shape(spec: Spec, x: torch.Tensor) -> tuple[int, ...]:

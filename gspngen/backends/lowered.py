@@ -27,7 +27,7 @@ from ..geometry import (chunk_starts, from_channel_first, from_frame, image_dims
 from ..lower import CodeBlock, lower, print_block
 from ..spec import Spec
 from ..testing import poison_
-from .base import compute_dtype, result_shape
+from .base import Untuned, compute_dtype, result_shape
 
 
 @lru_cache(maxsize=None)
@@ -115,7 +115,7 @@ def _gather_prev(ghp: list[torch.Tensor], r: int) -> torch.Tensor:
     return buf[..., r:r + L]
 
 
-class LoweredBackend:
+class LoweredBackend(Untuned):
     name = "lowered"
 
     def available(self, device: torch.device) -> bool:

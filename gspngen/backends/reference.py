@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..geometry import chunk_starts, from_channel_first, from_frame, neighbour_exists, to_channel_first, to_frame
 from ..spec import Spec
-from .base import compute_dtype
+from .base import Untuned, compute_dtype
 
 
 def normalize_weights(wf: torch.Tensor, normalization: str, exists: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ def forward(spec: Spec, x, w, lam, u=None, s=None, m=None) -> torch.Tensor:
     return out.to(out_dtype)
 
 
-class ReferenceBackend:
+class ReferenceBackend(Untuned):
     name = "reference"
 
     def available(self, device: torch.device) -> bool:
