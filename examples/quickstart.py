@@ -1,8 +1,12 @@
-"""Quick start: compile the paper's GSPN layer spec and run it forward and backward on random input.
+"""Quick start: import the package `gspngen compile` wrote and run its op forward and backward.
 
-Run from the repository root:  python examples/quickstart.py
+Run from the repository root, after compiling the paper's layer spec:
+
+    gspngen compile examples/gspn4.yaml -o build/gspn4
+    python examples/quickstart.py [PACKAGE_FOLDER]      # default: build/gspn4
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +15,14 @@ import torch
 import gspngen
 from gspngen.testing import make_inputs
 
-spec = gspngen.load_spec(Path(__file__).with_name("gspn4.yaml"))
-op = gspngen.compile(spec, backend="auto")
+folder = Path(sys.argv[1] if len(sys.argv) > 1 else "build/gspn4")
+if not (folder / "manifest.json").is_file():
+    sys.exit(f"{folder} is not a compiled package; run: gspngen compile examples/gspn4.yaml -o {folder}")
+# The package checks its files against manifest.json and runs its own kernel sources.
+# (A folder on sys.path imports by name too: `import gspn4` with build/ on PYTHONPATH.)
+pkg = gspngen.load_package(folder)
+spec, op = pkg.spec, pkg.op
+print(f"loaded package {folder} (gspngen {pkg.MANIFEST['gspngen_version']}, files: {', '.join(pkg.SOURCES)})")
 device = "cuda" if torch.cuda.is_available() else "cpu"
 N, C, H, W = 2, 16, 32, 32
 inputs = make_inputs(spec, N, C, H, W, dtype=torch.float32, device=device, requires_grad=True)

@@ -6,9 +6,10 @@ __version__ = "0.1.0"
 
 from .api import GSPNOp, compile  # noqa: E402,A004
 from .errors import SpecError  # noqa: E402
+from .package import load_package  # noqa: E402
 from .spec import Spec, load_spec  # noqa: E402
 
-__all__ = ["Spec", "SpecError", "load_spec", "compile", "GSPNOp", "__version__"]
+__all__ = ["Spec", "SpecError", "load_spec", "load_package", "compile", "GSPNOp", "__version__"]
 
 
 def __getattr__(name: str):

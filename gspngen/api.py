@@ -48,7 +48,6 @@ class GSPNOp:
         return y
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(spec_json: str, backend: str, device_type: str, device_index, dtype_name: str) -> str:
     # Pure Python decision on constants: torch.compile evaluates it once while tracing.
     from .ops import spec_from_json
@@ -74,6 +73,12 @@ def _resolve_backend(spec_json: str, backend: str, device_type: str, device_inde
     if not impl.available(device):
         raise ValueError(f"x: backend {backend!r} cannot run on device {device} here")
     return backend
+
+
+# torch.compile evaluates the resolution once while tracing, as a constant. This is what
+# torch.compiler.assume_constant_result does, but that function imports torch._dynamo
+# (1.5 s, plus sympy and triton) when gspngen is imported; the marker attribute alone is free.
+_resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def compile(spec: "Spec | Mapping[str, Any] | str | Path", backend: str = "auto") -> GSPNOp:  # noqa: A001

@@ -34,17 +34,33 @@ def rendered_sources(spec: Spec) -> dict[str, str]:
     return files
 
 
+def manifest_facts(spec: Spec) -> dict[str, dict]:
+    """Per backend, what its host code needs from the lowering at run time (a renderer's
+    ``manifest_facts``), so a compiled package launches without sympy."""
+    facts = {}
+    for backend in spec.backends:
+        module = importlib.import_module(f".render.{backend}", __package__)
+        if hasattr(module, "manifest_facts"):
+            facts[backend] = module.manifest_facts(spec)
+    return facts
+
+
 def package_files(spec: Spec) -> dict[str, str]:
-    """Every file of the generated package: filename -> text."""
+    """Every file of the generated package: filename -> text.
+
+    The manifest lists the sha256 of every other file (``__init__.py`` included);
+    importing the package checks them all (:mod:`gspngen.package`).
+    """
     files = dict(sorted(rendered_sources(spec).items()))
+    files["__init__.py"] = render("package/__init__.py.j2", version=__version__, name=spec.name, spec_hash=spec.hash)
     manifest = {
         "gspngen_version": __version__,
         "spec": spec.to_dict(),
         "spec_hash": spec.hash,
-        "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()},
+        "facts": manifest_facts(spec),
+        "files": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())},
     }
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    files["__init__.py"] = render("package/__init__.py.j2", version=__version__, name=spec.name, spec_hash=spec.hash)
     return files
 
 

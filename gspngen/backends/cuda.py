@@ -184,7 +184,7 @@ class CudaBackend(_CudaBase):
         G = spec.groups(C)
         y = self._out(result_shape(spec, x), x)
         saved = self._out(saved_shape(spec, x), x)
-        source = rc.render_source(spec, dname)
+        source = rc.kernel_source(spec, dname)
         limits = self.runner.limits(x.device)
         vec_tensors = [x, w, lam, u, s, y, saved]
         stack = spec.merge == "stack"
@@ -209,7 +209,7 @@ class CudaBackend(_CudaBase):
         gs = self._out(s.shape, s) if s is not None else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if watom else self._out(w.shape, w)
         gm32 = torch.zeros(spec.num_directions, dtype=torch.float32, device=x.device) if m is not None else None
-        source = rc.render_source(spec, dname)
+        source = rc.kernel_source(spec, dname)
         limits = self.runner.limits(x.device)
         vec_tensors = [gy, x, w, lam, u, s, saved, gx, glam, gu, gs] + ([] if watom else [gw])
         plans = [self.plan(spec, dname, "bwd", d, dims, vec_tensors, acc=d > 0, watom=watom, limits=limits)
@@ -264,7 +264,7 @@ class CudaPerStepBackend(_CudaBase):
         G = spec.groups(C)
         y = self._out(result_shape(spec, x), x)
         saved = self._out(saved_shape(spec, x), x)
-        source = rc.render_source(spec, dname)
+        source = rc.kernel_source(spec, dname)
         kn = rc.per_step_names(G != C)
         names = list(kn.values())
         grid = self._step_grid(spec, N, C, H, W)
@@ -284,7 +284,7 @@ class CudaPerStepBackend(_CudaBase):
         N, C, H, W = _dims(spec, x)
         G = spec.groups(C)
         watom = G != C
-        source = rc.render_source(spec, dname)
+        source = rc.kernel_source(spec, dname)
         kn = rc.per_step_names(watom)
         names = list(kn.values())
         f32 = dict(dtype=torch.float32, device=x.device)

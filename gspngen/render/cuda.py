@@ -22,12 +22,17 @@ from dataclasses import dataclass
 from dataclasses import replace as _replace
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 from .. import __version__
 from ..geometry import DIRECTION_TABLE
-from ..lower import lower, print_block
-from ..lower.ir import CodeBlock
 from ..spec import Spec
-from .templates import environment
+
+if TYPE_CHECKING:
+    from ..lower.ir import CodeBlock
+
+# Rendering imports sympy (the lowering) and Jinja lazily: a compiled package launches its own
+# sources, and the host-side planning below reads the lowering's facts from its manifest.
 
 STORE_KIND = {"fp32": 0, "fp16": 1, "bf16": 2}
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -121,6 +126,8 @@ def _arg(name: str, block_name: str, output: bool) -> str:
 
 def _math_block(name: str, block: CodeBlock) -> dict:
     """A device function for one printed block and the call that binds it to the template's locals."""
+    from ..lower import print_block
+
     used = [_check_ident(v, f"block {name} input") for v in block.used_inputs]
     outs = [_check_ident(v, f"block {name} output") for v in block.outputs]
     params = [f"const {'bool' if re.fullmatch(r'e[0-9]', v) else 'float'} {v}" for v in used]
@@ -149,6 +156,8 @@ def _cbool(v: object) -> str:
 
 @lru_cache(maxsize=None)
 def _env():
+    from .templates import environment
+
     env = environment().overlay()
     env.filters["cbool"] = _cbool
     return env
@@ -156,6 +165,8 @@ def _env():
 
 def render_context(spec: Spec, dtype: str) -> dict:
     """Everything the CUDA templates read, for one spec and storage dtype."""
+    from ..lower import lower
+
     if dtype not in STORE_KIND:
         raise ValueError(f"dtype: expected one of {', '.join(STORE_KIND)}, got {dtype!r}")
     ir = lower(spec)
@@ -204,6 +215,41 @@ def render_source(spec: Spec, dtype: str) -> str:
 
 def file_name(dtype: str) -> str:
     return f"gspn_{dtype}.cu"
+
+
+def kernel_source(spec: Spec, dtype: str) -> str:
+    """The source the backends build: a loaded compiled package's file, else rendered now."""
+    from ..runtime import sources
+
+    return sources.source(spec, file_name(dtype), lambda: render_source(spec, dtype))
+
+
+def host_facts(spec: Spec) -> dict:
+    """What the host's planning needs from the lowering (shared memory, register estimates).
+
+    ``gspngen compile`` stores these in the manifest so a compiled package plans launches
+    without sympy; without a package they are derived here.
+    """
+    from ..runtime import sources
+
+    return sources.facts(spec, "cuda", lambda: _derive_host_facts(spec))
+
+
+def manifest_facts(spec: Spec) -> dict:
+    """The host facts ``gspngen compile`` writes into the manifest (see :func:`host_facts`)."""
+    return _derive_host_facts(spec)
+
+
+def _derive_host_facts(spec: Spec) -> dict:
+    from ..lower import lower
+
+    ir = lower(spec)
+    return {
+        "w_used_fwd": _w_used(ir.forward, ir.k),
+        "w_used_bwd": _w_used(ir.adjoint, ir.k),
+        "bwd_needs_h": "h" in ir.adjoint_output.used_inputs,
+        "bwd_needs_hp": any(f"hp{c}" in ir.adjoint.used_inputs for c in range(ir.k)),
+    }
 
 
 def render_files(spec: Spec) -> dict[str, str]:
@@ -302,13 +348,12 @@ def per_step_names(watom: bool) -> dict[str, str]:
 
 def smem_bytes(spec: Spec, kind: str, mapping: int, cfg: KernelConfig) -> int:
     """Dynamic shared memory of a fused kernel (must match SMEM_FLOATS in the template)."""
-    ir = lower(spec)
-    plane = cfg.plane_floats(mapping, ir.r)
+    facts = host_facts(spec)
+    plane = cfg.plane_floats(mapping, spec.radius)
     if kind == "fwd":
         return 4 * cfg.bufs * plane
-    needs_h = ("h" in ir.adjoint_output.used_inputs
-               or any(f"hp{c}" in ir.adjoint.used_inputs for c in range(ir.k)))
-    floats = (2 * plane if needs_h else 0) + cfg.bufs * ir.k * plane + (32 if spec.merge == "learned" else 0)
+    needs_h = facts["bwd_needs_h"] or facts["bwd_needs_hp"]
+    floats = (2 * plane if needs_h else 0) + cfg.bufs * spec.connection * plane + (32 if spec.merge == "learned" else 0)
     return 4 * floats
 
 
@@ -318,12 +363,12 @@ def _pow2_ceil(n: int) -> int:
 
 def _streams(spec: Spec, kind: str, acc: bool = True) -> tuple[int, int]:
     """(input, output) tensors a fused kernel streams per element (register-budget estimate)."""
-    ir = lower(spec)
+    facts = host_facts(spec)
     if kind == "fwd":
-        nw = sum(_w_used(ir.forward, ir.k))
+        nw = sum(facts["w_used_fwd"])
         return 2 + nw + spec.modulation + spec.skip + acc, 1
-    nw = sum(_w_used(ir.adjoint, ir.k))
-    return 4 + nw + spec.modulation + spec.skip + acc, 2 + ir.k + spec.modulation + spec.skip
+    nw = sum(facts["w_used_bwd"])
+    return 4 + nw + spec.modulation + spec.skip + acc, 2 + spec.connection + spec.modulation + spec.skip
 
 
 def _tile_words(spec: Spec, kind: str, cfg: KernelConfig, mapping: int) -> int:

@@ -16,7 +16,7 @@ from ..lower.ir import C, H, W, CodeBlock, DirectionIR
 from ..spec import Spec
 from .templates import render
 
-KERNEL_FILE = "triton_kernels.py"
+from . import TRITON_FILE as KERNEL_FILE  # noqa: E402
 
 # Size symbols -> the kernel's int64 scalars (see the template's geometry macro).
 _G = sp.Symbol("G", integer=True, positive=True)

@@ -172,9 +172,15 @@ def kernel_module(spec: Spec) -> ModuleType:
     with _LOCK:
         mod = _MODULES.get(key)
         if mod is None:
-            from ..render.triton import render_kernels
+            from ..render import TRITON_FILE
+            from . import sources
 
-            source = render_kernels(spec)
+            def render() -> str:
+                from ..render.triton import render_kernels
+
+                return render_kernels(spec)
+
+            source = sources.source(spec, TRITON_FILE, render)
             digest = hashlib.sha256(source.encode()).hexdigest()[:32]
             path = _write_source(source, digest)
             name = f"gspngen_triton_{digest}"
