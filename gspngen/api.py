@@ -71,7 +71,9 @@ def _resolve_backend(spec_json: str, backend: str, device_type: str, device_inde
     except ImportError as exc:
         raise ValueError(f"backend: {backend!r} is not available here ({exc})") from None
     if not impl.available(device):
-        raise ValueError(f"x: backend {backend!r} cannot run on device {device} here")
+        reason = getattr(impl, "unavailable_reason", lambda d: None)(device)
+        raise ValueError(f"x: backend {backend!r} cannot run on device {device} here"
+                         + (f": {reason}" if reason else ""))
     return backend
 
 

@@ -334,14 +334,17 @@ def select_shapes(config: BenchConfig, spec: Spec,
     if config.suite is not None:
         if config.suite not in SUITES:
             raise ValueError(f"suite: expected one of {', '.join(SUITES)}, got {config.suite!r}")
+        scaled = []
         for shape, label in SUITES[config.suite]:
             run = shape if device.type == "cuda" else cpu_scaled(spec, shape, config.cpu_suite_max_elements)
+            scaled.append((run, shape))
+            if any(run == c[0] for c in chosen):
+                continue  # two suite shapes scaled to the same one (or a --shape): time it once
             chosen.append((run, shape, label))
         if device.type != "cuda":
             notes.append(f"no GPU: suite '{config.suite}' scaled down for CPU (batch 1, sides <= 8, C halved "
-                         f"to N*C*H*W <= {config.cpu_suite_max_elements}): "
-                         + "; ".join(f"{shape_label(orig)} -> {shape_label(run)}"
-                                     for run, orig, _ in chosen if orig is not None))
+                         f"to N*C*H*W <= {config.cpu_suite_max_elements}; each scaled shape runs once): "
+                         + "; ".join(f"{shape_label(orig)} -> {shape_label(run)}" for run, orig in scaled))
     return chosen, notes
 
 

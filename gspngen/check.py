@@ -64,10 +64,31 @@ def small_channels(spec: Spec, want: int = 4) -> int:
     return want
 
 
+MAX_DEFAULT_SIDE = 64  # keeps the default check of a long-chunk spec within seconds
+
+
 def default_shape(spec: Spec) -> tuple[int, int, int, int]:
-    # Non-square and not a multiple of common chunk sizes, so transposition
-    # and chunk-boundary bugs show.
-    return (2, small_channels(spec), 9, 10)
+    """Non-square and not a multiple of common chunk sizes, so transposition and chunk-boundary
+    bugs show; with a chunk K, both sides exceed K (up to MAX_DEFAULT_SIDE) so every direction
+    crosses at least one chunk boundary."""
+    H, W = 9, 10
+    K = spec.chunk
+    if K is not None and K + 3 > H:
+        H = min(K + 3, MAX_DEFAULT_SIDE - 1)
+        W = H + 1
+    return (2, small_channels(spec), H, W)
+
+
+def chunk_note(spec: Spec, shape) -> Optional[str]:
+    """A warning when no scan of this shape crosses a chunk boundary (chunk-restart code is then untested)."""
+    K = spec.chunk
+    if K is None:
+        return None
+    _, _, H, W = shape
+    if K < min(H, W):
+        return None
+    return (f"note: chunk {K} >= the shortest side {min(H, W)}: some scans cross no chunk boundary here; "
+            f"pass --shape with H and W above {K} to test chunk restarts")
 
 
 @contextlib.contextmanager

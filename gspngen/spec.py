@@ -104,7 +104,7 @@ class Spec:
             raise SpecError("<document>", data, "a mapping of spec fields")
         for key in data:
             if key not in FIELDS:
-                raise SpecError(str(key)[:80], data[key], "no such field; known fields: " + ", ".join(FIELDS))
+                raise SpecError(str(key)[:80], data[key], _unknown_field(key))
         if "name" not in data:
             raise SpecError("name", None, "a required identifier matching [a-z_][a-z0-9_]{0,63}")
         # Lists from YAML/JSON become tuples during validation (__post_init__).
@@ -120,6 +120,13 @@ class Spec:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            # An unclosed bracket or quote is noticed lines later (problem_mark); the line
+            # where it was opened (context_mark) is where the fix goes.
+            ctx = getattr(exc, "context_mark", None)
+            if ctx is not None and line is not None and ctx.line + 1 < line:
+                opened = re.sub(r"^while (parsing|scanning) an? ", "", getattr(exc, "context", None) or "a value")
+                problem = f"{opened} opened here is not closed (noticed on line {line})"
+                line = ctx.line + 1
             raise SpecError("<yaml>", problem, "valid YAML", line=line) from None
         except RecursionError:
             raise SpecError("<yaml>", "nesting too deep", "a flat mapping of spec fields") from None
@@ -200,6 +207,15 @@ def _validate_into(spec: Spec) -> None:
     set_(spec, "precision", tuple(p for p in PRECISIONS if p in prec))
     be = _subset("backends", spec.backends, BACKENDS, empty_ok=True)
     set_(spec, "backends", tuple(b for b in BACKENDS if b in be))
+
+
+def _unknown_field(key: object) -> str:
+    """'no such field', with the closest known field when one is close (a typo), then the list."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key)[:80], FIELDS, n=1, cutoff=0.6) if isinstance(key, str) else []
+    hint = f"no such field (did you mean '{close[0]}'?)" if close else "no such field"
+    return f"{hint}; known fields: " + ", ".join(FIELDS)
 
 
 class _SpecLoader(yaml.SafeLoader):

@@ -47,7 +47,7 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
         raise ValueError(f"x: expected every dimension >= 1, got shape {tuple(x.shape)}")
     G = spec.groups(C)
     if C % G != 0:
-        raise ValueError(f"x: weight_groups={G} must divide the channel count, got C={C}")
+        raise ValueError(_layout_mixup(spec, args) or f"x: weight_groups={G} must divide the channel count, got C={C}")
     shapes = expected_shapes(spec, N, C, H, W)
     needs = {"u": ("modulation: true", "modulation: false"), "s": ("skip: true", "skip: false"),
              "m": ("merge: learned", f"merge: {spec.merge}")}
@@ -63,11 +63,32 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
         if t.layout != torch.strided:
             raise TypeError(f"{name}: expected a dense (strided) tensor, got {t.layout}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+            raise ValueError(_layout_mixup(spec, args) or f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+
+
+def _layout_mixup(spec: Spec, args: dict) -> str | None:
+    """If every tensor fits the *other* layout, the caller passed channel-first tensors to a
+    channel-last op (or the reverse): say that about x rather than blame the first mismatch."""
+    import dataclasses
+
+    other = "nchw" if spec.layout == "nhwc" else "nhwc"
+    flipped = dataclasses.replace(spec, layout=other)
+    x = args["x"]
+    N, C, H, W = image_dims(x.shape, other)
+    if C % flipped.groups(C):
+        return None
+    for name, shape in expected_shapes(flipped, N, C, H, W).items():
+        t = args[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            return None
+    have = "(N, C, H, W) channel-first" if other == "nchw" else "(N, H, W, C) channel-last"
+    want = "(N, H, W, C) channel-last" if other == "nchw" else "(N, C, H, W) channel-first"
+    return (f"x: the tensors look {have} (x has shape {tuple(x.shape)}), but the spec's layout is {spec.layout}, "
+            f"which expects x as {want}: permute them, or use a spec with layout: {other}")
 
 
 def validate_backend_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:

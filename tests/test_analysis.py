@@ -171,6 +171,20 @@ def test_plot_has_one_panel_per_direction_plus_aggregate():
     assert "stability" in fig.get_suptitle() and "'t'" in fig.get_suptitle()
 
 
+@pytest.mark.parametrize("dirs", [["lr"], ["lr", "tb"], ["lr", "rl", "tb"], ["lr", "rl", "tb", "bt"]])
+def test_plot_title_fits_the_figure(dirs):
+    # 1 panel (a single direction), up to 5 (four directions and the aggregate): the title is wrapped
+    from gspngen.commands.heatmap import plot_affinity
+
+    spec = spec_of(directions=dirs, chunk=4)
+    maps = affinity(gspngen.compile(spec, "reference"), make_inputs(spec, 1, 2, 6, 6), pixel=(3, 3))
+    fig = plot_affinity(maps, spec, "random inputs (seed 0), size 6x6")
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    box, page = fig._suptitle.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
+
+
 def test_heatmap_command_writes_png(tmp_path, capsys):
     import matplotlib.image as mpimg
 

@@ -170,3 +170,15 @@ def test_bad_device_is_a_one_line_error(capsys, device):
     assert main(["check", str(EXAMPLES[0]), "--device", device]) == 2
     err = capsys.readouterr().err
     assert "--device" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 8, 16, 40, 1000])
+def test_default_shape_crosses_a_chunk_boundary_or_says_so(chunk):
+    spec = gspngen.Spec.from_dict({"name": "t", "chunk": chunk})
+    N, C, H, W = gspngen.check.default_shape(spec)
+    assert H != W and max(H, W) < gspngen.check.MAX_DEFAULT_SIDE + 1
+    note = gspngen.check.chunk_note(spec, (N, C, H, W))
+    if chunk is None or chunk < min(H, W):
+        assert note is None
+    else:
+        assert chunk == 1000 and "crosses no chunk boundary" in note.replace("cross no", "crosses no")

@@ -97,7 +97,7 @@ def test_direct_construction_is_validated():
         Spec(name="t", connection=2)
 
 
-@pytest.mark.parametrize("text,line", [("name: t\nconnection: [3\n", 3), ("name: t\n  bad: : x\n", 2), ("a: b: c", 1)])
+@pytest.mark.parametrize("text,line", [("name: t\nconnection: [3\n", 2), ("name: t\n  bad: : x\n", 2), ("a: b: c", 1)])
 def test_yaml_syntax_error_has_line(text, line):
     with pytest.raises(SpecError) as info:
         Spec.from_yaml(text)
@@ -182,3 +182,28 @@ def test_subclasses_of_str_and_int_are_not_accepted():
         with pytest.raises(SpecError) as info:
             Spec.from_dict(data)
         assert info.value.field == field
+
+
+@pytest.mark.parametrize("key,close", [("conection", "connection"), ("normalisation", "normalization"),
+                                       ("weight_group", "weight_groups"), ("directoins", "directions")])
+def test_unknown_field_suggests_the_close_one(key, close):
+    with pytest.raises(SpecError, match=rf"did you mean '{close}'\?"):
+        Spec.from_dict({"name": "a", key: 3})
+
+
+def test_unknown_field_far_from_any_gets_no_guess():
+    with pytest.raises(SpecError) as info:
+        Spec.from_dict({"name": "a", "zzzz": 3})
+    assert "did you mean" not in str(info.value) and "known fields: name, connection" in str(info.value)
+
+
+@pytest.mark.parametrize("text,line", [
+    ("name: a\nconnection: [3\ndirections: [lr]\n", 2),  # unclosed '[' noticed on line 3
+    ('name: a\nmerge: "sum\nskip: true\n', 2),  # unclosed quote noticed at the end
+    ("name: a\nconnection: {3\n\n\nskip: true\n", 2),
+])
+def test_yaml_error_points_at_the_line_to_fix(text, line):
+    with pytest.raises(SpecError) as info:
+        Spec.from_yaml(text)
+    assert info.value.line == line and f"(line {line})" in str(info.value)
+    assert "not closed" in str(info.value)

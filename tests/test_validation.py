@@ -122,3 +122,32 @@ def test_custom_backward_op_called_directly_validates_its_inputs():
         torch.ops.gspngen.scan_backward(y, x, w, lam, u, s, m, saved[:, :2].contiguous(), spec_json, backend)
     grads = torch.ops.gspngen.scan_backward(y, x, w, lam, u, s, m, saved, spec_json, backend)
     assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (x, w, lam, u, s, m)]
+
+
+@pytest.mark.parametrize("spec_layout,given_layout", [("nhwc", "nchw"), ("nchw", "nhwc")])
+def test_layout_mixup_names_x_and_the_other_layout(spec_layout, given_layout):
+    spec = gspngen.Spec.from_dict({"name": "t", "layout": spec_layout, "weight_groups": 4})
+    other = gspngen.Spec.from_dict({"name": "t", "layout": given_layout, "weight_groups": 4})
+    op = gspngen.compile(spec, backend="reference")
+    with pytest.raises(ValueError) as info:
+        op(**make_inputs(other, 2, 16, 12, 5))
+    msg = str(info.value)
+    assert msg.startswith("x: the tensors look") and f"use a spec with layout: {given_layout}" in msg
+
+
+def test_plain_shape_error_is_unchanged_when_no_layout_fits():
+    spec = gspngen.Spec.from_dict({"name": "t", "layout": "nhwc"})
+    inputs = make_inputs(spec, 2, 3, 4, 5)
+    inputs["lam"] = inputs["lam"][:, :, :3]
+    with pytest.raises(ValueError, match=r"^lam: expected shape"):
+        gspngen.compile(spec, backend="reference")(**inputs)
+
+
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    pytest.importorskip("triton")
+    from gspngen.runtime import triton_launch
+
+    monkeypatch.setattr(triton_launch, "interpreter_enabled", lambda: False)
+    spec = gspngen.Spec.from_dict({"name": "t"})
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        gspngen.compile(spec, backend="triton")(**make_inputs(spec, 1, 2, 3, 4, dtype=torch.float32))

@@ -38,6 +38,19 @@ class TritonBackend:
             return torch.cuda.is_available()
         return device.type == "cpu" and self._launch.interpreter_enabled()
 
+    def unavailable_reason(self, device: torch.device):
+        device = torch.device(device)
+        if not _triton_importable():
+            return "triton is not installed (pip install 'gspngen[triton]')"
+        if device.type == "cpu" and not self._launch.interpreter_enabled():
+            return ("Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
+                    "triton is imported (slow, for testing); for speed on CPU use backend='cpu' or 'auto'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if device.type not in ("cpu", "cuda"):
+            return f"no Triton target for device type {device.type}"
+        return None
+
     def saved_shape(self, spec: Spec, x: torch.Tensor):
         return self._launch.saved_shape(spec, x), self._launch.SAVED_DTYPE
 
@@ -45,8 +58,8 @@ class TritonBackend:
         if x.dtype not in self._launch.SUPPORTED_DTYPES:
             raise TypeError(f"x: the triton backend stores fp32, fp16 or bf16, got {x.dtype}")
         if not self.available(x.device):
-            why = "set TRITON_INTERPRET=1 before importing triton" if x.device.type == "cpu" else "no GPU or triton"
-            raise ValueError(f"x: the triton backend cannot run on device {x.device} here ({why})")
+            raise ValueError(f"x: the triton backend cannot run on device {x.device} here: "
+                             f"{self.unavailable_reason(x.device)}")
 
     def forward(self, spec: Spec, x, w, lam, u, s, m):
         self._check(x)

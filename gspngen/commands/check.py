@@ -57,11 +57,15 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype]
 
     rows = run_checks(spec, backends=backends, shape=shape, dtype=dtype, device=device, seed=args.seed)
-    from ..check import default_shape
+    from ..check import chunk_note, default_shape
 
-    shown = ",".join(map(str, shape or default_shape(spec)))
+    used = shape or default_shape(spec)
+    shown = ",".join(map(str, used))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"gspngen check: spec '{spec.name}' (sha256 {spec.hash[:16]}), shape {shown}, {args.dtype}, device {dev}")
+    note = chunk_note(spec, used)
+    if note:
+        print(note)
     print(format_table(rows))
     failed = [r for r in rows if r.failed]
     ran = [r for r in rows if r.status in ("PASS", "FAIL")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 from ..cli import CLIError, parse_ints, seed
@@ -147,6 +149,9 @@ def _save(fig, path: Path, fmt: str) -> None:
         raise CLIError(f"-o: cannot write {str(path)!r} ({exc.strerror or exc})") from None
 
 
+TITLE_POINTS = 9
+
+
 def plot_affinity(maps, spec, subtitle: str = ""):
     """A matplotlib Figure (Agg canvas, no global pyplot state): one panel per map, shared log scale."""
     import numpy as np
@@ -183,8 +188,11 @@ def plot_affinity(maps, spec, subtitle: str = ""):
     cbar = fig.colorbar(image, ax=list(axes), shrink=0.85, extend="min")
     cbar.set_label("|\u2202y[p]/\u2202x[q]| summed over channels / max")
     chunk = "global" if spec.chunk is None else f"chunk {spec.chunk}"
-    fig.suptitle(
-        f"spec '{spec.name}': k={spec.connection}, normalization {spec.normalization}, {chunk}, merge {spec.merge}"
-        f" \u2014 influence on output pixel p=({i},{j}) (+), normalised to the largest value;"
-        f" light blue: exactly 0\n{subtitle}", fontsize=9)
+    text = (f"spec '{spec.name}': k={spec.connection}, normalization {spec.normalization}, {chunk}, "
+            f"merge {spec.merge} \u2014 influence on output pixel p=({i},{j}) (+), normalised to the largest "
+            f"value; light blue: exactly 0")
+    # Wrap to the figure's width (about 0.6 em per character) so one panel's title is not cut off.
+    width_chars = max(30, int(fig.get_figwidth() * 72 / (TITLE_POINTS * 0.6)) - 2)
+    lines = textwrap.wrap(text, width_chars) + textwrap.wrap(subtitle, width_chars)
+    fig.suptitle("\n".join(lines), fontsize=TITLE_POINTS)
     return fig
