@@ -33,4 +33,13 @@ class SpecError(ValueError):
         self.allowed = allowed
         self.line = line
         where = f" (line {line})" if line is not None else ""
-        super().__init__(f"spec field '{field}'{where}: got {show_value(value)}; expected {allowed}")
+        super().__init__(f"spec field {_field_text(field)}{where}: got {show_value(value)}; expected {allowed}")
+
+
+def _field_text(field: object) -> str:
+    """The field quoted; an unknown key from a stranger's document (newlines, control characters,
+    quotes) is shown as its escaped repr so the message stays one safe line."""
+    text = str(field)
+    if text.isprintable() and "'" not in text and len(text) <= 80:
+        return f"'{text}'"
+    return show_value(text)
