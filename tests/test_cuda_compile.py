@@ -224,11 +224,13 @@ def test_spec_name_never_reaches_the_source():
 def test_printed_lines_are_validated(monkeypatch):
     spec = Spec.from_dict({"name": "v", "connection": 3})
     rc.render_source.cache_clear()
-    real = rc.print_block
-    monkeypatch.setattr(rc, "print_block", lambda block, lang: real(block, lang) + ['const float y2 = system("x");'])
+    import gspngen.lower as lower  # the renderer imports print_block from here when it renders
+
+    real = lower.print_block
+    monkeypatch.setattr(lower, "print_block", lambda block, lang: real(block, lang) + ['const float y2 = system("x");'])
     with pytest.raises(ValueError, match="printed line"):
         rc.render_context(spec, "fp32")
-    monkeypatch.setattr(rc, "print_block", lambda block, lang: real(block, lang) + ["const float q = puts(0);"])
+    monkeypatch.setattr(lower, "print_block", lambda block, lang: real(block, lang) + ["const float q = puts(0);"])
     with pytest.raises(ValueError, match="not an allowed libm function"):
         rc.render_context(spec, "fp32")
     with pytest.raises(ValueError, match="dtype"):

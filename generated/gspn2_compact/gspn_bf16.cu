@@ -230,11 +230,18 @@ GS_CX bool gs_w_used_bwd(int c) { return c == 0 ? true : c == 1 ? true : c == 2 
 // forward: (w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (h)
 GS_DEV void gs_blk_forward(const float w0, const float w1, const float w2, const bool e0, const bool e2, const float hp0, const float hp1, const float hp2, const float lam, const float x, float& o_h)
 {
-    const float cse0 = (1.0f/(1.0f + expf(-w1)));
-    const float cse1 = (e0 ? (1.0f/(1.0f + expf(-(e0 ? w0 : 0.0f)))) : 0.0f);
-    const float cse2 = (e2 ? (1.0f/(1.0f + expf(-(e2 ? w2 : 0.0f)))) : 0.0f);
-    const float cse3 = (1.0f/(cse0 + cse1 + cse2));
-    const float h = fmaf(cse0, cse3*hp1, fmaf(cse1, cse3*hp0, fmaf(cse2, cse3*hp2, lam*x)));
+    const float cse0 = (e0 ? w0 : w1);
+    const float cse1 = (e2 ? w2 : w1);
+    const float cse2 = fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1)));
+    const float cse3 = expf(-cse2 + fminf(80.0f, w1));
+    const float cse4 = expf(cse2);
+    const float cse5 = cse3/(fmaf(cse3, cse4, 1.0f));
+    const float cse6 = expf(-cse2 + fminf(80.0f, cse0));
+    const float cse7 = (e0 ? cse6/(fmaf(cse4, cse6, 1.0f)) : 0.0f);
+    const float cse8 = expf(-cse2 + fminf(80.0f, cse1));
+    const float cse9 = (e2 ? cse8/(fmaf(cse4, cse8, 1.0f)) : 0.0f);
+    const float cse10 = (1.0f/(cse5 + cse7 + cse9));
+    const float h = fmaf(cse10, cse5*hp1, fmaf(cse10, cse7*hp0, fmaf(cse10, cse9*hp2, lam*x)));
     o_h = h;
 }
 
@@ -248,26 +255,40 @@ GS_DEV void gs_blk_output(const float h, const float x, const float u, const flo
 // adjoint: (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx, gw0, gw1, gw2, ghp0, ghp1, ghp2)
 GS_DEV void gs_blk_adjoint(const float gh, const float w0, const float w1, const float w2, const bool e0, const bool e2, const float hp0, const float hp1, const float hp2, const float lam, const float x, float& o_glam, float& o_gx, float& o_gw0, float& o_gw1, float& o_gw2, float& o_ghp0, float& o_ghp1, float& o_ghp2)
 {
-    const float cse0 = (1.0f/(1.0f + expf(-(e0 ? w0 : 0.0f))));
-    const float cse1 = (1.0f/(1.0f + expf(-w1)));
-    const float cse2 = (e0 ? cse0 : 0.0f);
-    const float cse3 = (1.0f/(1.0f + expf(-(e2 ? w2 : 0.0f))));
-    const float cse4 = (e2 ? cse3 : 0.0f);
-    const float cse5 = (1.0f/(cse1 + cse2 + cse4));
-    const float cse6 = cse2*cse5;
-    const float cse7 = cse1*cse5;
-    const float cse8 = cse4*cse5;
-    const float cse9 = fmaf(cse6, hp0, fmaf(cse7, hp1, cse8*hp2));
-    const float cse10 = cse5*gh;
-    const float cse11 = cse7*gh;
+    const float cse0 = (e0 ? w0 : w1);
+    const float cse1 = (e2 ? w2 : w1);
+    const float cse2 = fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1)));
+    const float cse3 = expf(cse2);
+    const float cse4 = expf(-cse2 + fminf(80.0f, cse0));
+    const float cse5 = cse3*cse4;
+    const float cse6 = (1.0f/(cse5 + 1.0f));
+    const float cse7 = expf(-cse2 + fminf(80.0f, w1));
+    const float cse8 = cse3*cse7;
+    const float cse9 = (1.0f/(cse8 + 1.0f));
+    const float cse10 = cse7*cse9;
+    const float cse11 = cse4*cse6;
+    const float cse12 = (e0 ? cse11 : 0.0f);
+    const float cse13 = expf(-cse2 + fminf(80.0f, cse1));
+    const float cse14 = cse13*cse3;
+    const float cse15 = (1.0f/(cse14 + 1.0f));
+    const float cse16 = cse13*cse15;
+    const float cse17 = (e2 ? cse16 : 0.0f);
+    const float cse18 = (1.0f/(cse10 + cse12 + cse17));
+    const float cse19 = cse12*cse18;
+    const float cse20 = cse17*cse18;
+    const float cse21 = fmaf(cse10, cse18*hp1, fmaf(cse19, hp0, cse20*hp2));
+    const float cse22 = cse18*gh;
+    const float cse23 = cse11*(fmaf(-cse5, cse6, 1.0f))*(e0 ? cse22*(-cse21 + hp0) : 0.0f);
+    const float cse24 = cse10*cse22;
+    const float cse25 = cse16*(fmaf(-cse14, cse15, 1.0f))*(e2 ? cse22*(-cse21 + hp2) : 0.0f);
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse0*cse10*(1.0f - cse0)*(-cse9 + hp0) : 0.0f);
-    const float gw1 = cse11*(1.0f - cse1)*(-cse9 + hp1);
-    const float gw2 = (e2 ? cse10*cse3*(1.0f - cse3)*(-cse9 + hp2) : 0.0f);
-    const float ghp0 = cse6*gh;
-    const float ghp1 = cse11;
-    const float ghp2 = cse8*gh;
+    const float gw0 = (e0 ? cse23 : 0.0f);
+    const float gw1 = fmaf(cse24, (-cse21 + hp1)*(fmaf(-cse8, cse9, 1.0f)), (e0 ? 0.0f : cse23) + (e2 ? 0.0f : cse25));
+    const float gw2 = (e2 ? cse25 : 0.0f);
+    const float ghp0 = cse19*gh;
+    const float ghp1 = cse24;
+    const float ghp2 = cse20*gh;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;

@@ -199,11 +199,18 @@ def gspn_forward(
         hp2 = tl.where(e2, tl.gather(h_prev, nb2, axis=1), 0.0)
 
         # forward: printed by gspngen.lower -> h
-        f_cse0 = tl.sigmoid(w1)
-        f_cse1 = tl.where(e0, tl.sigmoid(tl.where(e0, w0, 0.0)), 0.0)
-        f_cse2 = tl.where(e2, tl.sigmoid(tl.where(e2, w2, 0.0)), 0.0)
-        f_cse3 = (1.0/(f_cse0 + f_cse1 + f_cse2))
-        h = f_cse0*f_cse3*hp1 + f_cse1*f_cse3*hp0 + f_cse2*f_cse3*hp2 + lam*x
+        f_cse0 = tl.where(e0, w0, w1)
+        f_cse1 = tl.where(e2, w2, w1)
+        f_cse2 = tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1)))
+        f_cse3 = tl.exp(-f_cse2 + tl.minimum(80.0, w1))
+        f_cse4 = tl.exp(f_cse2)
+        f_cse5 = f_cse3/(f_cse3*f_cse4 + 1.0)
+        f_cse6 = tl.exp(-f_cse2 + tl.minimum(80.0, f_cse0))
+        f_cse7 = tl.where(e0, f_cse6/(f_cse4*f_cse6 + 1.0), 0.0)
+        f_cse8 = tl.exp(-f_cse2 + tl.minimum(80.0, f_cse1))
+        f_cse9 = tl.where(e2, f_cse8/(f_cse4*f_cse8 + 1.0), 0.0)
+        f_cse10 = (1.0/(f_cse5 + f_cse7 + f_cse9))
+        h = f_cse10*f_cse5*hp1 + f_cse10*f_cse7*hp0 + f_cse10*f_cse9*hp2 + lam*x
 
         h = tl.where(valid, h, 0.0)
         tl.store(hs_ptr + dir_base + off_c, h, mask=valid)
@@ -381,26 +388,40 @@ def gspn_backward(
 
         gh = gh_out + carry
         # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
-        a_cse0 = tl.sigmoid(tl.where(e0, w0, 0.0))
-        a_cse1 = tl.sigmoid(w1)
-        a_cse2 = tl.where(e0, a_cse0, 0.0)
-        a_cse3 = tl.sigmoid(tl.where(e2, w2, 0.0))
-        a_cse4 = tl.where(e2, a_cse3, 0.0)
-        a_cse5 = (1.0/(a_cse1 + a_cse2 + a_cse4))
-        a_cse6 = a_cse2*a_cse5
-        a_cse7 = a_cse1*a_cse5
-        a_cse8 = a_cse4*a_cse5
-        a_cse9 = a_cse6*hp0 + a_cse7*hp1 + a_cse8*hp2
-        a_cse10 = a_cse5*gh
-        a_cse11 = a_cse7*gh
+        a_cse0 = tl.where(e0, w0, w1)
+        a_cse1 = tl.where(e2, w2, w1)
+        a_cse2 = tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1)))
+        a_cse3 = tl.exp(a_cse2)
+        a_cse4 = tl.exp(-a_cse2 + tl.minimum(80.0, a_cse0))
+        a_cse5 = a_cse3*a_cse4
+        a_cse6 = (1.0/(a_cse5 + 1.0))
+        a_cse7 = tl.exp(-a_cse2 + tl.minimum(80.0, w1))
+        a_cse8 = a_cse3*a_cse7
+        a_cse9 = (1.0/(a_cse8 + 1.0))
+        a_cse10 = a_cse7*a_cse9
+        a_cse11 = a_cse4*a_cse6
+        a_cse12 = tl.where(e0, a_cse11, 0.0)
+        a_cse13 = tl.exp(-a_cse2 + tl.minimum(80.0, a_cse1))
+        a_cse14 = a_cse13*a_cse3
+        a_cse15 = (1.0/(a_cse14 + 1.0))
+        a_cse16 = a_cse13*a_cse15
+        a_cse17 = tl.where(e2, a_cse16, 0.0)
+        a_cse18 = (1.0/(a_cse10 + a_cse12 + a_cse17))
+        a_cse19 = a_cse12*a_cse18
+        a_cse20 = a_cse17*a_cse18
+        a_cse21 = a_cse10*a_cse18*hp1 + a_cse19*hp0 + a_cse20*hp2
+        a_cse22 = a_cse18*gh
+        a_cse23 = a_cse11*(-a_cse5*a_cse6 + 1.0)*tl.where(e0, a_cse22*(-a_cse21 + hp0), 0.0)
+        a_cse24 = a_cse10*a_cse22
+        a_cse25 = a_cse16*(-a_cse14*a_cse15 + 1.0)*tl.where(e2, a_cse22*(-a_cse21 + hp2), 0.0)
         glam = gh*x
         gx_lam = gh*lam
-        gw0 = tl.where(e0, a_cse0*a_cse10*(1.0 - a_cse0)*(-a_cse9 + hp0), 0.0)
-        gw1 = a_cse11*(1.0 - a_cse1)*(-a_cse9 + hp1)
-        gw2 = tl.where(e2, a_cse10*a_cse3*(1.0 - a_cse3)*(-a_cse9 + hp2), 0.0)
-        ghp0 = a_cse6*gh
-        ghp1 = a_cse11
-        ghp2 = a_cse8*gh
+        gw0 = tl.where(e0, a_cse23, 0.0)
+        gw1 = a_cse24*(-a_cse21 + hp1)*(-a_cse8*a_cse9 + 1.0) + tl.where(e0, 0.0, a_cse23) + tl.where(e2, 0.0, a_cse25)
+        gw2 = tl.where(e2, a_cse25, 0.0)
+        ghp0 = a_cse19*gh
+        ghp1 = a_cse24
+        ghp2 = a_cse20*gh
 
         tl.store(glam_ptr + dir_base + off_c, glam, mask=valid)
         tl.store(gu_ptr + dir_base + off_c, gu, mask=valid)

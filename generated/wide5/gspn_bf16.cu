@@ -230,14 +230,18 @@ GS_CX bool gs_w_used_bwd(int c) { return c == 0 ? true : c == 1 ? true : c == 2 
 // forward: (w0, w1, w2, w3, w4, e0, e1, e2, e3, e4, hp0, hp1, hp2, hp3, hp4, lam, x) -> (h)
 GS_DEV void gs_blk_forward(const float w0, const float w1, const float w2, const float w3, const float w4, const bool e0, const bool e1, const bool e3, const bool e4, const float hp0, const float hp1, const float hp2, const float hp3, const float hp4, const float lam, const float x, float& o_h)
 {
-    const float cse0 = -fmaxf(w2, fmaxf((e0 ? w0 : w2), fmaxf((e1 ? w1 : w2), fmaxf((e3 ? w3 : w2), (e4 ? w4 : w2)))));
-    const float cse1 = expf(cse0 + w2);
-    const float cse2 = (e0 ? expf(cse0 + (e0 ? w0 : 0.0f)) : 0.0f);
-    const float cse3 = (e1 ? expf(cse0 + (e1 ? w1 : 0.0f)) : 0.0f);
-    const float cse4 = (e3 ? expf(cse0 + (e3 ? w3 : 0.0f)) : 0.0f);
-    const float cse5 = (e4 ? expf(cse0 + (e4 ? w4 : 0.0f)) : 0.0f);
-    const float cse6 = (1.0f/(cse1 + cse2 + cse3 + cse4 + cse5));
-    const float h = fmaf(cse1, cse6*hp2, fmaf(cse2, cse6*hp0, fmaf(cse3, cse6*hp1, fmaf(cse4, cse6*hp3, fmaf(cse5, cse6*hp4, lam*x)))));
+    const float cse0 = (e0 ? w0 : w2);
+    const float cse1 = (e1 ? w1 : w2);
+    const float cse2 = (e3 ? w3 : w2);
+    const float cse3 = (e4 ? w4 : w2);
+    const float cse4 = -fmaxf(cse0, fmaxf(cse1, fmaxf(cse2, fmaxf(cse3, w2))));
+    const float cse5 = expf(cse4 + w2);
+    const float cse6 = (e0 ? expf(cse0 + cse4) : 0.0f);
+    const float cse7 = (e1 ? expf(cse1 + cse4) : 0.0f);
+    const float cse8 = (e3 ? expf(cse2 + cse4) : 0.0f);
+    const float cse9 = (e4 ? expf(cse3 + cse4) : 0.0f);
+    const float cse10 = (1.0f/(cse5 + cse6 + cse7 + cse8 + cse9));
+    const float h = fmaf(cse10, cse5*hp2, fmaf(cse10, cse6*hp0, fmaf(cse10, cse7*hp1, fmaf(cse10, cse8*hp3, fmaf(cse10, cse9*hp4, lam*x)))));
     o_h = h;
 }
 
@@ -251,37 +255,44 @@ GS_DEV void gs_blk_output(const float h, const float x, const float u, const flo
 // adjoint: (gh, w0, w1, w2, w3, w4, e0, e1, e2, e3, e4, hp0, hp1, hp2, hp3, hp4, lam, x) -> (glam, gx, gw0, gw1, gw2, gw3, gw4, ghp0, ghp1, ghp2, ghp3, ghp4)
 GS_DEV void gs_blk_adjoint(const float gh, const float w0, const float w1, const float w2, const float w3, const float w4, const bool e0, const bool e1, const bool e3, const bool e4, const float hp0, const float hp1, const float hp2, const float hp3, const float hp4, const float lam, const float x, float& o_glam, float& o_gx, float& o_gw0, float& o_gw1, float& o_gw2, float& o_gw3, float& o_gw4, float& o_ghp0, float& o_ghp1, float& o_ghp2, float& o_ghp3, float& o_ghp4)
 {
-    const float cse0 = -fmaxf(w2, fmaxf((e0 ? w0 : w2), fmaxf((e1 ? w1 : w2), fmaxf((e3 ? w3 : w2), (e4 ? w4 : w2)))));
-    const float cse1 = expf(cse0 + w2);
-    const float cse2 = expf(cse0 + (e0 ? w0 : 0.0f));
-    const float cse3 = (e0 ? cse2 : 0.0f);
-    const float cse4 = expf(cse0 + (e1 ? w1 : 0.0f));
-    const float cse5 = (e1 ? cse4 : 0.0f);
-    const float cse6 = expf(cse0 + (e3 ? w3 : 0.0f));
-    const float cse7 = (e3 ? cse6 : 0.0f);
-    const float cse8 = expf(cse0 + (e4 ? w4 : 0.0f));
-    const float cse9 = (e4 ? cse8 : 0.0f);
-    const float cse10 = (1.0f/(cse1 + cse3 + cse5 + cse7 + cse9));
-    const float cse11 = cse10*cse3;
-    const float cse12 = cse10*cse5;
-    const float cse13 = cse1*cse10;
-    const float cse14 = cse10*cse7;
+    const float cse0 = (e0 ? w0 : w2);
+    const float cse1 = (e1 ? w1 : w2);
+    const float cse2 = (e3 ? w3 : w2);
+    const float cse3 = (e4 ? w4 : w2);
+    const float cse4 = -fmaxf(cse0, fmaxf(cse1, fmaxf(cse2, fmaxf(cse3, w2))));
+    const float cse5 = expf(cse4 + w2);
+    const float cse6 = (e0 ? expf(cse0 + cse4) : 0.0f);
+    const float cse7 = (e1 ? expf(cse1 + cse4) : 0.0f);
+    const float cse8 = (e3 ? expf(cse2 + cse4) : 0.0f);
+    const float cse9 = (e4 ? expf(cse3 + cse4) : 0.0f);
+    const float cse10 = (1.0f/(cse5 + cse6 + cse7 + cse8 + cse9));
+    const float cse11 = cse10*cse6;
+    const float cse12 = cse10*cse7;
+    const float cse13 = cse10*cse5;
+    const float cse14 = cse10*cse8;
     const float cse15 = cse10*cse9;
     const float cse16 = fmaf(cse11, hp0, fmaf(cse12, hp1, fmaf(cse13, hp2, fmaf(cse14, hp3, cse15*hp4))));
-    const float cse17 = cse10*gh;
-    const float cse18 = cse13*gh;
+    const float cse17 = cse11*gh;
+    const float cse18 = cse17*(-cse16 + hp0);
+    const float cse19 = cse12*gh;
+    const float cse20 = cse19*(-cse16 + hp1);
+    const float cse21 = cse13*gh;
+    const float cse22 = cse14*gh;
+    const float cse23 = cse22*(-cse16 + hp3);
+    const float cse24 = cse15*gh;
+    const float cse25 = cse24*(-cse16 + hp4);
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse17*cse2*(-cse16 + hp0) : 0.0f);
-    const float gw1 = (e1 ? cse17*cse4*(-cse16 + hp1) : 0.0f);
-    const float gw2 = cse18*(-cse16 + hp2);
-    const float gw3 = (e3 ? cse17*cse6*(-cse16 + hp3) : 0.0f);
-    const float gw4 = (e4 ? cse17*cse8*(-cse16 + hp4) : 0.0f);
-    const float ghp0 = cse11*gh;
-    const float ghp1 = cse12*gh;
-    const float ghp2 = cse18;
-    const float ghp3 = cse14*gh;
-    const float ghp4 = cse15*gh;
+    const float gw0 = (e0 ? cse18 : 0.0f);
+    const float gw1 = (e1 ? cse20 : 0.0f);
+    const float gw2 = fmaf(cse21, -cse16 + hp2, (e0 ? 0.0f : cse18) + (e1 ? 0.0f : cse20) + (e3 ? 0.0f : cse23) + (e4 ? 0.0f : cse25));
+    const float gw3 = (e3 ? cse23 : 0.0f);
+    const float gw4 = (e4 ? cse25 : 0.0f);
+    const float ghp0 = cse17;
+    const float ghp1 = cse19;
+    const float ghp2 = cse21;
+    const float ghp3 = cse22;
+    const float ghp4 = cse24;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;

@@ -31,9 +31,12 @@ def normalize_weights(wf: torch.Tensor, normalization: str, exists: torch.Tensor
     if normalization == "softmax":
         masked = torch.where(mask, wf, torch.full((), float("-inf"), dtype=wf.dtype, device=wf.device))
         return torch.softmax(masked, dim=1)  # stable (max-subtracted); the centre always exists
+    # stability: sigmoid(w_c) / sum sigmoid(w_c') = softmax of log sigmoid(w), which torch computes
+    # stably: exact for every finite logit, where the plain ratio underflows to 0/0 below about
+    # -88 (fp32). Limits: +inf -> sigmoid 1; -inf -> weight 0; every existing logit -inf -> NaN.
     safe = torch.where(mask, wf, torch.zeros((), dtype=wf.dtype, device=wf.device))
-    sg = torch.where(mask, torch.sigmoid(safe), torch.zeros((), dtype=wf.dtype, device=wf.device))
-    return sg / sg.sum(dim=1, keepdim=True)
+    logs = torch.where(mask, F.logsigmoid(safe), torch.full((), float("-inf"), dtype=wf.dtype, device=wf.device))
+    return torch.softmax(logs, dim=1)
 
 
 def scan_direction(spec: Spec, direction: str, x: torch.Tensor, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,19 @@ class Program:
     assigns: list[tuple[sp.Symbol, sp.Expr]] = field(default_factory=list)
     stop: set[sp.Symbol] = field(default_factory=set)
     subs: dict = field(default_factory=dict)  # facts applied to every assignment (the centre exists)
+    # node -> {argument: local partial derivative} where a shorter equivalent form of
+    # sympy.diff's result is known (e.g. written in terms of the node itself); a test checks
+    # each against sympy.diff
+    partials: dict = field(default_factory=dict)
 
-    def node(self, name: str, expr: sp.Expr, *, stop_gradient: bool = False) -> sp.Symbol:
+    def node(self, name: str, expr: sp.Expr, *, stop_gradient: bool = False,
+             partials: dict | None = None) -> sp.Symbol:
         sym = real(name)
         self.assigns.append((sym, sp.sympify(expr).xreplace(self.subs)))
         if stop_gradient:
             self.stop.add(sym)
+        if partials:
+            self.partials[sym] = {k: sp.sympify(d).xreplace(self.subs) for k, d in partials.items()}
         return sym
 
 
@@ -86,7 +93,12 @@ def reverse_mode(program: Program, seeds: dict[sp.Symbol, sp.Expr], wrt: list[sp
         # Every use of v comes later in the program, so its adjoint is complete here.
         gv = adj.node("g_" + v.name, sp.Add(*contrib[v]))
         for s in sorted(f.free_symbols & (differentiable - program.stop), key=lambda s: s.name):
-            d = sp.diff(f, s)
+            # d exp(g) = exp(g) dg: name the node instead of repeating its expression, so that
+            # folding selections into the adjoint does not split exp(select(...)) into one
+            # exponential per branch
+            d = program.partials.get(v, {}).get(s)
+            if d is None:
+                d = sp.diff(f, s).xreplace({f: v})
             if d != 0:
                 # piecewise_fold moves the adjoint inside the selection: (e ? gv*d : 0)
                 contrib.setdefault(s, []).append(sp.piecewise_fold(gv * d))
@@ -137,16 +149,22 @@ def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, Upda
     r = (k - 1) // 2
     v = update_symbols(k)
     p = Program(subs={v.e[r]: sp.true})  # the centre always exists
-    ws = [p.node(f"_ws{c}", select(v.e[c], v.w[c], 0)) for c in range(k)]
+    # A missing neighbour's logit is replaced before any arithmetic: by 0 for raw weights, by the
+    # centre's logit when normalising, so that exponentials of it stay <= 1 (no inf to select away)
+    fill = 0 if normalization == "none" else v.w[r]
+    ws = [p.node(f"_ws{c}", select(v.e[c], v.w[c], fill)) for c in range(k)]
     if normalization == "none":
         wn = ws
     else:
-        if normalization == "stability":
-            a = [p.node(f"_a{c}", select(v.e[c], sigmoid(ws[c]), 0)) for c in range(k)]
+        # Fill non-existing entries with the centre logit: mx is then the max over
+        # existing logits exactly. It is a stop-gradient scale: it cancels in a_c / Z.
+        mx = p.node("_mx", sp.Max(*[select(v.e[c], ws[c], ws[r]) for c in range(k)]), stop_gradient=True)
+        if k == 1:
+            a = [sp.Integer(1)]  # one neighbour, the centre: its weight normalises to 1
+        elif normalization == "stability":
+            a = [p.node(f"_a{c}", select(v.e[c], scaled_sigmoid(p, c, ws[c], mx), 0)) for c in range(k)]
         elif normalization == "softmax":
-            # Fill non-existing entries with the centre logit: mx is then the max
-            # over existing logits exactly, so exp(ws - mx) <= 1 and Z >= 1.
-            mx = p.node("_mx", sp.Max(*[select(v.e[c], ws[c], ws[r]) for c in range(k)]), stop_gradient=True)
+            # exp(ws - mx) <= 1 and Z >= 1.
             a = [p.node(f"_a{c}", select(v.e[c], sp.exp(ws[c] - mx), 0)) for c in range(k)]
         else:
             raise ValueError(f"normalization: expected stability, softmax or none, got {normalization!r}")
@@ -154,6 +172,36 @@ def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, Upda
         wn = [p.node(f"_wn{c}", a[c] / z) for c in range(k)]
     h = p.node("_h", v.lam * v.x + sp.Add(*[wn[c] * v.hp[c] for c in range(k)]))
     return p, h, v
+
+
+SIGMOID_SATURATES = 80  # sigmoid(a) == 1 in fp32 and fp64 for a >= 80 (1 - e^-80 = 1 - 1.8e-35)
+
+
+def scaled_sigmoid(p: Program, c: int, a: sp.Symbol, mx: sp.Symbol) -> sp.Symbol:
+    """q_c = sigmoid(a) * exp(-b) with b = min(mx, 0): the stability weight before normalisation,
+    exact for every finite logit.
+
+    sigmoid(a) / sum sigmoid(a') underflows to 0/0 once every logit is below about -88 (fp32),
+    although the ratio is well defined (it tends to a softmax of the logits). Scaling every
+    term by exp(-b), with b the largest existing logit clamped at 0, cancels in the ratio and
+    keeps the largest term in [1/2, 1]. With a' = min(a, 80) (sigmoid has saturated there):
+
+        X = exp(a' - b)  in (0, e^80],   q = X / (1 + X * exp(b))
+
+    one exponential per neighbour, one per pixel (exp(b), ``_eb``), one division, no branch.
+    If exp(b) underflows, q = X = exp(a - b): exact, since then exp(a) is negligible beside 1.
+    b is a stop-gradient node like softmax's max (the ratio does not depend on it).
+    """
+    if "_b" not in {sym.name for sym, _ in p.assigns}:
+        p.node("_b", sp.Min(mx, 0), stop_gradient=True)
+        p.node("_eb", sp.exp(real("_b")), stop_gradient=True)
+    b, eb = real("_b"), real("_eb")
+    x = sp.exp(sp.Min(a, SIGMOID_SATURATES) - b)
+    q = real(f"_q{c}")
+    # dq/da written with q itself (sigmoid' = sigmoid (1 - sigmoid), scaled): q (1 - q exp(b));
+    # it is 0 where a' is clamped, as sigmoid's derivative is there to fp32/fp64 precision.
+    # A test checks it against sympy.diff.
+    return p.node(f"_q{c}", x / (1 + x * eb), partials={a: q * (1 - q * eb)})
 
 
 @lru_cache(maxsize=None)

@@ -92,6 +92,9 @@ class CudaPrinter(C99CodePrinter):
     def _print_Max(self, expr):
         return _nested("fmaxf", [self._print(a) for a in expr.args])
 
+    def _print_Min(self, expr):
+        return _nested("fminf", [self._print(a) for a in expr.args])
+
     def _fma_split(self, term):
         """term = a*b with a, b printable factors, or None if term is not a product."""
         if not term.is_Mul:
@@ -152,6 +155,9 @@ class _PyMathPrinter(PythonCodePrinter):
     def _print_Max(self, expr):
         return _nested(f"{self.module}.maximum", [self._print(a) for a in expr.args])
 
+    def _print_Min(self, expr):
+        return _nested(f"{self.module}.minimum", [self._print(a) for a in expr.args])
+
 
 class TritonPrinter(_PyMathPrinter):
     module = "tl"
@@ -160,6 +166,21 @@ class TritonPrinter(_PyMathPrinter):
 
 class TorchPrinter(_PyMathPrinter):
     module = "torch"
+
+    def _clamped(self, expr, fn: str, bound: str) -> str:
+        # torch.maximum/minimum take tensors only: a constant argument becomes a clamp bound
+        consts = [a for a in expr.args if a.is_number]
+        rest = [self._print(a) for a in expr.args if not a.is_number]
+        out = _nested(f"torch.{fn}", rest) if rest else self._print(expr.func(*consts))
+        for c in consts:
+            out = f"torch.clamp({out}, {bound}={self._print(c)})"
+        return out
+
+    def _print_Max(self, expr):
+        return self._clamped(expr, "maximum", "min")
+
+    def _print_Min(self, expr):
+        return self._clamped(expr, "minimum", "max")
 
 
 class TextPrinter(StrPrinter):
