@@ -129,3 +129,25 @@ def test_infinite_logits_are_the_limits(name):
     # middle: weights sigmoid(inf)=1, sigmoid(0)=1/2, 0, normalised: 2/3, 1/3, 0 over values 1, 2, 4
     assert y[0, 0, 1, 1].item() == pytest.approx(2 / 3 * 1 + 1 / 3 * 2, rel=1e-12)
     assert torch.isnan(y[0, 0, 1, 0])
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "-10000.0"])
+def test_extreme_logits_in_the_cuda_emulator(pattern):
+    """The generated CUDA kernels (run by the CPU emulator, tests/cuda_emu) at the same edges."""
+    from cuda_emu.emulator import EmuRunner
+    from gspngen.backends.cuda import CudaBackend
+
+    spec = spec_of(3)
+    inp = extreme_inputs(spec, (1, 2, 5, 6), seed=3, pattern=pattern)
+    y64, g64 = run("reference", spec, inp, torch.float64)
+    runner = EmuRunner(order=0, sm_count=2, opt="-O0")
+    try:
+        be = CudaBackend(runner=runner, poison=True)
+        args = [None if inp[a] is None else inp[a].float() for a in ARG_NAMES]
+        y, saved = be.forward(spec, *args)
+        grads = [g for g in be.backward(spec, torch.ones_like(y), *args, saved) if g is not None]
+    finally:
+        runner.close()
+    assert torch.isfinite(y).all() and rel_error(y, y64) <= tolerance(torch.float32)
+    for a, b in zip(grads, g64):
+        assert torch.isfinite(a).all() and rel_error(a, b, floor=0.1) <= tolerance(torch.float32)
