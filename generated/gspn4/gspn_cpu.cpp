@@ -49,6 +49,11 @@
 #include <cstring>
 #include <omp.h>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// Copies of a few elements per pixel must stay inline loops, not memcpy calls.
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 #define GS_INLINE static inline __attribute__((always_inline))
 
 typedef int64_t gs_i;
@@ -352,11 +357,16 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
 // One line of one step (j runs over the L*V elements of the line).
 // CS: the step starts a chunk (no previous line).
 // ---------------------------------------------------------------------------
+// Per-connection pointers are copied into locals first: read through the caller's
+// array inside the loop, they would be reloaded every iteration and the loads
+// turned into gathers.
 template <class F, bool CS>
-static void gs_fwd_line(gs_i n, gs_i V, const F* const* wl, const F* __restrict xl, const F* __restrict laml,
+static void gs_fwd_line(gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl, const F* __restrict laml,
                         const F* __restrict ul, const F* __restrict sl, F md, const F* __restrict hprev,
                         F* __restrict hout, F* __restrict yout)
 {
+    const F* wl[GS_K];
+    for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
 #pragma omp simd
     for (gs_i j = 0; j < n; ++j) {
         [[maybe_unused]] F f_w[GS_K];
@@ -384,11 +394,21 @@ static void gs_fwd_line(gs_i n, gs_i V, const F* const* wl, const F* __restrict 
 
 // ghin: the ghp step t + 1 produced (all zero when t + 1 does not continue the chunk).
 template <class F, bool CS>
-static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl, const F* __restrict xl,
+static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
-                     const F* __restrict hl, const F* __restrict hprev, const F* const* ghin, F* const* ghout,
-                     F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl)
+                     const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
+                     F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_)
 {
+    const F* wl[GS_K];
+    const F* ghin[GS_K];
+    F* ghout[GS_K];
+    F* gwl[GS_K];
+    for (int c = 0; c < GS_K; ++c) {
+        wl[c] = wl_[c];
+        ghin[c] = ghin_[c];
+        ghout[c] = ghout_[c];
+        gwl[c] = gwl_[c];
+    }
     F gm = 0;
 #pragma omp simd reduction(+ : gm)
     for (gs_i j = 0; j < n; ++j) {
@@ -496,6 +516,24 @@ struct GsItem {
     }
 };
 
+// Scratch regions are spaced by a whole number of cache lines plus one: buffers a
+// power of two apart would map to the same L1 sets, and the line loops touch ten or
+// more of them at the same offset (an 8-way L1 then misses on every access).
+static gs_i gs_skew(gs_i count) { return (count + 63) / 64 * 64 + 16; }
+
+// An item's accumulated image (pixel p, channel cb at acc[p * V + cb]) into its tensor slice.
+template <class T, class F>
+static void gs_store_image(T* dst, gs_i ps, const F* acc, int V, gs_i HW)
+{
+    if (ps == V) {
+#pragma omp simd
+        for (gs_i q = 0; q < HW * V; ++q) gs_put(dst[q], acc[q]);
+    } else {
+        for (gs_i q = 0; q < HW; ++q)
+            for (int cb = 0; cb < V; ++cb) gs_put(dst[q * ps + cb], acc[q * V + cb]);
+    }
+}
+
 static void* gs_alloc(gs_i count, gs_i size)
 {
     gs_i bytes = count * size;
@@ -508,9 +546,9 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                       const gs_i* a)
 {
     const GsShape sh(a);
-    const gs_i TS = sh.tile, tl = TS * sh.nmax;
+    const gs_i TS = sh.tile, tl = gs_skew(TS * sh.nmax), acc_n = gs_skew(sh.HW * sh.V0);
     const gs_i nstream = 2 + GS_K + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0) + 1;  // x, lam, w.., u, s, y
-    const gs_i scratch = sh.HW * sh.V0 + nstream * tl + (TS + 1) * sh.lsp;
+    const gs_i scratch = acc_n + nstream * tl + (TS + 1) * sh.lsp;
     int err = 0;
 #pragma omp parallel num_threads(sh.threads)
     {
@@ -524,7 +562,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
             if (!buf) continue;
             const GsItem im(sh, it);
             F* yacc = buf;
-            F* tx = yacc + sh.HW * sh.V0;
+            F* tx = yacc + acc_n;
             F* tlam = tx + tl;
             F* tw[GS_K];
             for (int c = 0; c < GS_K; ++c) tw[c] = tlam + (1 + c) * tl;
@@ -578,11 +616,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                     std::memcpy(th, th + nt * sh.lsp, sizeof(F) * sh.lsp);  // the last line is the next tile's previous
                 }
             }
-            if (!GS_STACK) {
-                T* yP = y + im.off(sh, im.n, sh.C, im.c0);
-                for (gs_i p = 0; p < sh.HW; ++p)
-                    for (int cb = 0; cb < im.V; ++cb) gs_put(yP[p * ps + cb], yacc[p * im.V + cb]);
-            }
+            if (!GS_STACK) gs_store_image(y + im.off(sh, im.n, sh.C, im.c0), ps, yacc, im.V, sh.HW);
         }
         std::free(buf);
     }
@@ -596,10 +630,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
     // Weight gradients go to gw when G == C, else to gwide: one channel per channel of x, in the
     // math type, which gs_backward sums over each group afterwards.
     const GsShape sh(a);
-    const gs_i TS = sh.tile, tl = TS * sh.nmax;
+    const gs_i TS = sh.tile, tl = gs_skew(TS * sh.nmax), acc_n = gs_skew(sh.HW * sh.V0);
     const gs_i nin = 3 + GS_K + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0);   // gy, x, lam, w.., u, s
     const gs_i nout = 2 + GS_K + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0);  // gx, glam, gw.., gu, gs
-    const gs_i scratch = sh.HW * sh.V0 + (nin + nout) * tl + (TS + 1) * sh.lsp + 3 * GS_K * sh.lsp;
+    const gs_i scratch = acc_n + (nin + nout) * tl + gs_skew((TS + 1) * sh.lsp) + 3 * GS_K * gs_skew(sh.lsp);
     int err = 0;
 #pragma omp parallel num_threads(sh.threads)
     {
@@ -613,7 +647,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             if (!buf) continue;
             const GsItem im(sh, it);
             F* gxacc = buf;
-            F* p = gxacc + sh.HW * sh.V0;
+            F* p = gxacc + acc_n;
             F* tgy = p; p += tl;
             F* tx = p; p += tl;
             F* tlam = p; p += tl;
@@ -627,10 +661,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             for (int c = 0; c < GS_K; ++c) { ogw[c] = p; p += tl; }
             F* ogu = p; p += GS_MOD ? tl : 0;
             F* ogs = p; p += GS_SKIP ? tl : 0;
-            F* th = p; p += (TS + 1) * sh.lsp;
+            F* th = p; p += gs_skew((TS + 1) * sh.lsp);
             F* ghp[3][GS_K];  // two alternating, one all zero (no step t + 1 in the chunk)
             for (int b = 0; b < 3; ++b)
-                for (int c = 0; c < GS_K; ++c) { ghp[b][c] = p + sh.pad; p += sh.lsp; }
+                for (int c = 0; c < GS_K; ++c) { ghp[b][c] = p + sh.pad; p += gs_skew(sh.lsp); }
             const gs_i gch = GS_NHWC ? 0 : im.co_g[0];
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
@@ -707,9 +741,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 }
                 if (GS_LEARNED) gmpart[it * GS_D + d] = gmsum;
             }
-            T* gxP = gx + im.off(sh, im.n, sh.C, im.c0);
-            for (gs_i q = 0; q < sh.HW; ++q)
-                for (int cb = 0; cb < im.V; ++cb) gs_put(gxP[q * ps + cb], gxacc[q * im.V + cb]);
+            gs_store_image(gx + im.off(sh, im.n, sh.C, im.c0), ps, gxacc, im.V, sh.HW);
         }
         std::free(buf);
     }
