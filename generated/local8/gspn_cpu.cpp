@@ -48,6 +48,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Copies of a few elements per pixel must stay inline loops, not memcpy calls.
@@ -303,6 +307,72 @@ struct GsLoad {
     template <class F, class S> inline __attribute__((always_inline)) void operator()(F& d, const S& v) const { d = gs_ld(v); }
 };
 
+#if defined(__AVX512F__)
+// 16 x 16 fp32 transpose in registers: at each level b = 8, 4, 2, 1 rows i and
+// i + b exchange their off-diagonal b x b blocks (one two-source permute each).
+GS_INLINE void gs_tr16(__m512* r)
+{
+#pragma GCC unroll 4
+    for (int b = 8; b >= 1; b >>= 1) {
+        alignas(64) int lo[16], hi[16];
+        for (int j = 0; j < 16; ++j) {
+            lo[j] = (j & b) ? 16 + j - b : j;
+            hi[j] = (j & b) ? 16 + j : j + b;
+        }
+        const __m512i il = _mm512_load_si512(lo), ih = _mm512_load_si512(hi);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+            if (i & b) continue;
+            const __m512 a = r[i], c = r[i + b];
+            r[i] = _mm512_permutex2var_ps(a, il, c);
+            r[i + b] = _mm512_permutex2var_ps(a, ih, c);
+        }
+    }
+}
+
+GS_INLINE __m512 gs_rev16(__m512 v)
+{
+    return _mm512_permutexvar_ps(_mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), v);
+}
+
+// gs_move's nchw step-along-W case for fp32, 16 lanes x 16 steps at a time; returns the
+// lanes it covered (the caller does the rest element by element).
+template <bool ToTile, class Op, class A, class B>
+static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt)
+{
+    constexpr bool fp32 = std::is_same_v<std::remove_const_t<A>, float> && std::is_same_v<std::remove_const_t<B>, float>;
+    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsAdd>);
+    if constexpr (!ok) {
+        return 0;
+    } else {
+        if (nt != 16) return 0;
+        const gs_i col0 = g.rev ? g.T - t0 - 16 : t0;  // the 16 columns, ascending
+        gs_i i0 = 0;
+        for (; i0 + 16 <= g.L; i0 += 16) {
+            __m512 r[16];
+            if constexpr (ToTile) {
+                for (int q = 0; q < 16; ++q) {
+                    const __m512 v = _mm512_loadu_ps(img + (i0 + q) * W + col0);
+                    r[q] = g.rev ? gs_rev16(v) : v;
+                }
+                gs_tr16(r);
+                for (int q = 0; q < 16; ++q) _mm512_storeu_ps(tile + q * ls + i0, r[q]);
+            } else {
+                for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tile + q * ls + i0);
+                gs_tr16(r);
+                for (int q = 0; q < 16; ++q) {
+                    float* dst = img + (i0 + q) * W + col0;
+                    __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
+                    if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
+                    _mm512_storeu_ps(dst, v);
+                }
+            }
+        }
+        return i0;
+    }
+}
+#endif
+
 // Move nt steps of a direction between a per-pixel tensor slice and a frame
 // tile. The slice: element (pixel p, channel cb) at img[p * ps + co[cb]]
 // (nchw: one plane, ps = 1, V = 1). The tile: step s, lane i, channel cb at
@@ -314,7 +384,11 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
     if (!GS_NHWC) {
         if (g.stepw) {
             // the step axis is the contiguous one: nt consecutive elements of each row
-            for (gs_i i = 0; i < g.L; ++i) {
+            gs_i i0 = 0;
+#if defined(__AVX512F__)
+            i0 = gs_move_tr16<ToTile, Op>(img, tile, ls, g, W, t0, nt);
+#endif
+            for (gs_i i = i0; i < g.L; ++i) {
                 A* row = img + i * W;
                 for (int s = 0; s < nt; ++s) {
                     const gs_i t = t0 + s;
