@@ -13,7 +13,7 @@ from .spec import Spec, as_spec
 from .validate import validate_inputs
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-KERNEL_BACKENDS = ("cuda", "triton")
+KERNEL_BACKENDS = ("cuda", "triton", "cpu")
 
 
 class GSPNOp:
@@ -21,7 +21,9 @@ class GSPNOp:
 
     With ``backend="auto"`` the backend is chosen per call from the tensors'
     device and dtype: the generated CUDA kernels, then Triton, on a GPU when the
-    spec generates them for this dtype; the reference backend otherwise.
+    spec generates them for this dtype; on the CPU the generated C++ kernels when
+    the spec lists ``cpu`` and a compiler is there (fp64, fp32 and the spec's
+    16-bit precisions); the reference backend otherwise.
     """
 
     def __init__(self, spec: Spec, backend: str = "auto"):
@@ -58,12 +60,17 @@ def _resolve_backend(spec_json: str, backend: str, device_type: str, device_inde
     dname = DTYPE_NAMES.get(dtype)
     if backend == "auto":
         if device.type == "cuda" and dname in spec.precision:
-            for name in KERNEL_BACKENDS:
+            for name in ("cuda", "triton"):
                 if name in spec.backends and backend_available(name, device):
                     return name
+        if device.type == "cpu" and "cpu" in spec.backends:
+            from .render.cpu import dtypes as cpu_dtypes
+
+            if ("fp64" if dtype == torch.float64 else dname) in cpu_dtypes(spec) and backend_available("cpu", device):
+                return "cpu"
         return "reference"
     base = split_backend_name(backend)[0]
-    if base in KERNEL_BACKENDS and dname not in spec.precision:
+    if base in KERNEL_BACKENDS and base != "cpu" and dname not in spec.precision:  # cpu: checks its own
         raise TypeError(f"x: backend {backend!r} has kernels for dtypes {list(spec.precision)} "
                         f"(spec precision), got {dtype}")
     try:

@@ -306,7 +306,11 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def default_backends(device: torch.device) -> tuple[str, ...]:
-    return GPU_BACKENDS if device.type == "cuda" else ("reference",)
+    if device.type == "cuda":
+        return GPU_BACKENDS
+    from .backends import backend_available
+
+    return ("cpu", "reference") if backend_available("cpu", device) else ("reference",)
 
 
 def cpu_scaled(spec: Spec, shape: Shape, max_elements: int, max_side: int = 8) -> Shape:

@@ -275,7 +275,12 @@ def backend_skip_reason(spec: Spec, name: str, dtype: torch.dtype, device: torch
     if name in KERNEL_BACKENDS and name not in spec.backends:
         return "not in the spec's backends"
     dname = {v: k for k, v in DTYPES.items()}[dtype]
-    if name in KERNEL_BACKENDS and dname not in spec.precision:
+    if name == "cpu":
+        from .render.cpu import dtypes as cpu_dtypes
+
+        if dname not in cpu_dtypes(spec):
+            return f"{dname} not in the spec's precision (cpu: fp64, fp32 and its 16-bit precisions)"
+    elif name in KERNEL_BACKENDS and dname not in spec.precision:
         return f"{dname} not in the spec's precision"
     try:
         backend = get_backend(name)
@@ -288,6 +293,9 @@ def backend_skip_reason(spec: Spec, name: str, dtype: torch.dtype, device: torch
         return f"not installed ({exc.name or exc})"
     if name == "triton" and device.type == "cpu":
         return "needs a GPU (or TRITON_INTERPRET=1 on CPU)"
+    reason = getattr(backend, "unavailable_reason", None)
+    if reason is not None and reason(device):
+        return reason(device)
     return f"cannot run on {device.type} here"
 
 

@@ -24,7 +24,7 @@ NORMALIZATIONS = ("stability", "softmax", "none")
 MERGES = ("sum", "mean", "learned", "stack")
 LAYOUTS = ("nchw", "nhwc")
 PRECISIONS = ("fp32", "fp16", "bf16")
-BACKENDS = ("cuda", "triton")
+BACKENDS = ("cuda", "triton", "cpu")
 NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 MAX_CONNECTION = 9
 # chunk and an integer weight_groups reach kernels as 32-bit integer arguments
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "merge": "learned",
     "layout": "nchw",
     "precision": ["fp32", "bf16"],
-    "backends": ["cuda", "triton"],
+    "backends": ["cuda", "triton", "cpu"],
 }
 FIELDS = ("name",) + tuple(DEFAULTS)
 
@@ -91,7 +91,7 @@ class Spec:
     merge: str = "learned"
     layout: str = "nchw"
     precision: tuple[str, ...] = ("fp32", "bf16")
-    backends: tuple[str, ...] = ("cuda", "triton")
+    backends: tuple[str, ...] = ("cuda", "triton", "cpu")
 
     def __post_init__(self) -> None:
         # Validate even when constructed directly, so no unchecked Spec exists.

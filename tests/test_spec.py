@@ -13,7 +13,7 @@ def test_defaults_filled_and_normalised():
     assert d == {
         "name": "t", "connection": 3, "directions": ["lr", "rl", "tb", "bt"], "normalization": "stability",
         "weight_groups": "channel", "chunk": None, "modulation": True, "skip": True, "merge": "learned",
-        "layout": "nchw", "precision": ["fp32", "bf16"], "backends": ["cuda", "triton"],
+        "layout": "nchw", "precision": ["fp32", "bf16"], "backends": ["cuda", "triton", "cpu"],
     }
 
 

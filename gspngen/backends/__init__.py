@@ -24,6 +24,7 @@ _REGISTRY = {
     "lowered": "lowered:LoweredBackend",
     "triton": "triton:TritonBackend",
     "cuda": "cuda:CudaBackend",
+    "cpu": "cpu:CpuBackend",
     # GSPN-1's launch structure (one launch per step), for benchmarks only
     "cuda_per_step": "cuda:CudaPerStepBackend",
 }

@@ -1,4 +1,4 @@
-"""gspngen show SPEC --stage spec|lowered|cuda|triton: print one stage of the compiler pipeline."""
+"""gspngen show SPEC --stage spec|lowered|cuda|triton|cpu: print one stage of the compiler pipeline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 
 from ..cli import CLIError
 
-STAGES = ("spec", "lowered", "cuda", "triton")
+STAGES = ("spec", "lowered", "cuda", "triton", "cpu")
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
         help="print a stage of the pipeline: the normalised spec, the lowered IR, or rendered sources",
         description="Print one compiler stage for a spec: 'spec' is the normalised YAML (defaults filled), "
                     "'lowered' the IR (directions with their axes and index maps, then every derived "
-                    "per-pixel block as 'name = expr' lines), 'cuda'/'triton' the rendered kernel sources.",
+                    "per-pixel block as 'name = expr' lines), 'cuda'/'triton'/'cpu' the rendered kernel sources.",
     )
     p.add_argument("spec", metavar="SPEC", help="path to a YAML spec (see examples/)")
     p.add_argument("--stage", choices=STAGES, default="lowered", help="which stage to print (default: lowered)")

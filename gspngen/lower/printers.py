@@ -1,4 +1,4 @@
-"""Print lowered code blocks as CUDA C, Triton, PyTorch or readable text.
+"""Print lowered code blocks as CUDA C, CPU C++ (fp32, fp64), Triton, PyTorch or readable text.
 
 Each printer turns one SSA :class:`CodeBlock` into source lines (no
 indentation) that define every intermediate and output from the block inputs.
@@ -15,7 +15,7 @@ whatever the compiler's ``--fmad`` setting is.
 from __future__ import annotations
 
 import sympy as sp
-from sympy.codegen.ast import float32, real
+from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
@@ -23,7 +23,7 @@ from sympy.printing.str import StrPrinter
 
 from .ir import CodeBlock
 
-LANGS = ("cuda", "triton", "torch", "text")
+LANGS = ("cuda", "cpu", "cpu64", "triton", "torch", "text")
 
 
 def _int_pow(printer, expr: sp.Pow, one: str) -> str | None:
@@ -58,17 +58,24 @@ def _nested(fn: str, args: list[str]) -> str:
 
 
 class CudaPrinter(C99CodePrinter):
-    """C99 printer for fp32 device code: ``1.0f`` literals, ``expf``, ``(e ? a : b)``, ``fmaf``."""
+    """C99 printer for fp32 device code: ``1.0f`` literals, ``expf``, ``(e ? a : b)``, ``fmaf``.
+
+    The C-family subclasses (CPU fp32 and fp64) differ only in the names below.
+    """
+
+    ctype = "float"
+    suffix = "f"  # literal suffix
+    exp_fn, fma_fn, max_fn, min_fn = "expf", "fmaf", "fmaxf", "fminf"
+    type_alias = float32
 
     def __init__(self):
-        super().__init__(settings={"type_aliases": {real: float32}})
+        super().__init__(settings={"type_aliases": {real: self.type_alias}})
 
-    @staticmethod
-    def _literal(value: float) -> str:
+    def _literal(self, value: float) -> str:
         text = repr(float(value))
         if "e" not in text and "." not in text and "inf" not in text:
             text += ".0"
-        return text + "f"
+        return text + self.suffix
 
     def _print_Float(self, expr):
         return self._literal(float(expr))
@@ -81,19 +88,20 @@ class CudaPrinter(C99CodePrinter):
         return self._literal(int(expr.p) / int(expr.q))
 
     def _print_Pow(self, expr):
-        return _int_pow(self, expr, "1.0f") or super()._print_Pow(expr)
+        return _int_pow(self, expr, self._literal(1)) or super()._print_Pow(expr)
 
     def _print_Piecewise(self, expr):
         return _select_chain(self, expr, lambda flag, value, other: f"({flag} ? {value} : {other})")
 
     def _print_sigmoid(self, expr):
-        return f"(1.0f/(1.0f + expf(-{self.parenthesize(expr.args[0], PRECEDENCE['Mul'])})))"
+        one = self._literal(1)
+        return f"({one}/({one} + {self.exp_fn}(-{self.parenthesize(expr.args[0], PRECEDENCE['Mul'])})))"
 
     def _print_Max(self, expr):
-        return _nested("fmaxf", [self._print(a) for a in expr.args])
+        return _nested(self.max_fn, [self._print(a) for a in expr.args])
 
     def _print_Min(self, expr):
-        return _nested("fminf", [self._print(a) for a in expr.args])
+        return _nested(self.min_fn, [self._print(a) for a in expr.args])
 
     def _fma_split(self, term):
         """term = a*b with a, b printable factors, or None if term is not a product."""
@@ -121,8 +129,28 @@ class CudaPrinter(C99CodePrinter):
             a, b = fused.pop()
             acc = f"{self.parenthesize(a, PRECEDENCE['Mul'])}*{self.parenthesize(b, PRECEDENCE['Mul'])}"
         for a, b in reversed(fused):
-            acc = f"fmaf({self._print(a)}, {self._print(b)}, {acc})"
+            acc = f"{self.fma_fn}({self._print(a)}, {self._print(b)}, {acc})"
         return acc
+
+
+class CpuPrinter(CudaPrinter):
+    """CPU fp32: as CUDA, but exp is the template's vectorisable ``gs_exp`` and max the
+    select-based ``gs_fmax`` (libm's expf/fmaxf keep GCC from vectorising the loop
+    unless -ffast-math, which would also drop NaN/inf semantics)."""
+
+    exp_fn, max_fn, min_fn = "gs_exp", "gs_fmax", "gs_fmin"
+
+    def _print_exp(self, expr):
+        return f"{self.exp_fn}({self._print(expr.args[0])})"
+
+
+class Cpu64Printer(CpuPrinter):
+    """CPU fp64: double literals, libm's accurate ``exp`` and ``fma`` (fp64 must match to 1e-10)."""
+
+    ctype = "double"
+    suffix = ""
+    exp_fn, fma_fn, max_fn, min_fn = "exp", "fma", "gs_fmax", "gs_fmin"
+    type_alias = float64
 
 
 class _PyMathPrinter(PythonCodePrinter):
@@ -190,7 +218,7 @@ class TextPrinter(StrPrinter):
         return _select_chain(self, expr, lambda flag, value, other: f"select({flag}, {value}, {other})", strict=False)
 
 
-_PRINTERS = {"cuda": CudaPrinter, "triton": TritonPrinter, "torch": TorchPrinter, "text": TextPrinter}
+_PRINTERS = {"cuda": CudaPrinter, "cpu": CpuPrinter, "cpu64": Cpu64Printer, "triton": TritonPrinter, "torch": TorchPrinter, "text": TextPrinter}
 
 
 def print_expr(expr: sp.Expr, lang: str) -> str:
@@ -207,10 +235,10 @@ def print_block(block: CodeBlock, lang: str) -> list[str]:
     lines = []
     for sym, rhs in block.assigns:
         code = printer.doprint(rhs)
-        if lang == "cuda":
+        if issubclass(_PRINTERS[lang], CudaPrinter):
             # (a real Symbol is also a sympy Boolean: only flags and logic are bool)
             flag = isinstance(rhs, sp.logic.boolalg.Boolean) and not (isinstance(rhs, sp.Symbol) and rhs.is_real)
-            ctype = "bool" if flag else "float"
+            ctype = "bool" if flag else printer.ctype
             lines.append(f"const {ctype} {sym.name} = {code};")
         else:
             lines.append(f"{sym.name} = {code}")

@@ -28,6 +28,7 @@ import torch
 
 from ..geometry import frame_extent
 from ..spec import Spec
+from .cache_dir import cache_dir as _cache_root
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -133,12 +134,8 @@ def interpreter_enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """Where rendered Triton modules live: $GSPNGEN_CACHE_DIR, $XDG_CACHE_HOME/gspngen or ~/.cache/gspngen."""
-    root = os.environ.get("GSPNGEN_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "gspngen") if xdg else os.path.join(Path.home(), ".cache", "gspngen")
-    return Path(root) / "triton"
+    """Where rendered Triton modules live: the ``triton`` folder of the gspngen cache folder."""
+    return _cache_root() / "triton"
 
 
 def _write_source(source: str, digest: str) -> Path:

@@ -1,0 +1,200 @@
+"""Render a spec's CPU C++ source from ``templates/cpu`` and list its tunings.
+
+One source per spec holds the forward and backward passes for every storage
+dtype the CPU backend runs for that spec (fp64 and fp32 always, plus the
+spec's 16-bit precisions), as ``extern "C"`` entry points
+``gspn_fwd_<dtype>`` / ``gspn_bwd_<dtype>``. The template holds the work
+split, tiling and memory access; the per-pixel math is the lowering's printed
+code (:func:`gspngen.lower.print_block`, languages ``cpu`` and ``cpu64``),
+pasted into one inline function per block and math type. Printed lines are
+checked against a narrow grammar, as for CUDA: nothing from the spec reaches
+the source except validated numbers, flags and identifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from .. import __version__
+from ..spec import Spec
+from .cuda import _arg, _cbool, _check_ident, _w_used
+
+if TYPE_CHECKING:
+    from ..lower.ir import CodeBlock
+
+# The lowering (sympy) and Jinja are imported only when rendering: a compiled package's
+# source is built as it is (see kernel_source).
+
+# storage dtype -> (C++ storage type, math type)
+CTYPES = {"fp64": ("double", "double"), "fp32": ("float", "float"),
+          "fp16": ("_Float16", "float"), "bf16": ("gs_bf16", "float")}
+FILE_NAME = "gspn_cpu.cpp"
+
+_LINE = re.compile(r"const (float|double|bool) ([a-z][a-z0-9_]*) = ([A-Za-z0-9_ .+\-*/()?:,<>=!&|]+);")
+_CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+_ALLOWED_CALLS = {"cpu": {"gs_exp", "gs_fmax", "gs_fmin", "fmaf"}, "cpu64": {"exp", "gs_fmax", "gs_fmin", "fma"}}
+
+
+def dtypes(spec: Spec) -> tuple[str, ...]:
+    """Storage dtypes the CPU source has entry points for: fp64, fp32 and the spec's 16-bit precisions."""
+    return tuple(d for d in CTYPES if d in ("fp64", "fp32") or d in spec.precision)
+
+
+def _check_lines(block_name: str, lang: str, lines: list[str]) -> list[str]:
+    ctype = "double" if lang == "cpu64" else "float"
+    for line in lines:
+        m = _LINE.fullmatch(line)
+        if not m or m.group(1) not in (ctype, "bool"):
+            raise ValueError(f"block {block_name}: unexpected printed line {line!r}")
+        for fn in _CALLS.findall(m.group(3)):
+            if fn not in _ALLOWED_CALLS[lang]:
+                raise ValueError(f"block {block_name}: printed line calls {fn!r}, not an allowed function")
+    return lines
+
+
+def _print_block(block: CodeBlock, lang: str) -> list[str]:
+    from ..lower import print_block
+
+    return print_block(block, lang)
+
+
+def _math_block(name: str, block: CodeBlock, lang: str) -> dict:
+    """An inline function for one printed block in one math type."""
+    ctype = "double" if lang == "cpu64" else "float"
+    used = [_check_ident(v, f"block {name} input") for v in block.used_inputs]
+    outs = [_check_ident(v, f"block {name} output") for v in block.outputs]
+    params = [f"const {'bool' if re.fullmatch(r'e[0-9]', v) else ctype} {v}" for v in used]
+    params += [f"{ctype}& o_{o}" for o in outs]
+    return {
+        "name": name,
+        "ctype": ctype,
+        "inputs": list(block.inputs),
+        "outputs": outs,
+        "signature": ", ".join(params),
+        "lines": _check_lines(name, lang, _print_block(block, lang)),
+    }
+
+
+def _call(name: str, block: CodeBlock) -> str:
+    """The template locals a block's function is called with (same names as the CUDA templates)."""
+    return ", ".join([_arg(v, name, False) for v in block.used_inputs] + [_arg(o, name, True) for o in block.outputs])
+
+
+def render_context(spec: Spec) -> dict:
+    """Everything the CPU template reads."""
+    from ..lower import lower
+
+    ir = lower(spec)
+    want = {"gu": ir.modulation, "gs": ir.skip, "gmd": ir.merge == "learned"}
+    outs = set(ir.adjoint_output.outputs)
+    for name, used in want.items():
+        if (name in outs) != used:
+            raise ValueError(f"adjoint_output block: output {name} {'missing' if used else 'unexpected'}")
+    if not {"gh", "gx"} <= outs or set(ir.forward.outputs) != {"h"} or set(ir.output.outputs) != {"y"}:
+        raise ValueError("printed blocks do not have the contract's outputs")
+    adj_used = set(ir.adjoint.used_inputs)
+    order = ("forward", "output", "adjoint", "adjoint_output")
+    math = [_math_block(n, ir.blocks[n], lang) for lang in ("cpu", "cpu64") for n in order]
+    return {
+        "version": __version__,
+        "k": int(ir.k),
+        "r": int(ir.r),
+        "num_directions": len(ir.directions),
+        "dirs": [{"rev": bool(d.reverse), "step_w": d.step_axis == "W"} for d in ir.directions],
+        "nhwc": ir.layout == "nhwc",
+        "modulation": bool(ir.modulation),
+        "skip": bool(ir.skip),
+        "learned": ir.merge == "learned",
+        "stack": ir.merge == "stack",
+        "bwd_needs_h": "h" in ir.adjoint_output.used_inputs,
+        "bwd_needs_hp": any(f"hp{c}" in adj_used for c in range(ir.k)),
+        "w_used_fwd": _w_used(ir.forward, ir.k),
+        "w_used_bwd": _w_used(ir.adjoint, ir.k),
+        "math": math,
+        "calls": {n: _call(n, ir.blocks[n]) for n in order},
+        "dtypes": [{"name": d, "storage": CTYPES[d][0], "math": CTYPES[d][1]} for d in dtypes(spec)],
+    }
+
+
+@lru_cache(maxsize=None)
+def _env():
+    from .templates import environment
+
+    env = environment().overlay()
+    env.filters["cbool"] = _cbool
+    return env
+
+
+@lru_cache(maxsize=64)
+def render_source(spec: Spec) -> str:
+    """The C++ source of every CPU entry point of ``spec`` (deterministic)."""
+    return _env().get_template("cpu/gspn.cpp.j2").render(**render_context(spec))
+
+
+def kernel_source(spec: Spec) -> str:
+    """The source the backend builds: a loaded compiled package's file, else rendered now."""
+    from ..runtime import sources
+
+    return sources.source(spec, FILE_NAME, lambda: render_source(spec))
+
+
+def render_files(spec: Spec) -> dict[str, str]:
+    """Files for ``gspngen compile``: one .cpp."""
+    return {FILE_NAME: render_source(spec)}
+
+
+# ---------------------------------------------------------------------------
+# Tunings
+# ---------------------------------------------------------------------------
+
+TILES = (8, 16, 32, 64, 128, 256)
+CBS = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """One tuning: ``tile`` steps staged per tile; ``cb`` channels per work item (nhwc only;
+    nchw items are one channel plane)."""
+
+    tile: int = 16
+    cb: int = 16
+
+    def key(self, spec: Spec) -> str:
+        return f"cb={self.cb},tile={self.tile}" if spec.layout == "nhwc" else f"tile={self.tile}"
+
+
+def default_config(spec: Spec) -> CpuConfig:
+    """The documented default: tiles of 16 steps (a tile of lr/rl rows is 64 bytes of fp32, one cache
+    line, and the staged tiles of a 128-lane line stay within L1); nhwc items of 16 channels (one
+    AVX-512 vector of fp32; 64 bytes per pixel read contiguously)."""
+    return CpuConfig()
+
+
+def parse_config(spec: Spec, key: str, what: str = "config") -> CpuConfig:
+    """The config a key names ("" is the default). ValueError naming the key if it is not valid."""
+    from ..backends.base import parse_config_key
+
+    fields = parse_config_key(key, what)
+    allowed = {"tile", "cb"} if spec.layout == "nhwc" else {"tile"}
+    base = default_config(spec)
+    values = {"tile": base.tile, "cb": base.cb}
+    for name, value in fields.items():
+        if name not in allowed:
+            raise ValueError(f"{what}: unknown cpu config field {name!r} in {key!r} (allowed: {sorted(allowed)})")
+        choices = TILES if name == "tile" else CBS
+        if not value.isdigit() or int(value) not in choices:
+            raise ValueError(f"{what}: cpu config {name} must be one of {list(choices)}, got {value!r} in {key!r}")
+        values[name] = int(value)
+    return CpuConfig(**values)
+
+
+def candidate_configs(spec: Spec) -> list[CpuConfig]:
+    """Tunings worth timing, the default first: other tile lengths and, for nhwc, channel blocks."""
+    base = default_config(spec)
+    out = [base] + [CpuConfig(tile=t, cb=base.cb) for t in TILES if t != base.tile]
+    if spec.layout == "nhwc":
+        out += [CpuConfig(tile=base.tile, cb=c) for c in CBS if c != base.cb]
+    return out
