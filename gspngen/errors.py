@@ -43,3 +43,16 @@ def _field_text(field: object) -> str:
     if text.isprintable() and "'" not in text and len(text) <= 80:
         return f"'{text}'"
     return show_value(text)
+
+
+class NonFiniteError(FloatingPointError):
+    """Finite-check mode (``gspngen.finite``): a tensor holds a NaN or inf.
+
+    ``tensor`` names it (x, w, ..., y, gy, gx, ...), ``index`` is its first
+    non-finite element, ``how`` says whether it "came in" or the op "produced" it.
+    """
+
+    def __init__(self, tensor: str, index: tuple, value: float, how: str, where: str):
+        self.tensor, self.index, self.value, self.how, self.where = tensor, index, value, how, where
+        origin = "came in (an input)" if how == "came in" else "was produced by gspngen from finite inputs"
+        super().__init__(f"{tensor}: non-finite value {value} at index {index} {origin}; {where}")

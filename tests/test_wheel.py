@@ -30,7 +30,7 @@ def test_wheel_ships_templates(wheel):
     assert not any(n.startswith("templates/") for n in names)
 
 
-@pytest.mark.slow
+# (about a minute; it stays in CI: installing is what a new user does first)
 def test_fresh_venv_compiles_example(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
