@@ -5,8 +5,11 @@ asked through the config protocol (``unavailable_reason``, ``candidates``),
 so a new backend (the CPU one, a plug-in added with ``register_backend``) is a
 candidate with no change here. Rules:
 
-- kernel backends (every name but ``reference`` and ``lowered``) must be
-  listed in the spec's ``backends`` and its ``precision`` must list the dtype;
+- generated kernel backends (``cuda``, ``triton``, ``cpu``: the targets a
+  spec's ``backends`` field names) must be listed in it and the spec's
+  ``precision`` must list the dtype; ``reference``, ``lowered`` and plug-ins
+  registered with ``register_backend`` are allowed for every spec (a plug-in
+  says what it cannot run through ``unavailable_reason`` / ``candidates``);
 - ``cuda_per_step`` is a benchmark baseline, never a candidate;
 - Triton through its CPU interpreter is a test device, never fast: not tuned;
 - ``reference`` is always a candidate: the floor.
@@ -26,6 +29,7 @@ import torch
 from ..spec import Spec
 
 ALWAYS = ("reference", "lowered")  # pure PyTorch: allowed for every spec and dtype
+GENERATED = ("cuda", "triton", "cpu")  # rendered from the spec: only where its backends field lists them
 NEVER = ("cuda_per_step",)  # a benchmark baseline (GSPN-1's launch structure)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -57,13 +61,19 @@ def _one_line(exc: BaseException) -> str:
     return (f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__)[:300]
 
 
+def _generated() -> set:
+    from ..spec import BACKENDS
+
+    return set(GENERATED) | set(BACKENDS)
+
+
 def backend_problem(spec: Spec, name: str, device: torch.device, dtype: str) -> Optional[str]:
     """None if ``name`` may be tuned for this spec, device and dtype, else one line saying why not."""
     from ..backends import get_backend
 
     if name in NEVER:
         return "a benchmark baseline, never a tuning candidate"
-    if name not in ALWAYS:
+    if name in _generated():
         if name not in spec.backends:
             return f"not generated for this spec (backends: {', '.join(spec.backends)})"
         if dtype not in spec.precision:
@@ -102,7 +112,7 @@ def enumerate_candidates(spec: Spec, device: torch.device, dtype: str, pass_: st
     for name in names:
         problem = backend_problem(spec, name, device, dtype)
         if problem is not None:
-            if explicit or name in ALWAYS or name in spec.backends and name not in NEVER:
+            if explicit or name not in NEVER and (name not in _generated() or name in spec.backends):
                 out.append(Candidate(name, "", problem))
             continue
         try:
