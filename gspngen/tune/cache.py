@@ -63,6 +63,12 @@ def warn_once(tag: str, message: str) -> None:
     warnings.warn(message, CacheWarning, stacklevel=3)
 
 
+def warn_unwritable(folder: Path, exc: OSError) -> None:
+    """One warning per folder, whichever write (table, lock file) found it unwritable first."""
+    warn_once(f"write:{folder}", f"gspngen tuning cache {folder} cannot be written ({exc.strerror or exc}): "
+                                 "tuning results are kept in memory only (this process)")
+
+
 def cache_root() -> Path:
     """``$GSPNGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gspngen``, else ``~/.cache/gspngen``."""
     root = os.environ.get("GSPNGEN_CACHE_DIR")
@@ -221,8 +227,7 @@ class DeviceCache:
             try:
                 table = write_entries(self.path, self.ident, self.device_id, entries)
             except OSError as exc:
-                warn_once(f"write:{self.path}", f"gspngen tuning cache {self.path.parent} cannot be written "
-                                                f"({exc.strerror or exc}): tuning results are kept in memory only")
+                warn_unwritable(self.path.parent, exc)
                 for key, entry in entries.items():
                     self.entries[key] = merge_entry(self.entries.get(key), entry)
                 return False

@@ -56,7 +56,7 @@ _DEVICE_LOCKS_GUARD = threading.Lock()
 @contextlib.contextmanager
 def device_lock(device_id: str):
     """One tuning per device: this process's lock, then the file lock other processes see."""
-    from .cache import tune_dir, warn_once
+    from .cache import tune_dir, warn_unwritable
 
     with _DEVICE_LOCKS_GUARD:
         lock = _DEVICE_LOCKS.setdefault(device_id, threading.Lock())
@@ -70,8 +70,7 @@ def device_lock(device_id: str):
             flock.acquire(timeout=3600)
         except OSError as exc:
             flock = None
-            warn_once(f"tunelock:{tune_dir()}", f"gspngen tuning cache {tune_dir()} cannot hold a lock file "
-                                                f"({exc.strerror or exc}): tuning is serialised in this process only")
+            warn_unwritable(tune_dir(), exc)  # then only this process's lock serialises tunings
         try:
             yield
         finally:
@@ -117,8 +116,7 @@ def _poisoned(impl):
 def _poison_allocator(device: torch.device, nbytes: int) -> None:
     """On a GPU, leave a freed NaN block in the caching allocator: fresh outputs likely start as NaN."""
     if device.type == "cuda" and nbytes > 0:
-        block = torch.full((nbytes // 4 + 1,), float("nan"), dtype=torch.float32, device=device)
-        del block
+        torch.full((nbytes // 4 + 1,), float("nan"), dtype=torch.float32, device=device)  # freed at once
 
 
 def _mismatch(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> Optional[str]:
