@@ -76,6 +76,7 @@ class GSPNOp:
             sig = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, type(t), t.requires_grad)
                         for t in args)
         except (AttributeError, RuntimeError):  # not tensors, or sparse: let validation say what is wrong
+            validate_inputs(self.spec, *args)
             sig = None
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
         tag = (_lookup.generation(), os.environ.get("GSPNGEN_AUTOTUNE"))
