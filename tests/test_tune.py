@@ -493,3 +493,45 @@ def test_cli_errors_are_one_line_exit_2(capsys, argv, option):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and option in err
+
+
+# -- the config protocol of the kernel backends (pure Python: no GPU needed) ------------------------------------------
+
+def test_triton_config_keys(spec):
+    from gspngen.backends import get_backend
+    from gspngen.runtime.triton_launch import DEFAULT_CONFIG, TritonConfig
+
+    t = get_backend("triton")
+    keys = t.candidates(spec, "fp32", "fwd", (2, 16, 64, 64))
+    assert keys[0] == "" and len(keys) == len(set(keys)) > 3
+    b = get_backend("triton@bc=8,nw=2,ns=1|bc=1,nw=8,ns=3")
+    assert b.config == TritonConfig(8, 2, 1) and b.bwd_config == TritonConfig(1, 8, 3)
+    assert get_backend("triton@bc=2,nw=4,ns=2").bwd_config == DEFAULT_CONFIG
+    for bad in ("bc=3,nw=4,ns=2", "bc=4,nw=4", "tile=4"):
+        with pytest.raises(ValueError, match="backend"):
+            t.with_config(bad)
+
+
+def test_cuda_config_keys_pick_the_ith_candidate(spec):
+    from gspngen.backends import get_backend
+    from gspngen.render import cuda as rc
+
+    c = get_backend("cuda")
+    keys = c.candidates(spec, "fp32", "fwd", (1, 8, 32, 32))
+    assert keys[0] == "" and keys[1:] == [f"v={i}" for i in range(1, len(keys))]
+    tuned = get_backend("cuda@v=2|v=1")
+    d = spec.directions[0]
+    assert tuned.configs(spec, "fp32", d, "fwd", 8, 32, 32) == rc.candidate_configs(spec, "fp32", d, "fwd", 8, 32, 32)[2]
+    assert tuned.configs(spec, "fp32", d, "bwd", 8, 32, 32) == rc.candidate_configs(spec, "fp32", d, "bwd", 8, 32, 32)[1]
+    assert get_backend("cuda@v=99").configs(spec, "fp32", d, "fwd", 8, 32, 32) is None  # fewer: the default
+    with pytest.raises(ValueError, match="backend"):
+        c.with_config("x=1")
+    assert c.unavailable_reason(torch.device("cpu")) == "needs a CUDA device"
+
+
+def test_triton_interpreter_runs_a_tuned_key(spec):
+    """A config key reaches the Triton launch (under the CPU interpreter, outside tuning)."""
+    op = gspngen.compile(spec, backend="triton@bc=1,nw=2,ns=1|bc=2,nw=2,ns=1")
+    args = inputs(spec, shape=(1, 4, 4, 4))
+    ref = gspngen.compile(spec, backend="reference")(*args)
+    torch.testing.assert_close(op(*args), ref, rtol=1e-4, atol=1e-4)

@@ -12,3 +12,16 @@ One job per module, in pipeline order:
 
 Importing this package is cheap; the submodules import torch and friends.
 """
+
+
+def __getattr__(name: str):
+    # ``gspngen.tune.tune(...)`` and ``gspngen.tune.replay(...)`` without importing the tuner up front.
+    if name == "tune":
+        from .tuner import tune
+
+        return tune
+    if name == "replay":
+        from .replay import replay
+
+        return replay
+    raise AttributeError(f"module 'gspngen.tune' has no attribute {name!r}")

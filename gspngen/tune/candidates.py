@@ -12,7 +12,10 @@ candidate with no change here. Rules:
   says what it cannot run through ``unavailable_reason`` / ``candidates``);
 - ``cuda_per_step`` is a benchmark baseline, never a candidate;
 - Triton through its CPU interpreter is a test device, never fast: not tuned;
-- ``reference`` is always a candidate: the floor.
+- ``reference`` is always a candidate: the floor. On a GPU, above
+  ``SLOW_MAX`` elements, ``reference`` and ``lowered`` (a Python loop over the
+  steps) are rejected as too slow to time, as ``gspngen bench`` skips them;
+  ``auto`` still falls back to the reference where nothing else runs.
 
 A backend that cannot run here yields one rejected candidate (its config
 ``""``) saying why, so the table shows it; a backend whose ``candidates``
@@ -30,6 +33,7 @@ from ..spec import Spec
 
 ALWAYS = ("reference", "lowered")  # pure PyTorch: allowed for every spec and dtype
 GENERATED = ("cuda", "triton", "cpu")  # rendered from the spec: only where its backends field lists them
+SLOW_MAX = 1 << 23  # N*C*H*W above which the pure-PyTorch backends are not timed on a GPU
 NEVER = ("cuda_per_step",)  # a benchmark baseline (GSPN-1's launch structure)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -109,8 +113,11 @@ def enumerate_candidates(spec: Spec, device: torch.device, dtype: str, pass_: st
     explicit = backends is not None
     names = list(backends) if explicit else list(backend_names())
     out: list[Candidate] = []
+    N, C, H, W = shape
     for name in names:
         problem = backend_problem(spec, name, device, dtype)
+        if problem is None and name in ALWAYS and device.type == "cuda" and N * C * H * W > SLOW_MAX:
+            problem = f"too slow to time on a GPU at N*C*H*W = {N * C * H * W} > {SLOW_MAX}"
         if problem is not None:
             if explicit or name not in NEVER and (name not in _generated() or name in spec.backends):
                 out.append(Candidate(name, "", problem))
