@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from gspngen.atomic import write_file_atomically
     from gspngen.spec import load_spec
     from gspngen.tune.candidates import Candidate
-    from gspngen.tune.timing import ARG_NAMES, _free, _prepare_copies, base_inputs
+    from gspngen.tune.timing import _free, _prepare_copies, base_inputs
     from gspngen.tune.tuner import measure, tune
 
     spec = load_spec(args.spec)

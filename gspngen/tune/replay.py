@@ -83,7 +83,10 @@ def replay(timings: "dict | str | Path", *, store: bool = True) -> dict[str, Any
     else:
         raise ValueError(f"timings.spec: expected a path or a spec object, got {raw_spec!r}")
     dev = data.get("device", "cpu")
-    if isinstance(dev, str):
+    if dev == "cuda" and not _cuda_here():
+        raise ValueError("timings.device: 'cuda' means this machine's GPU and there is none here; "
+                         "give the recorded device's identity object (a cache file's 'device')")
+    if dev in ("cpu", "cuda"):
         ident = identity(dev)
     elif isinstance(dev, dict) and dev.get("type") in ("cpu", "cuda"):
         ident = dev
@@ -132,6 +135,12 @@ def replay(timings: "dict | str | Path", *, store: bool = True) -> dict[str, Any
         forget()
     return {"device": ident, "device_id": did, "spec": spec.name, "spec_hash": spec.hash, "entries": entries,
             "keys": list(entries), "stored": stored, "replayed": True}
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _is_this_gpu(ident: dict) -> bool:
