@@ -546,3 +546,24 @@ def test_replay_of_cuda_without_a_gpu_says_what_to_give():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="identity object"):
         replay({"spec": str(GSPN4), "device": "cuda", "runs": []})
+
+
+def test_verification_poisons_triton_outputs(spec, monkeypatch):
+    """An element a kernel forgets to write is NaN during verification, so the candidate is rejected."""
+    from gspngen.backends.triton import TritonBackend
+    from gspngen.tune.candidates import Candidate
+    from gspngen.tune.tuner import _Trusted, verify
+
+    real = TritonBackend.forward
+
+    def forgetful(self, spec, *a):
+        y, saved = real(self, spec, *a)
+        out = self._launch.new_output(tuple(y.shape), y.dtype, y.device)  # the backend's allocation hook
+        out.view(-1)[1:] = y.reshape(-1)[1:]  # element 0 never written
+        return out, saved
+
+    monkeypatch.setattr(TritonBackend, "forward", forgetful)
+    args = inputs(spec, shape=(1, 4, 4, 4))
+    gy = torch.randn_like(args[0])
+    why = verify(spec, Candidate("triton"), "fwd", args, gy, _Trusted(spec, args, gy, None), "fp32")
+    assert why is not None and "non-finite" in why

@@ -4,8 +4,9 @@ For each pass (``fwd``, ``bwd``) and candidate (:mod:`.candidates`):
 
 1. **Verify.** The candidate runs on the real shape, its outputs NaN-poisoned
    first where that is possible (a backend with a ``poison`` attribute fills
-   its outputs with NaN; on a GPU a freed NaN block of the outputs' size is
-   also what the caching allocator hands out next), and is compared with the
+   its outputs with NaN, Triton's ``new_output`` hook is pointed at a NaN
+   fill; on a GPU a freed NaN block of the outputs' size is also what the
+   caching allocator hands out next), and is compared with the
    reference in float64 on the same inputs (``rel_error`` with a 0.1 floor,
    tolerance 1e-4 for fp32, 5e-2 for 16-bit, 1e-9 for fp64). Above
    ``verify_full_max`` elements the reference would be too slow, so it runs on
@@ -106,11 +107,31 @@ def _crop(spec: Spec, name: str, t: Optional[torch.Tensor], plan) -> Optional[to
 
 
 def _poisoned(impl):
-    """The backend with NaN-filled outputs, where it offers that (tests' ``poison`` hook)."""
+    """The backend with NaN-filled outputs, where it offers that: a ``poison`` attribute (cuda; the
+    convention for new backends), or Triton's ``new_output`` allocation hook (see :func:`_poison_hooks`)."""
     if hasattr(impl, "poison"):
         impl = copy.copy(impl)
         impl.poison = True
     return impl
+
+
+@contextlib.contextmanager
+def _poison_hooks(impl):
+    """While verifying, route a backend's output allocation through NaN fill where it has such a hook."""
+    launch = getattr(impl, "_launch", None)
+    original = getattr(launch, "new_output", None)
+    if original is None:
+        yield
+        return
+
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    launch.new_output = nan_output
+    try:
+        yield
+    finally:
+        launch.new_output = original
 
 
 def _poison_allocator(device: torch.device, nbytes: int) -> None:
@@ -168,7 +189,8 @@ def verify(spec: Spec, cand: Candidate, pass_: str, args: list, gy: torch.Tensor
         if pass_ == "fwd":
             impl = _poisoned(get_backend(join_backend_name(cand.backend, cand.config)))
             _poison_allocator(device, 4 * gy.numel() * gy.element_size())
-            y, _ = impl.forward(spec, *args)
+            with _poison_hooks(impl):
+                y, _ = impl.forward(spec, *args)
             want = trusted.y
             if torch.isfinite(want).all() and not torch.isfinite(y).all():
                 return "wrong result: non-finite values in the output (elements left unwritten?)"
@@ -177,7 +199,8 @@ def verify(spec: Spec, cand: Candidate, pass_: str, args: list, gy: torch.Tensor
         _, saved = impl_f.forward(spec, *args)
         impl = _poisoned(get_backend(join_backend_name(cand.backend, "", cand.config)))
         _poison_allocator(device, 4 * sum(t.numel() * t.element_size() for t in args if t is not None))
-        grads = impl.backward(spec, gy, *args, saved)
+        with _poison_hooks(impl):
+            grads = impl.backward(spec, gy, *args, saved)
     for name, got, want, inp in zip(("x", "w", "lam", "u", "s", "m"), grads, trusted.grads, args):
         if inp is None:
             continue
