@@ -567,3 +567,13 @@ def test_verification_poisons_triton_outputs(spec, monkeypatch):
     gy = torch.randn_like(args[0])
     why = verify(spec, Candidate("triton"), "fwd", args, gy, _Trusted(spec, args, gy, None), "fp32")
     assert why is not None and "non-finite" in why
+
+
+def test_overhead_benchmark_runs(tmp_path):
+    out = tmp_path / "overhead.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "op_overhead.py"), "--calls", "50", "--repeats", "2",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["op_auto_cache_hit_us"] > 0 and res["backend_us"] > 0
