@@ -109,6 +109,8 @@ def time_calls(fn: Callable[[int], Any], device: torch.device, *, warmup: int, i
         _sync(device)
         t0 = time.perf_counter()
         fn(i)
+        if flush is not None and device.type == "cuda":
+            flush()  # part of each timed call's host work: the queue-ahead below must cover it too
         host = time.perf_counter() - t0
         _sync(device)
         total = time.perf_counter() - t0
