@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import SpecError
 
-COMMANDS = ("compile", "show", "check", "heatmap", "bench")
+COMMANDS = ("compile", "show", "check", "heatmap", "bench", "autotune", "cache")
 
 
 class CLIError(Exception):

@@ -4,9 +4,11 @@
 #   2. compute-sanitizer memcheck on a small case of every kernel (racecheck and
 #      synccheck on a smaller one),
 #   3. gspngen bench --suite paper in fp32 and bf16,
+#   4. the autotuner over the paper suite (forward and backward, fp32 and bf16):
+#      tuned against the default against cuda_per_step (scripts/autotune_suite.py),
 # then a report (report.md + report.json) in $OUT (default ./out).
-# Every stage is time-boxed so the script finishes in under 8 minutes (the
-# limits sum to 460 s) and reports what ran, what failed and what ran
+# Every stage is time-boxed so the script finishes in under 10 minutes (the
+# limits sum to 550 s) and reports what ran, what failed and what ran
 # out of time. $OUT receives exactly 8 files (the device tool returns at most
 # 8): report.md, report.json, gpu_tests_cuda.log, gpu_tests_triton.log,
 # sanitizer.log, bench.log, bench_fp32.json, bench_bf16.json.
@@ -187,6 +189,14 @@ for dt in fp32 bf16; do
     cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
+# -- 4. autotune ----------------------------------------------------------------
+# Shapes in suite order, fp32 then bf16 each; autotune.json is rewritten after every (shape, dtype), so a
+# stage that runs out of time keeps what it finished. The tuning cache goes to the work folder (thrown
+# away); the log joins bench.log and the table joins report.md, keeping $OUT at 8 files.
+GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 90 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
+    "$WORK/autotune.json" --budget-s 0.3 --max-configs 4
+cat "$WORK/autotune.log" >> "$OUT/bench.log"
+
 # -- report --------------------------------------------------------------------
 timeout 30 "$PY" - "$WORK" "$OUT" "$SPEC" <<'EOF'
 import json, os, sys, time
@@ -196,7 +206,7 @@ def shown(name, log):
     """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
     if log == "-" or name == "environment":
         return None
-    if name.startswith("bench_"):
+    if name.startswith("bench_") or name == "autotune":
         return "bench.log"
     if name.startswith(("memcheck", "racecheck", "synccheck")):
         return "sanitizer.log"
@@ -250,7 +260,23 @@ for dt, b in bench.items():
         lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['status']} | "
                      f"{cell(r, 'forward', 'median_ms')} | {cell(r, 'forward', 'fraction_of_copy', 100)} | "
                      f"{cell(r, 'backward', 'median_ms')} | {cell(r, 'backward', 'fraction_of_copy', 100)} |")
-lines += ["", "Benchmark tables and notes: bench.log; machine-readable: bench_*.json."]
+tuned = None
+try:
+    tuned = json.load(open(os.path.join(work, "autotune.json")))
+except (OSError, ValueError):
+    pass
+report["autotune"] = tuned
+with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+if tuned:
+    sys.path.insert(0, "scripts")
+    from autotune_suite import format_rows
+
+    lines += ["", f"## Autotune ({'complete' if tuned.get('complete') else 'INCOMPLETE: stage ran out of time'}; "
+              f"budget {tuned['budget_s']} s per candidate, at most {tuned['max_configs']} configs per backend)", "",
+              "x default / x per-step: the default's / cuda_per_step's median over the tuned winner's (same pass).",
+              "", format_rows(tuned["rows"])]
+lines += ["", "Benchmark tables and notes: bench.log; machine-readable: bench_*.json; autotune rows: report.json."]
 with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(f"{s['stage']}: {s['status']} ({s['seconds']} s)" for s in stages))

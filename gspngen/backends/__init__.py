@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
+from typing import Callable, Union
 
 import torch
 
@@ -28,7 +29,34 @@ _REGISTRY = {
     # GSPN-1's launch structure (one launch per step), for benchmarks only
     "cuda_per_step": "cuda:CudaPerStepBackend",
 }
-BACKEND_NAMES = tuple(_REGISTRY)
+BACKEND_NAMES = tuple(_REGISTRY)  # the built-in names; backend_names() adds registered plug-ins
+
+
+def register_backend(name: str, factory: "Union[str, Callable[[], Backend]]") -> None:
+    """Add (or replace) a backend: ``factory`` is ``"package.module:Class"`` or a callable returning one.
+
+    The hook for plug-ins and tests; the autotuner enumerates every registered
+    backend, so a registered one becomes a tuning candidate with no other change.
+    """
+    if not isinstance(name, str) or not name or "@" in name or "|" in name or name == "auto":
+        raise ValueError(f"name: expected a backend name without '@' or '|' (not 'auto'), got {name!r}")
+    if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+        raise TypeError(f"factory: expected 'module:Class' or a callable, got {factory!r}")
+    _REGISTRY[name] = factory
+    get_backend.cache_clear()
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with :func:`register_backend` (built-ins cannot be removed)."""
+    if name in BACKEND_NAMES:
+        raise ValueError(f"name: {name!r} is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
+    get_backend.cache_clear()
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend name, built-ins first."""
+    return tuple(_REGISTRY)
 
 
 def split_backend_name(name: str) -> tuple[str, str, str]:
@@ -41,7 +69,7 @@ def split_backend_name(name: str) -> tuple[str, str, str]:
         raise TypeError(f"backend: expected a string, got {type(name).__name__}")
     base, _, keys = name.partition("@")
     if base not in _REGISTRY:
-        raise ValueError(f"backend: expected auto or one of {', '.join(BACKEND_NAMES)}, got {base!r}")
+        raise ValueError(f"backend: expected auto or one of {', '.join(_REGISTRY)}, got {base!r}")
     fwd, _, bwd = keys.partition("|")
     return base, check_config_key(fwd, "backend"), check_config_key(bwd, "backend")
 
@@ -59,8 +87,12 @@ def get_backend(name: str) -> Backend:
     base, fwd, bwd = split_backend_name(name)
     if fwd or bwd:
         return get_backend(base).with_config(fwd, bwd)
-    module, cls = _REGISTRY[base].split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), cls)()
+    factory = _REGISTRY[base]
+    if callable(factory):
+        return factory()
+    module, cls = factory.split(":")
+    package = __name__ if "." not in module else None  # built-ins are relative to this package
+    return getattr(importlib.import_module(f".{module}" if package else module, package), cls)()
 
 
 def backend_available(name: str, device: torch.device) -> bool:

@@ -22,7 +22,7 @@ import torch
 from ..geometry import DIRECTION_TABLE
 from ..render import cuda as rc
 from ..spec import Spec
-from .base import Grads, result_shape
+from .base import Grads, parse_config_key, result_shape
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -103,6 +103,12 @@ class _CudaBase:
     def saved_shape(self, spec: Spec, x: torch.Tensor):
         return saved_shape(spec, x), x.dtype
 
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return "needs a CUDA device"
+        return None if self.available(device) else "cupy is not installed (or cannot load CUDA)"
+
     def _ready(self, x: torch.Tensor) -> str:
         dname = _dtype_name(x, self.name)
         if self._runner is None and not self.available(x.device):
@@ -122,6 +128,16 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
+def _variant(key: str) -> int:
+    """``"v=3"`` -> 3, ``""`` -> 0 (the default); ValueError naming ``backend`` otherwise."""
+    if not key:
+        return 0
+    fields = parse_config_key(key, "backend")
+    if set(fields) != {"v"} or not fields["v"].isdigit():
+        raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', got {key!r}")
+    return int(fields["v"])
+
+
 class CudaBackend(_CudaBase):
     """The fused kernels. ``configs`` may choose the tuning per direction (an autotuner's hook)."""
 
@@ -130,6 +146,28 @@ class CudaBackend(_CudaBase):
     def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False):
         super().__init__(runner, poison)
         self.configs = configs
+
+    # -- the config protocol -------------------------------------------------
+    # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
+    # direction of the pass (the default where a direction has fewer), so a
+    # key is re-planned for each shape and never names a tuning that does not fit it.
+    def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
+        _, C, H, W = shape
+        kind = "fwd" if pass_ == "fwd" else "bwd"
+        n = max(len(rc.candidate_configs(spec, dtype, dn, kind, C, H, W)) for dn in spec.directions)
+        return [""] + [f"v={i}" for i in range(1, n)]
+
+    def with_config(self, fwd: str = "", bwd: str = "") -> "CudaBackend":
+        picks = {"fwd": _variant(fwd), "bwd": _variant(bwd)}
+
+        def chooser(spec, dname, direction, kind, C, H, W):
+            i = picks[kind]
+            if not i:
+                return None
+            options = rc.candidate_configs(spec, dname, direction, kind, C, H, W)
+            return options[i] if i < len(options) else None
+
+        return CudaBackend(self._runner, chooser, self.poison)
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -243,6 +281,14 @@ class CudaPerStepBackend(_CudaBase):
     """GSPN-1's launch structure: one launch per scan step (all directions), for benchmarks only."""
 
     name = "cuda_per_step"
+
+    def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
+        return [""]  # a benchmark baseline: never a tuning candidate, one configuration
+
+    def with_config(self, fwd: str = "", bwd: str = ""):
+        if fwd or bwd:
+            raise ValueError(f"backend: {self.name!r} has no configurations, got {fwd!r}|{bwd!r}")
+        return self
 
     @staticmethod
     def _steps(spec: Spec, H: int, W: int) -> int:

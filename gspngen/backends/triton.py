@@ -7,10 +7,12 @@ Rendering, loading and launching live in :mod:`gspngen.runtime.triton_launch`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..spec import Spec
-from .base import Grads
+from .base import Grads, parse_config_key
 
 
 def _triton_importable() -> bool:
@@ -21,14 +23,68 @@ def _triton_importable() -> bool:
     return True
 
 
+def config_key(config) -> str:
+    """A TritonConfig as a config key: ``"bc=4,nw=4,ns=2"``."""
+    return f"bc={config.block_c},nw={config.num_warps},ns={config.num_stages}"
+
+
+def parse_key(key: str):
+    """A config key as a TritonConfig ("" is the default); ValueError naming ``backend`` if malformed."""
+    from ..runtime.triton_launch import DEFAULT_CONFIG, TritonConfig
+
+    if not key:
+        return DEFAULT_CONFIG
+    fields = parse_config_key(key, "backend")
+    names = {"bc": "block_c", "nw": "num_warps", "ns": "num_stages"}
+    if set(fields) != set(names):
+        raise ValueError(f"backend: a triton config key is 'bc=B,nw=W,ns=S', got {key!r}")
+    try:
+        return TritonConfig(**{names[k]: int(v) for k, v in fields.items()})
+    except ValueError as exc:
+        raise ValueError(f"backend: triton config {key!r}: {exc}") from None
+
+
 class TritonBackend:
+    """``config`` runs the forward, ``bwd_config`` the backward (default: ``config``)."""
+
     name = "triton"
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, bwd_config=None):
         from ..runtime import triton_launch
 
         self._launch = triton_launch
         self.config = config if config is not None else triton_launch.DEFAULT_CONFIG
+        self.bwd_config = bwd_config if bwd_config is not None else self.config
+
+    # -- the config protocol ---------------------------------------------------
+    def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
+        """The default, then every config of ``CONFIGS`` that launches differently at this shape.
+
+        Configs that plan_tile reduces to the same tiles are one candidate, and
+        more warps than a tile has elements are left out (they only idle).
+        """
+        launch = self._launch
+        _, C, H, W = shape
+        G = spec.groups(C)
+        groups = launch.launch_groups(spec, H, W)
+
+        def effective(cfg):
+            tiles = tuple(launch.plan_tile(cfg, C, G, g.block_l).block_c for g in groups)
+            return tiles, cfg.num_warps, cfg.num_stages
+
+        seen = {effective(launch.DEFAULT_CONFIG)}
+        keys = [""]
+        for cfg in launch.CONFIGS:
+            eff = effective(cfg)
+            biggest = max(bc * g.block_l for bc, g in zip(eff[0], groups))
+            if eff in seen or 32 * cfg.num_warps > max(biggest, 64):
+                continue
+            seen.add(eff)
+            keys.append(config_key(cfg))
+        return keys
+
+    def with_config(self, fwd: str = "", bwd: str = "") -> "TritonBackend":
+        return TritonBackend(parse_key(fwd), parse_key(bwd))
 
     def available(self, device: torch.device) -> bool:
         device = torch.device(device)
@@ -38,7 +94,7 @@ class TritonBackend:
             return torch.cuda.is_available()
         return device.type == "cpu" and self._launch.interpreter_enabled()
 
-    def unavailable_reason(self, device: torch.device):
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
         device = torch.device(device)
         if not _triton_importable():
             return "triton is not installed (pip install 'gspngen[triton]')"
@@ -75,4 +131,4 @@ class TritonBackend:
         expect = (x.shape[0], spec.num_directions, *x.shape[1:]) if spec.merge == "stack" else tuple(x.shape)
         if tuple(gy.shape) != expect:
             raise ValueError(f"gy: expected shape {expect}, got {tuple(gy.shape)}")
-        return self._launch.backward(spec, gy.contiguous(), x, w, lam, u, s, m, saved, self.config)
+        return self._launch.backward(spec, gy.contiguous(), x, w, lam, u, s, m, saved, self.bwd_config)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import jinja2
-
 
 def template_dir() -> Path:
     try:
@@ -22,8 +20,11 @@ def template_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def environment() -> jinja2.Environment:
-    """Strict environment: an undefined variable is an error, output is byte-stable."""
+def environment():
+    """Strict environment: an undefined variable is an error, output is byte-stable (a jinja2.Environment;
+    Jinja is imported here, not with the module: template_dir is read without it)."""
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,
