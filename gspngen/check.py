@@ -239,10 +239,14 @@ def check_backend(spec: Spec, backend: str, shape, dtype, device, seed: int) -> 
     y, g = _run_with_grads(GSPNOp(spec, backend), inp, seed + 1)
     tol = tolerance(dtype)
     rows = []
+    from .finite import first_nonfinite
+
     for label, a, b in [("forward", y, y_ref)] + [(f"grad {k}", g[k], g_ref[k]) for k in _present(inp)]:
         err = rel_error(a, b)
-        rows.append(Row(label, backend, "PASS" if err <= tol else "FAIL", err, tol,
-                        "NaN in result" if err == float("inf") else ""))
+        bad = first_nonfinite(a)  # finite inputs: a NaN/inf in a result is a failure whatever the reference says
+        note = f"non-finite {bad[1]} at index {bad[0]}" if bad is not None else ""
+        ok = err <= tol and bad is None
+        rows.append(Row(label, backend, "PASS" if ok else "FAIL", err, tol, note))
     return rows
 
 

@@ -182,3 +182,22 @@ def test_default_shape_crosses_a_chunk_boundary_or_says_so(chunk):
         assert note is None
     else:
         assert chunk == 1000 and "crosses no chunk boundary" in note.replace("cross no", "crosses no")
+
+
+def test_non_finite_result_is_a_failure_with_its_index(monkeypatch):
+    # a backend that puts one inf into an otherwise correct result: FAIL, naming where
+    from gspngen.backends.lowered import LoweredBackend
+
+    real = LoweredBackend.forward
+
+    def one_inf(self, spec, *args):
+        y, saved = real(self, spec, *args)
+        y = y.clone()
+        y.view(-1)[3] = float("inf")
+        return y, saved
+
+    monkeypatch.setattr(LoweredBackend, "forward", one_inf)
+    spec = gspngen.Spec.from_dict({"name": "t", "directions": ["lr"]})
+    rows = gspngen.check.check_backend(spec, "lowered", (1, 2, 3, 4), torch.float64, torch.device("cpu"), 0)
+    fwd = next(r for r in rows if r.check == "forward")
+    assert fwd.status == "FAIL" and "non-finite inf at index" in fwd.note
