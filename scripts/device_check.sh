@@ -4,9 +4,11 @@
 #   2. compute-sanitizer memcheck on a small case of every kernel (racecheck and
 #      synccheck on a smaller one),
 #   3. gspngen bench --suite paper in fp32 and bf16,
+#   4. the GSPN-vs-attention latency table (benchmarks/attention_latency.py),
+#      appended to bench.log,
 # then a report (report.md + report.json) in $OUT (default ./out).
-# Every stage is time-boxed so the script finishes in under 8 minutes (the
-# limits sum to 460 s) and reports what ran, what failed and what ran
+# Every stage is time-boxed so the script finishes in under 9 minutes (the
+# limits sum to 505 s) and reports what ran, what failed and what ran
 # out of time. $OUT receives exactly 8 files (the device tool returns at most
 # 8): report.md, report.json, gpu_tests_cuda.log, gpu_tests_triton.log,
 # sanitizer.log, bench.log, bench_fp32.json, bench_bf16.json.
@@ -187,6 +189,14 @@ for dt in fp32 bf16; do
     cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
+# -- 4. GSPN vs attention ------------------------------------------------------
+# Latency and peak memory from 32² to 512² tokens (C = 64, 1 and 4 heads); a case
+# predicted past 5 s per call is skipped, so the stage fits its limit. The table
+# goes to bench.log (the device tool returns 8 files at most).
+stage attention 45 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
+    --sizes 32,64,128,256,512 --channels 64 --heads 1,4 --budget 5 --max-gb 60 --json "$WORK/attention.json"
+cat "$WORK/attention.log" >> "$OUT/bench.log"
+
 # -- report --------------------------------------------------------------------
 timeout 30 "$PY" - "$WORK" "$OUT" "$SPEC" <<'EOF'
 import json, os, sys, time
@@ -196,7 +206,7 @@ def shown(name, log):
     """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
     if log == "-" or name == "environment":
         return None
-    if name.startswith("bench_"):
+    if name.startswith("bench_") or name == "attention":
         return "bench.log"
     if name.startswith(("memcheck", "racecheck", "synccheck")):
         return "sanitizer.log"
