@@ -184,7 +184,9 @@ def train(model, data, steps: int, batch: int, lr: float, eval_every: int, seed:
     (xtr, ytr), (xte, yte) = data
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up, then a cosine decay to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     curve, losses, start = [], [], time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(xtr), (batch,), generator=g)
