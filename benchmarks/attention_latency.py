@@ -12,9 +12,13 @@ GSPN linearly, so GSPN wins beyond some size. Here, for an image of side s (s^2 
 Each case is timed forward and forward+backward (median of repeated calls after a warm-up; wall clock
 on CPU, CUDA events on a GPU) and its peak memory is measured:
 
-- CPU: the resident-set high-water mark (``VmHWM``) reset through ``/proc/self/clear_refs`` before the
-  call, minus the resident set before it: the memory the call added (inputs excluded, allocator and
-  library workspaces included); ``n/a`` where /proc does not allow it;
+- CPU: in a fresh subprocess per case, started with ``MALLOC_MMAP_THRESHOLD_=16384`` so that every
+  allocation of 16 KiB or more is its own mapping, returned to the system when freed (otherwise malloc
+  reuses freed heap pages and the resident set does not grow): the resident-set high-water mark
+  (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the call) minus the resident set
+  before it, i.e. what the call added at its peak (inputs excluded; intermediates, outputs, gradients
+  and library workspaces included). ``--memory inline`` measures in the timing process instead (cheaper,
+  but it under-counts memory that malloc recycles); ``n/a`` where /proc does not allow it;
 - CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
 
 Cases that would run past ``--budget`` seconds per call (extrapolated from the two smaller sizes) or
@@ -123,6 +127,33 @@ def make_case(op: str, side: int, channels: int, heads: int, batch: int, spec: s
     return fwd, fwd_bwd
 
 
+def memory_in_subprocess(args, op: str, side: int, heads: int, pass_: str):
+    """Peak bytes of one CPU case measured in a fresh process (see the module docstring), or None."""
+    import subprocess
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [sys.executable, __file__, "--measure-memory", f"{op},{side},{heads},{pass_}", "--channels",
+           str(args.channels), "--batch", str(args.batch), "--spec", args.spec, "--backend", args.backend]
+    if args.d_state:
+        cmd += ["--d-state", str(args.d_state)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, 10 * args.budget))
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def _measure_memory_main(args) -> None:
+    """The subprocess side of memory_in_subprocess: print the peak bytes of one case (-1: unmeasurable)."""
+    op, side, heads, pass_ = args.measure_memory.split(",")
+    fwd, fwd_bwd = make_case(op, int(side), args.channels, int(heads), args.batch, args.spec, args.backend,
+                             torch.device("cpu"), args.d_state)
+    fn = fwd if pass_ == "fwd" else fwd_bwd
+    fn()  # warm: lazily built state (backend choice, kernels) is not the call's memory
+    mem = peak_bytes(fn, torch.device("cpu"))
+    print(-1 if mem is None else mem)
+
+
 def time_ms(fn, device: torch.device, budget: float) -> float:
     t = time_calls(lambda i: fn(), device, warmup=1, iters=5, max_seconds=budget)
     return statistics.median(t.ms)
@@ -172,6 +203,8 @@ def run(args) -> dict:
                     t0 = time.perf_counter()
                     mem = peak_bytes(fn, device)  # also the warm-up call
                     first = time.perf_counter() - t0
+                    if device.type == "cpu" and args.memory == "subprocess":
+                        mem = memory_in_subprocess(args, op, side, heads, pass_)
                     if first > args.budget:  # one call was enough to know; do not repeat it
                         ms = first * 1e3
                     else:
@@ -238,7 +271,9 @@ def markdown(report: dict) -> str:
             f"{where}, torch {env['torch']}. Skipped: predicted past {a['budget']:.0f} s per call or "
             f"{a['max_gb']:.0f} GB. Peak memory: "
             + ("torch.cuda.max_memory_allocated above the inputs." if a["device"].startswith("cuda") else
-               "resident-set high-water mark above the inputs (VmHWM after /proc/self/clear_refs)."))
+               "resident-set high-water mark above the inputs (VmHWM after /proc/self/clear_refs"
+               + (", a fresh process per case, allocations of 16 KiB or more mapped on their own)."
+                  if a["memory"] == "subprocess" else ", in the timing process: a lower bound).")))
     return "\n".join([head, *map(format_row, report["rows"])]) + "\n" + note + "\n\n" + "\n".join(crossings(report))
 
 
@@ -287,6 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=20.0, help="seconds per call beyond which a case is skipped")
     p.add_argument("--max-gb", type=float, default=8.0, help="peak GB beyond which a case is skipped")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memory", choices=["subprocess", "inline"], default="subprocess",
+                   help="CPU peak memory: a fresh process per case (accurate) or the timing process")
+    p.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help="log-log plot (PNG)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -296,6 +334,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure_memory:
+        _measure_memory_main(args)
+        return {}
     for h in args.heads:
         if args.channels % h:
             raise SystemExit(f"--heads: {h} does not divide --channels {args.channels}")

@@ -20,7 +20,7 @@ def load():
 def test_tiny_run(tmp_path, capsys):
     bench = load()
     report = bench.main(["--sizes", "4,8", "--channels", "8", "--heads", "1,2", "--budget", "30",
-                         "--backend", "reference", "--json", str(tmp_path / "a.json"),
+                         "--backend", "reference", "--memory", "inline", "--json", str(tmp_path / "a.json"),
                          "--out", str(tmp_path / "a.png")])
     rows = report["rows"]
     assert [(r["side"], r["op"]) for r in rows] == [(4, "GSPN"), (4, "attention 1h"), (4, "attention 2h"),
@@ -48,3 +48,11 @@ def test_budget_skips_and_crossing():
     assert bench.crossings(report) == ["- attention 1h, forward: GSPN faster from 16² tokens",
                                        "- attention 1h, forward+backward: GSPN faster from 16² tokens"]
     assert "skipped" in bench.format_row(report["rows"][3])
+
+
+def test_memory_in_a_fresh_process():
+    bench = load()
+    args = bench.parse_args(["--channels", "8", "--backend", "reference"])
+    mem = bench.memory_in_subprocess(args, "attention", 32, 1, "fwd_bwd")
+    # q, k, v gradients and the output alone are 4 * 1024 * 8 * 4 bytes
+    assert mem is None or mem >= 4 * 1024 * 8 * 4
