@@ -268,7 +268,7 @@ def markdown(report: dict) -> str:
             "|---|---|---:|---:|---:|---:|")
     where = env.get("gpu") or f"CPU ({os.cpu_count()} cores)"
     note = (f"\nC = {a['channels']}, batch {a['batch']}, spec {Path(a['spec']).name}, backend {a['backend']!r}, "
-            f"{where}, torch {env['torch']}. Skipped: predicted past {a['budget']:.0f} s per call or "
+            f"{where}, torch {env['torch']}. Skipped: predicted past {a['budget']:g} s per call or "
             f"{a['max_gb']:.0f} GB. Peak memory: "
             + ("torch.cuda.max_memory_allocated above the inputs." if a["device"].startswith("cuda") else
                "resident-set high-water mark above the inputs (VmHWM after /proc/self/clear_refs"
