@@ -153,9 +153,9 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_models(spec, dims, depths, patch: int, backend: str, d_state=None):
+def build_models(spec, dims, depths, patch: int, backend: str, d_state=None, pool: str = "mean"):
     """(GSPN network, convolutional network): the same backbone, the mixers swapped, sizes within 10 %."""
-    kw = dict(in_chans=1, dims=dims, depths=depths, patch_size=patch, num_classes=2, d_state=d_state)
+    kw = dict(in_chans=1, dims=dims, depths=depths, patch_size=patch, num_classes=2, d_state=d_state, pool=pool)
     gspn = GSPNBackbone(spec, backend=backend, **kw)
     conv = GSPNBackbone(spec, backend=backend, **kw)
     for stage in conv.stages:
@@ -252,6 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=ints, default=(2, 2))
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--d-state", type=int, default=None)
+    p.add_argument("--pool", choices=["mean", "max"], default="mean", help="the head's global pooling")
     p.add_argument("--spec", default=str(ROOT / "examples" / "gspn4.yaml"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--eval-every", type=int, default=50)
@@ -274,7 +275,8 @@ def main(argv=None) -> dict:
     print(f"data: {args.train} + {args.test} samples of {args.size}x{args.size} in {time.perf_counter() - t0:.1f} s, "
           f"{data[0][1].float().mean().item():.2f} positive")
     torch.manual_seed(args.seed)
-    gspn, conv = build_models(args.spec, args.dims, args.depths, args.patch, args.backend, args.d_state)
+    gspn, conv = build_models(args.spec, args.dims, args.depths, args.patch, args.backend, args.d_state,
+                              args.pool)
     backend = gspn.stages[0][0].mixer.op.resolve_backend(data[0][0])
     results = {}
     for name, model in (("GSPN", gspn), ("conv", conv)):

@@ -261,17 +261,22 @@ class GSPNBackbone(nn.Module):
       (W / (patch_size * 2**i)) grid; between stages a LayerNorm and a 2x2 stride-2 patch merge;
     - ``forward_features(x)``: the list of per-stage outputs in the spec's layout, e.g.
       (N, dims[i], H_i, W_i) for nchw or (N, H_i, W_i, dims[i]) for nhwc;
-    - ``forward(x)``: with ``num_classes`` the logits (N, num_classes) (final LayerNorm, global average
-      pool, Linear); with ``num_classes=None`` the last stage's output after the final LayerNorm.
+    - ``forward(x)``: with ``num_classes`` the logits (N, num_classes) (final LayerNorm, global
+      ``pool`` -- "mean" or "max" over the grid -- and a Linear); with ``num_classes=None`` the last
+      stage's output after the final LayerNorm.
 
     ``spec`` as for :class:`GSPNBlock`; ``d_state``, ``mlp_ratio`` and ``backend`` go to every block.
     """
 
     def __init__(self, spec: SpecLike, in_chans: int = 3, dims: Sequence[int] = (32, 64, 128),
                  depths: Sequence[int] = (2, 2, 2), patch_size: int = 4, num_classes: Optional[int] = None,
-                 d_state: Optional[int] = None, mlp_ratio: float = 4.0, backend: str = "auto"):
+                 d_state: Optional[int] = None, mlp_ratio: float = 4.0, backend: str = "auto",
+                 pool: str = "mean"):
         super().__init__()
         spec = spec_of(spec)
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool: expected 'mean' or 'max', got {pool!r}")
+        self.pool = pool
         _check_positive_int("in_chans", in_chans)
         _check_positive_int("patch_size", patch_size)
         dims, depths = tuple(dims), tuple(depths)
@@ -319,7 +324,8 @@ class GSPNBackbone(nn.Module):
         x = self.norm(self.forward_features(x)[-1])
         if self.head is None:
             return x
-        return self.head(x.mean(dim=(1, 2) if self.spec.layout == "nhwc" else (2, 3)))
+        grid = (1, 2) if self.spec.layout == "nhwc" else (2, 3)
+        return self.head(x.amax(dim=grid) if self.pool == "max" else x.mean(dim=grid))
 
 
 class _ToLayout(nn.Module):

@@ -67,7 +67,9 @@ def ref_backbone(model, img):
         for block in stage:
             x = ref_block(block, x)
     x = ln(model.norm, x)
-    return model.head(x.mean(dim=(2, 3))) if model.head is not None else x
+    if model.head is None:
+        return x
+    return model.head(x.amax(dim=(2, 3)) if model.pool == "max" else x.mean(dim=(2, 3)))
 
 
 def channel_first(t, layout):
@@ -101,11 +103,11 @@ def test_mixer_and_block_match_independent_composition(layout, merge):
     torch.testing.assert_close(channel_first(y, layout), ref_block(block, x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_backbone_matches_independent_composition_and_trains(layout):
+@pytest.mark.parametrize("layout,pool", [("nchw", "mean"), ("nhwc", "max")])
+def test_backbone_matches_independent_composition_and_trains(layout, pool):
     torch.manual_seed(1)
     model = GSPNBackbone(spec_of(layout=layout), in_chans=2, dims=(4, 8), depths=(1, 2), patch_size=2,
-                         num_classes=3, d_state=4, mlp_ratio=2, backend="reference")
+                         num_classes=3, d_state=4, mlp_ratio=2, backend="reference", pool=pool)
     randomize(model).double()
     img = torch.randn(2, 2, 8, 12, dtype=torch.float64)
     logits = model(img)
@@ -140,6 +142,8 @@ def test_spec_sources_and_bad_arguments(tmp_path):
         GSPNBackbone(spec_of(), dims=(4, 8), depths=(1, 0))
     with pytest.raises(ValueError, match="patch_size"):
         GSPNBackbone(spec_of(), patch_size=0)
+    with pytest.raises(ValueError, match="pool"):
+        GSPNBackbone(spec_of(), pool="sum")
     with pytest.raises(ValueError, match="num_classes"):
         GSPNBackbone(spec_of(), num_classes=-1)
     model = GSPNBackbone(spec_of(), in_chans=1, dims=(4,), depths=(1,), patch_size=4, backend="reference")
