@@ -135,7 +135,10 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def _image_shape(spec: Spec, x: torch.Tensor) -> Optional[tuple[int, int, int, int]]:
     """(N, C, H, W) of x in the spec's layout, or None for a tensor that is not 4-d (validation reports it)."""
-    if x.dim() != 4:
+    if x.dim() != 4 or torch.compiler.is_compiling():
+        # Traced (torch.compile, torch.export): reading the sizes would specialise the graph to this
+        # shape (and a tuple of them is no constant for the resolution), so the lookup takes no
+        # bucket and auto runs the documented default inside compiled graphs.
         return None
     N, a, b, c = (int(v) for v in x.shape)
     return (N, c, a, b) if spec.layout == "nhwc" else (N, a, b, c)

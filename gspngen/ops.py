@@ -84,3 +84,48 @@ def _backward(ctx, gy, _gsaved):
 
 
 scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- autocast ------------------------------------------------------------------
+# Under torch.autocast the op runs on one dtype for all its floating inputs:
+#   - CPU: float32. The scan is a recurrence over a whole image side, so 16-bit
+#     storage would round the hidden state at every step; the CPU backends
+#     compute in fp32 anyway, so casting up costs no speed and returns fp32
+#     (the next autocast op casts down again as it likes).
+#   - CUDA: the autocast dtype (fp16 or bf16) when the backend is a generated
+#     kernel (cuda, triton) and the spec's precision lists that dtype: those
+#     kernels keep 16-bit storage with fp32 accumulation, which halves memory
+#     traffic. float32 otherwise (e.g. fp16 with precision [fp32, bf16]).
+# The result has that dtype. The backward op needs no rule: autograd hands it
+# tensors of the forward's dtype. float64 inputs are left alone, as autocast does.
+_autocast_lib = torch.library.Library("gspngen", "IMPL")
+
+
+def _autocast_dtype(device_type: str, spec_json: str, backend: str) -> torch.dtype:
+    if device_type == "cuda":
+        dtype = torch.get_autocast_dtype("cuda")
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+        if backend.split("@")[0] in ("cuda", "triton") and name in spec_from_json(spec_json).precision:
+            return dtype
+    return torch.float32
+
+
+def _register_autocast(device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, x, w, lam, u, s, m, spec_json, backend):
+        dtype = _autocast_dtype(device_type, spec_json, backend)
+
+        def cast(t):
+            ok = t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+            return t.to(dtype) if ok else t
+
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return torch.ops.gspngen.scan(*(cast(t) for t in (x, w, lam, u, s, m)), spec_json, backend)
+
+    _autocast_lib.impl("scan", kernel, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)

@@ -6,9 +6,11 @@
 #   3. gspngen bench --suite paper in fp32 and bf16,
 #   4. the autotuner over the paper suite (forward and backward, fp32 and bf16):
 #      tuned against the default against cuda_per_step (scripts/autotune_suite.py),
+#   5. the GSPN-vs-attention latency table (benchmarks/attention_latency.py),
+#      appended to bench.log,
 # then a report (report.md + report.json) in $OUT (default ./out).
-# Every stage is time-boxed so the script finishes in under 10 minutes (the
-# limits sum to 550 s) and reports what ran, what failed and what ran
+# Every stage is time-boxed so the script finishes in under 8 minutes (the
+# limits sum to 445 s; a GPU session has 15 minutes in all, start-up included) and reports what ran, what failed and what ran
 # out of time. $OUT receives exactly 8 files (the device tool returns at most
 # 8): report.md, report.json, gpu_tests_cuda.log, gpu_tests_triton.log,
 # sanitizer.log, bench.log, bench_fp32.json, bench_bf16.json.
@@ -56,7 +58,7 @@ stage() {
 }
 
 # -- environment ---------------------------------------------------------------
-stage environment 20 "$WORK/environment.log" bash -c "
+stage environment 15 "$WORK/environment.log" bash -c "
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
     $PY -c 'import cupy; print(\"cupy\", cupy.__version__)' || true
@@ -76,9 +78,9 @@ stage environment 20 "$WORK/environment.log" bash -c "
 PYTEST_OPTS=(-m gpu -v --tb=short -rfEs -p no:cacheprovider)
 "$PY" -c "import xdist" > /dev/null 2>&1 && PYTEST_OPTS+=(-n 6)
 "$PY" -c "import pytest_timeout" > /dev/null 2>&1 && PYTEST_OPTS+=(--timeout 120 --timeout-method thread)
-stage gpu_tests_cuda 170 "$OUT/gpu_tests_cuda.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" tests \
+stage gpu_tests_cuda 90 "$OUT/gpu_tests_cuda.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" tests \
     --ignore tests/test_triton_backend.py &
-stage gpu_tests_triton 170 "$OUT/gpu_tests_triton.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+stage gpu_tests_triton 70 "$OUT/gpu_tests_triton.log" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
     tests/test_triton_backend.py &
 wait
 
@@ -140,10 +142,10 @@ sanitize() {
     cat "$WORK/$1.log" >> "$OUT/sanitizer.log"
 }
 if command -v compute-sanitizer > /dev/null 2>&1; then
-    sanitize memcheck 55 memcheck cuda
-    sanitize memcheck_triton 30 memcheck triton
-    sanitize racecheck 20 racecheck small
-    sanitize synccheck 15 synccheck small
+    sanitize memcheck 40 memcheck cuda
+    sanitize memcheck_triton 20 memcheck triton
+    sanitize racecheck 15 racecheck small
+    sanitize synccheck 10 synccheck small
 else
     printf 'memcheck\tnot_available\t-\t0\t-\n' >> "$WORK/stages.tsv"
     echo "compute-sanitizer: not found" > "$OUT/sanitizer.log"
@@ -185,7 +187,7 @@ print(bench.format_table(merged))
 sys.exit(1 if any(r["status"] == "error" for r in merged["results"]) else 0)
 EOF
 for dt in fp32 bf16; do
-    stage "bench_$dt" 75 "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
+    stage "bench_$dt" 50 "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
     cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
@@ -193,9 +195,17 @@ done
 # Shapes in suite order, fp32 then bf16 each; autotune.json is rewritten after every (shape, dtype), so a
 # stage that runs out of time keeps what it finished. The tuning cache goes to the work folder (thrown
 # away); the log joins bench.log and the table joins report.md, keeping $OUT at 8 files.
-GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 90 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
+GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 60 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
     "$WORK/autotune.json" --budget-s 0.3 --max-configs 4
 cat "$WORK/autotune.log" >> "$OUT/bench.log"
+
+# -- 5. GSPN vs attention ------------------------------------------------------
+# Latency and peak memory from 32² to 512² tokens (C = 64, 1 and 4 heads); a case
+# predicted past 5 s per call is skipped, so the stage fits its limit. The table
+# goes to bench.log (the device tool returns 8 files at most).
+stage attention 25 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
+    --sizes 32,64,128,256,512 --channels 64 --heads 1,4 --budget 5 --max-gb 60 --json "$WORK/attention.json"
+cat "$WORK/attention.log" >> "$OUT/bench.log"
 
 # -- report --------------------------------------------------------------------
 timeout 30 "$PY" - "$WORK" "$OUT" "$SPEC" <<'EOF'
@@ -206,7 +216,7 @@ def shown(name, log):
     """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
     if log == "-" or name == "environment":
         return None
-    if name.startswith("bench_") or name == "autotune":
+    if name.startswith("bench_") or name in ("autotune", "attention"):
         return "bench.log"
     if name.startswith(("memcheck", "racecheck", "synccheck")):
         return "sanitizer.log"

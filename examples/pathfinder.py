@@ -1,0 +1,306 @@
+"""Pathfinder: a long-range task where a GSPN network should beat a convolutional one of the same size.
+
+Each image shows dashed curves; two of them are long, the rest are shorter distractors. Two markers sit
+on curve ends: on both ends of one long curve (label 1, "connected") or on one end of each long curve
+(label 0). Curves never touch (a one-pixel clearance), so "connected" means "on the same curve", which a
+flood fill over the solid (undashed) curves decides; tests/test_pathfinder.py checks that. Deciding it
+from pixels needs context along a whole curve: a stack of 3x3 convolutions sees a few pixels per layer,
+a GSPN scan sees the whole image in every layer (Linsley et al. 2018; Long Range Arena, Tay et al. 2021).
+
+The two networks share everything (patch embedding, stages, LayerNorms, MLPs, head: a
+``gspngen.nn.GSPNBackbone``) except the spatial mixer of each block: the GSPN mixer (``GSPN2d``, four
+directions, k = 3), or a 3x3 convolution to ``h`` channels, GELU, and a 1x1 convolution back, with
+``h`` chosen so the parameter counts agree within 10 %. Same depth, same data, same optimiser and steps.
+
+    python examples/pathfinder.py --size 32 --steps 600 --out docs/pathfinder.png --json pathfinder.json
+
+prints a markdown table for the README and writes the learning curves (PNG) and the numbers (JSON).
+Use ``--steps``/``--train``/``--size`` for short runs; ``--backend auto`` picks the fastest backend here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from gspngen.nn import Conv1x1, GSPN2d, GSPNBackbone  # noqa: E402
+
+CURVE, MARKER = 0.5, 1.0  # pixel values: dashed curves, and the two markers
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+
+def _curve(rng: np.random.Generator, size: int, length: int, blocked: np.ndarray, curvature: float):
+    """Pixels (length, 2) of a smooth random walk that stays inside and off ``blocked``, or None."""
+    pos = rng.uniform(2, size - 2, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    pts: list[tuple[int, int]] = []
+    for _ in range(8 * length):
+        angle += rng.normal(0.0, curvature)
+        pos = pos + 0.5 * np.array([math.cos(angle), math.sin(angle)])  # half-pixel steps: 8-connected
+        p = (int(round(pos[0])), int(round(pos[1])))
+        if not (0 <= p[0] < size and 0 <= p[1] < size) or blocked[p]:
+            return None
+        if not pts or p != pts[-1]:
+            if p in pts[:-1]:  # a curve that runs into itself would end next to its own body
+                return None
+            pts.append(p)
+        if len(pts) == length:
+            return np.array(pts)
+    return None
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """8-neighbourhood dilation by one pixel."""
+    out = mask.copy()
+    padded = np.pad(mask, 1)
+    n = mask.shape[0]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= padded[1 + dy:1 + dy + n, 1 + dx:1 + dx + n]
+    return out
+
+
+def make_sample(rng: np.random.Generator, size: int = 32, length: int = 24, distractors: int = 3,
+                dash: int = 3, gap: int = 1, curvature: float = 0.25):
+    """One image: (image (size, size) float32, label 0/1, solid curve ids (size, size) int, markers (2, 2)).
+
+    ``solid`` numbers the curves 1, 2, ... (0 is background) before dashing: the ground truth for the
+    connectivity check. Curves 1 and 2 are the long ones (``length`` pixels), the others distractors of
+    ``length // 2``.
+    """
+    while True:
+        solid = np.zeros((size, size), np.int64)
+        curves = []
+        ok = True
+        for i in range(2 + distractors):
+            n = length if i < 2 else max(2, length // 2)
+            for _ in range(100):
+                pts = _curve(rng, size, n, _dilate(solid > 0), curvature)
+                if pts is not None:
+                    break
+            else:
+                ok = False
+                break
+            solid[pts[:, 0], pts[:, 1]] = i + 1
+            curves.append(pts)
+        if ok:
+            break
+    label = int(rng.integers(0, 2))
+    if label:  # both ends of one long curve
+        markers = np.stack([curves[0][0], curves[0][-1]])
+    else:  # one end of each long curve
+        markers = np.stack([curves[0][int(rng.integers(0, 2)) * -1], curves[1][int(rng.integers(0, 2)) * -1]])
+    image = np.zeros((size, size), np.float32)
+    for pts in curves:
+        on = (np.arange(len(pts)) % (dash + gap)) < dash
+        image[pts[on, 0], pts[on, 1]] = CURVE
+    for y, x in markers:  # a 3x3 square, clipped at the border
+        image[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = MARKER
+    return image, label, solid, markers
+
+
+def make_dataset(n: int, seed: int, **kw):
+    """n samples as tensors (images (n, 1, S, S) float32, labels (n,) int64); the seed fixes them."""
+    rng = np.random.default_rng(seed)
+    images, labels = zip(*[make_sample(rng, **kw)[:2] for _ in range(n)])
+    return torch.from_numpy(np.stack(images)[:, None]), torch.tensor(labels, dtype=torch.int64)
+
+
+def connected(solid: np.ndarray, a, b) -> bool:
+    """Whether pixel b is reachable from pixel a over solid curve pixels (8-connected flood fill)."""
+    size = solid.shape[0]
+    seen = np.zeros_like(solid, bool)
+    stack = [tuple(a)]
+    while stack:
+        y, x = stack.pop()
+        if not (0 <= y < size and 0 <= x < size) or seen[y, x] or solid[y, x] == 0:
+            continue
+        seen[y, x] = True
+        stack.extend((y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    return bool(seen[tuple(b)])
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+
+class ConvMixer(nn.Module):
+    """The convolutional stand-in for GSPN2d: 3x3 convolution dim -> hidden, GELU, 1x1 back to dim."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.local = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.act = nn.GELU()
+        self.out = Conv1x1(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.local(x)))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_models(spec, dims, depths, patch: int, backend: str, d_state=None, pool: str = "mean"):
+    """(GSPN network, convolutional network): the same backbone, the mixers swapped, sizes within 10 %."""
+    kw = dict(in_chans=1, dims=dims, depths=depths, patch_size=patch, num_classes=2, d_state=d_state, pool=pool)
+    gspn = GSPNBackbone(spec, backend=backend, **kw)
+    conv = GSPNBackbone(spec, backend=backend, **kw)
+    for stage in conv.stages:
+        for block in stage:
+            dim = block.dim
+            p = n_params(block.mixer)
+            hidden = max(1, round((p - dim) / (10 * dim + 1)))  # 9*dim*h + h + h*dim + dim parameters
+            block.mixer = ConvMixer(dim, hidden)
+    return gspn, conv
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, batch: int = 256) -> float:
+    model.eval()
+    hits = sum((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
+               for i in range(0, len(images), batch))
+    model.train()
+    return hits / len(images)
+
+
+def train(model, data, steps: int, batch: int, lr: float, eval_every: int, seed: int, log=print):
+    """AdamW with a cosine schedule; returns the curve [(step, train loss, test accuracy), ...] and seconds."""
+    (xtr, ytr), (xte, yte) = data
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warm = max(1, steps // 10)  # linear warm-up, then a cosine decay to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
+    curve, losses, start = [], [], time.perf_counter()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(xtr), (batch,), generator=g)
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            acc = accuracy(model, xte, yte)
+            curve.append((step, float(np.mean(losses[-eval_every:])), acc))
+            log(f"  step {step:5d}  loss {curve[-1][1]:.4f}  test acc {acc:.3f}  ({time.perf_counter() - start:.0f} s)")
+    return curve, time.perf_counter() - start
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, r in results.items():
+        steps, loss, acc = zip(*r["curve"])
+        a.plot(steps, loss, label=f"{name} ({r['params']:,} params)")
+        b.plot(steps, acc, label=name)
+    a.set(xlabel="step", ylabel="train loss", title="training loss")
+    b.set(xlabel="step", ylabel="test accuracy", title="test accuracy", ylim=(0.4, 1.0))
+    b.axhline(0.5, color="grey", lw=0.8, ls=":")
+    a.legend()
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(results: dict, args) -> str:
+    head = ("| model | params | blocks | final train loss | test accuracy | train time |\n"
+            "|---|---:|---:|---:|---:|---:|")
+    rows = [f"| {name} | {r['params']:,} | {sum(args.depths)} | {r['curve'][-1][1]:.3f} | "
+            f"{r['curve'][-1][2]:.3f} | {r['seconds']:.0f} s |" for name, r in results.items()]
+    note = (f"\n{args.size}x{args.size} images, {args.train} training / {args.test} test samples, "
+            f"{args.steps} steps of batch {args.batch}, seed {args.seed}, backend {results['GSPN']['backend']!r}.")
+    return "\n".join([head, *rows]) + "\n" + note
+
+
+def parse_args(argv=None):
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=32, help="image side (32 or 64)")
+    p.add_argument("--length", type=int, default=None, help="pixels of a long curve (default 3/4 of --size)")
+    p.add_argument("--distractors", type=int, default=3)
+    p.add_argument("--train", type=int, default=8000, help="training samples")
+    p.add_argument("--test", type=int, default=1000, help="test samples")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dims", type=ints, default=(16, 32))
+    p.add_argument("--depths", type=ints, default=(2, 2))
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--d-state", type=int, default=None)
+    p.add_argument("--pool", choices=["mean", "max"], default="mean", help="the head's global pooling")
+    p.add_argument("--spec", default=str(ROOT / "examples" / "gspn4.yaml"))
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--models", default="GSPN,conv", help="which models to train")
+    p.add_argument("--out", type=Path, default=None, help="learning-curve PNG")
+    p.add_argument("--json", type=Path, default=None, help="results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    length = args.length or (3 * args.size) // 4
+    gen = dict(size=args.size, length=length, distractors=args.distractors)
+    t0 = time.perf_counter()
+    data = (make_dataset(args.train, args.seed, **gen), make_dataset(args.test, args.seed + 1, **gen))
+    print(f"data: {args.train} + {args.test} samples of {args.size}x{args.size} in {time.perf_counter() - t0:.1f} s, "
+          f"{data[0][1].float().mean().item():.2f} positive")
+    torch.manual_seed(args.seed)
+    gspn, conv = build_models(args.spec, args.dims, args.depths, args.patch, args.backend, args.d_state,
+                              args.pool)
+    backend = gspn.stages[0][0].mixer.op.resolve_backend(data[0][0])
+    results = {}
+    for name, model in (("GSPN", gspn), ("conv", conv)):
+        if name not in args.models.split(","):
+            continue
+        print(f"{name}: {n_params(model):,} parameters")
+        curve, seconds = train(model, data, args.steps, args.batch, args.lr, args.eval_every, args.seed)
+        results[name] = {"params": n_params(model), "curve": curve, "seconds": seconds, "backend": backend}
+    if "GSPN" in results and "conv" in results:
+        ratio = results["conv"]["params"] / results["GSPN"]["params"]
+        print(f"parameter ratio conv/GSPN = {ratio:.3f}")
+    if "GSPN" in results:
+        table = markdown_table(results, args)
+        print("\n" + table)
+    if args.out:
+        plot(results, args.out, f"Pathfinder {args.size}x{args.size}, {args.steps} steps")
+        print(f"wrote {args.out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
+                                                   for k, v in vars(args).items()}, "results": results}, indent=1))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
