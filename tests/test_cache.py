@@ -129,9 +129,11 @@ def test_unwritable_cache_tunes_in_memory_with_one_warning(how, cache_dir, tmp_p
     spec = gspngen.load_spec(GSPN4)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
+        first = tune(spec, SHAPE, "fp32", passes=["fwd"], budget_s=0.02, backends=["reference", "lowered"])
         report = tune(spec, SHAPE, "fp32", passes=["fwd"], budget_s=0.02, backends=["reference", "lowered"])
-        tune(spec, SHAPE, "fp32", passes=["fwd"], budget_s=0.02, backends=["reference", "lowered"])
         op, y, x = run_op()
+    assert first["stored"] is False
+    # (two timings of near-equal candidates may pick different winners: the latest one is in memory)
     cache_warnings = [w for w in record if issubclass(w.category, tcache.CacheWarning)]
     assert report["stored"] is False
     assert len(cache_warnings) == 1 and "cannot be written" in str(cache_warnings[0].message), \
