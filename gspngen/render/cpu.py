@@ -171,9 +171,11 @@ def parse_config(spec: Spec, key: str, what: str = "config") -> CpuConfig:
 
 
 def candidate_configs(spec: Spec) -> list[CpuConfig]:
-    """Tunings worth timing, the default first: other tile lengths and, for nhwc, channel blocks."""
+    """Tunings worth timing, the default first: shorter and longer tiles (longer ones read longer
+    runs of each row for lr/rl in nchw, at the price of more cache), and for nhwc other channel
+    blocks (one AVX2 vector, two AVX-512 vectors)."""
     base = default_config(spec)
-    out = [base] + [CpuConfig(tile=t, cb=base.cb) for t in TILES if t != base.tile]
     if spec.layout == "nhwc":
-        out += [CpuConfig(tile=base.tile, cb=c) for c in CBS if c != base.cb]
-    return out
+        return [base] + [CpuConfig(tile=t, cb=base.cb) for t in (32, 64)] + [CpuConfig(tile=base.tile, cb=c)
+                                                                          for c in (4, 8, 32)]
+    return [base] + [CpuConfig(tile=t) for t in (8, 32, 64, 128)]
