@@ -300,6 +300,9 @@ GS_INLINE gs_i gs_pix(const GsDir& g, gs_i W, gs_i t, gs_i i)
 struct GsPut {
     template <class D, class F> inline __attribute__((always_inline)) void operator()(D& d, F v) const { gs_put(d, v); }
 };
+// GsPut for tensor outputs read by no one in this pass: fp32 fast paths write them
+// with non-temporal stores (no read-for-ownership of lines that are only written).
+struct GsStream : GsPut {};
 struct GsAdd {
     template <class F> inline __attribute__((always_inline)) void operator()(F& d, F v) const { d += v; }
 };
@@ -341,7 +344,8 @@ template <bool ToTile, class Op, class A, class B>
 static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt)
 {
     constexpr bool fp32 = std::is_same_v<std::remove_const_t<A>, float> && std::is_same_v<std::remove_const_t<B>, float>;
-    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsAdd>);
+    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsStream> ||
+                                 std::is_same_v<Op, GsAdd>);
     if constexpr (!ok) {
         return 0;
     } else {
@@ -364,7 +368,8 @@ static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i 
                     float* dst = img + (i0 + q) * W + col0;
                     __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
                     if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
-                    _mm512_storeu_ps(dst, v);
+                    if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
+                    else _mm512_storeu_ps(dst, v);
                 }
             }
         }
@@ -402,8 +407,16 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
                 const gs_i t = t0 + s;
                 A* row = img + (g.rev ? g.T - 1 - t : t) * W;
                 B* ln = tile + s * ls;
+                gs_i i0 = 0;
+#if defined(__AVX512F__)
+                if constexpr (!ToTile && std::is_same_v<Op, GsStream> && std::is_same_v<A, float> &&
+                              std::is_same_v<B, float>) {
+                    if (((uintptr_t)row & 63) == 0)
+                        for (; i0 + 16 <= g.L; i0 += 16) _mm512_stream_ps(row + i0, _mm512_loadu_ps(ln + i0));
+                }
+#endif
 #pragma omp simd
-                for (gs_i i = 0; i < g.L; ++i) {
+                for (gs_i i = i0; i < g.L; ++i) {
                     if constexpr (ToTile) op(ln[i], row[i]);
                     else op(row[i], ln[i]);
                 }
@@ -418,6 +431,36 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
                     if constexpr (ToTile) op(d[cb], q[co[cb]]);
                     else op(q[co[cb]], d[cb]);
                 }
+            }
+        }
+    }
+}
+
+// Software prefetch of part q (of nt) of the tile of TS steps from step t0 of a
+// slice (as gs_move addresses it): called once per computed line, it spreads the
+// next tile's DRAM reads over the current tile's arithmetic, so the many input
+// streams are in flight together instead of one after another at staging time.
+template <class A>
+GS_INLINE void gs_prefetch(const A* img, gs_i ps, int V, const GsDir& g, gs_i W, gs_i t0, int TS, int q, int nt)
+{
+    constexpr gs_i LINE = 64 / sizeof(A);
+    if (t0 < 0 || t0 >= g.T) return;
+    if (!GS_NHWC && g.stepw) {
+        const gs_i i0 = g.L * q / nt, i1 = g.L * (q + 1) / nt;
+        const gs_i n = (g.T - t0) < TS ? (g.T - t0) : TS;
+        const gs_i c0 = g.rev ? g.T - t0 - n : t0;
+        for (gs_i i = i0; i < i1; ++i)
+            for (gs_i c = 0; c < n; c += LINE) __builtin_prefetch(img + i * W + c0 + c);
+    } else {
+        if (q >= TS || t0 + q >= g.T) return;
+        const gs_i t = t0 + q;
+        if (!GS_NHWC) {
+            const A* row = img + (g.rev ? g.T - 1 - t : t) * W;
+            for (gs_i i = 0; i < g.L; i += LINE) __builtin_prefetch(row + i);
+        } else {
+            for (gs_i i = 0; i < g.L; ++i) {
+                const A* px = img + gs_pix(g, W, t, i) * ps;
+                for (gs_i c = 0; c < V; c += LINE) __builtin_prefetch(px + c);
             }
         }
     }
@@ -666,7 +709,13 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                     if (GS_MOD) gs_move<true>(uP, ps, im.co_c, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
                     if (GS_SKIP) gs_move<true>(sP, ps, im.co_c, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int q = 0; q < nt; ++q) {
-                        const gs_i o = q * sh.nmax;
+                        const gs_i o = q * sh.nmax, tn = t0 + TS;  // the next tile
+                        if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        gs_prefetch(lamP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_fwd(c)) gs_prefetch(wP[c], psw, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        if (GS_MOD) gs_prefetch(uP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        if (GS_SKIP) gs_prefetch(sP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
                         const F* wl[GS_K];
                         for (int c = 0; c < GS_K; ++c) wl[c] = tw[c] + o;
                         const F* hprev = th + q * sh.lsp + sh.pad;
@@ -676,9 +725,9 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         else
                             gs_fwd_line<F, false>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
                     }
-                    gs_move<false>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsPut());
+                    gs_move<false>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
-                        gs_move<false>(yP, ps, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
+                        gs_move<false>(yP, ps, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
                     else if (d == 0)
                         gs_move<false>(yacc, (gs_i)im.V, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
@@ -688,6 +737,9 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
             }
             if (!GS_STACK) gs_store_image(y + im.off(sh, im.n, sh.C, im.c0), ps, yacc, im.V, sh.HW);
         }
+#if defined(__AVX512F__)
+        _mm_sfence();  // non-temporal stores are visible before the pass returns
+#endif
         std::free(buf);
     }
     return err;
@@ -780,7 +832,16 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                             gs_move<true>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
                     }
                     for (int q = nt - 1; q >= 0; --q) {
-                        const gs_i t = t0 + q, o = q * sh.nmax;
+                        const gs_i t = t0 + q, o = q * sh.nmax, tn = t0 - TS;  // the next tile
+                        const int pq = nt - 1 - q;
+                        gs_prefetch(gyP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        gs_prefetch(lamP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_BWD_H || GS_BWD_HP) gs_prefetch(hP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_bwd(c)) gs_prefetch(wP[c], psw, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_MOD) gs_prefetch(uP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_SKIP) gs_prefetch(sP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
                         const F* wl[GS_K];
                         F* gwl[GS_K];
                         for (int c = 0; c < GS_K; ++c) { wl[c] = tw[c] + o; gwl[c] = ogw[c] + o; }
@@ -796,7 +857,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
 #undef GS_BWD_ARGS
                         cur ^= 1;
                     }
-                    const GsPut put;
+                    const GsStream put;
                     gs_move<false>(glam + so, ps, im.co_c, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
                     if (GS_MOD) gs_move<false>(gu + so, ps, im.co_c, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
                     if (GS_SKIP) gs_move<false>(gs + so, ps, im.co_c, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
@@ -805,7 +866,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         else gs_move<false>(gwP[c], ps, im.co_c, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                     }
                     if (d == 0)
-                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, put);
+                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
                         gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
                 }
@@ -813,6 +874,9 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             }
             gs_store_image(gx + im.off(sh, im.n, sh.C, im.c0), ps, gxacc, im.V, sh.HW);
         }
+#if defined(__AVX512F__)
+        _mm_sfence();  // non-temporal stores are visible before the pass returns
+#endif
         std::free(buf);
     }
     return err;
