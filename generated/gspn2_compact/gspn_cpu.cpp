@@ -427,13 +427,22 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
             }
         }
     } else {
+        // co == nullptr: the channels are consecutive (every tensor but the weights)
         for (int s = 0; s < nt; ++s) {
             for (gs_i i = 0; i < g.L; ++i) {
                 A* q = img + gs_pix(g, W, t0 + s, i) * ps;
                 B* d = tile + s * ls + i * V;
-                for (int cb = 0; cb < V; ++cb) {
-                    if constexpr (ToTile) op(d[cb], q[co[cb]]);
-                    else op(q[co[cb]], d[cb]);
+                if (co == nullptr) {
+#pragma omp simd
+                    for (int cb = 0; cb < V; ++cb) {
+                        if constexpr (ToTile) op(d[cb], q[cb]);
+                        else op(q[cb], d[cb]);
+                    }
+                } else {
+                    for (int cb = 0; cb < V; ++cb) {
+                        if constexpr (ToTile) op(d[cb], q[co[cb]]);
+                        else op(q[co[cb]], d[cb]);
+                    }
                 }
             }
         }
@@ -468,6 +477,24 @@ GS_INLINE void gs_prefetch(const A* img, gs_i ps, int V, const GsDir& g, gs_i W,
             }
         }
     }
+}
+
+// nhwc weight gradients when the item holds whole weight groups: each group's
+// channels summed in order, straight into gw (pixel stride G).
+template <class T, class F>
+static void gs_store_groups(T* gw, gs_i G, const F* tile, gs_i ls, int V, gs_i cg, const GsDir& g, gs_i W, gs_i t0,
+                            int nt)
+{
+    for (int s = 0; s < nt; ++s)
+        for (gs_i i = 0; i < g.L; ++i) {
+            T* q = gw + gs_pix(g, W, t0 + s, i) * G;
+            const F* d = tile + s * ls + i * V;
+            for (gs_i gl = 0; gl < V / cg; ++gl) {
+                F acc = 0;
+                for (gs_i c = 0; c < cg; ++c) acc += d[gl * cg + c];
+                gs_put(q[gl], acc);
+            }
+        }
 }
 
 // ---------------------------------------------------------------------------
@@ -613,7 +640,7 @@ struct GsShape {
 struct GsItem {
     gs_i n, c0;
     int V;
-    gs_i co_c[64], co_g[64];  // V <= 64 (the host checks cb)
+    gs_i co_g[64];  // channel -> weight group offset; V <= 64 (the host checks cb)
 
     GsItem(const GsShape& sh, gs_i it)
     {
@@ -621,10 +648,7 @@ struct GsItem {
         c0 = (it % sh.nblk) * sh.V0;
         V = (int)((sh.C - c0) < sh.V0 ? (sh.C - c0) : sh.V0);
         const gs_i cg = sh.C / sh.G;
-        for (int cb = 0; cb < V; ++cb) {
-            co_c[cb] = cb;
-            co_g[cb] = (c0 + cb) / cg;
-        }
+        for (int cb = 0; cb < V; ++cb) co_g[cb] = (c0 + cb) / cg;
     }
     // (n, [d,] c0) slice of a tensor with `ch` channels per pixel, `planes` leading slices per batch item
     gs_i off(const GsShape& sh, gs_i lead, gs_i ch, gs_i c) const
@@ -688,6 +712,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
             F* ty = ts + (GS_SKIP ? tl : 0);
             F* th = ty + tl;
             const gs_i gch = GS_NHWC ? 0 : im.co_g[0];  // nchw: the item's group plane
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             for (int d = 0; d < GS_D; ++d) {
@@ -706,12 +731,12 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 for (gs_i t0 = 0; t0 < g.T; t0 += TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     const GsLoad ld;
-                    gs_move<true>(xP, ps, im.co_c, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, im.co_c, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, im.co_g, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, im.co_c, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, im.co_c, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int q = 0; q < nt; ++q) {
                         const gs_i o = q * sh.nmax, tn = t0 + TS;  // the next tile
                         if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
@@ -729,13 +754,13 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         else
                             gs_fwd_line<F, false>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
                     }
-                    gs_move<false>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
+                    gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
-                        gs_move<false>(yP, ps, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
+                        gs_move<false>(yP, ps, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
                     else if (d == 0)
-                        gs_move<false>(yacc, (gs_i)im.V, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
+                        gs_move<false>(yacc, (gs_i)im.V, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
-                        gs_move<false>(yacc, (gs_i)im.V, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsAdd());
+                        gs_move<false>(yacc, (gs_i)im.V, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsAdd());
                     std::memcpy(th, th + nt * sh.lsp, sizeof(F) * sh.lsp);  // the last line is the next tile's previous
                 }
             }
@@ -792,6 +817,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             for (int b = 0; b < 3; ++b)
                 for (int c = 0; c < GS_K; ++c) { ghp[b][c] = p + sh.pad; p += gs_skew(sh.lsp); }
             const gs_i gch = GS_NHWC ? 0 : im.co_g[0];
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             for (int d = 0; d < GS_D; ++d) {
@@ -800,8 +826,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 const gs_i nd = im.n * GS_D + d;
                 const T* wP[GS_K];
                 T* gwP[GS_K];
+                T* gwG[GS_K];  // nhwc, groups inside the item: the item's first group
                 F* gwideP[GS_K];
                 for (int c = 0; c < GS_K; ++c) {
+                    gwG[c] = gw + im.off(sh, nd * GS_K + c, sh.G, im.c0 / (sh.C / sh.G));
                     wP[c] = w + im.off(sh, nd * GS_K + c, sh.G, gch);
                     gwP[c] = gwide ? nullptr : gw + im.off(sh, nd * GS_K + c, sh.C, im.c0);
                     gwideP[c] = gwide ? gwide + im.off(sh, nd * GS_K + c, sh.C, im.c0) : nullptr;
@@ -821,19 +849,19 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 const GsLoad ld;
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
-                    gs_move<true>(gyP, ps, im.co_c, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(xP, ps, im.co_c, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, im.co_c, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, im.co_g, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, im.co_c, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, im.co_c, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     if (GS_BWD_H || GS_BWD_HP) {
                         // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step)
                         if (t0 > 0)
-                            gs_move<true>(hP, ps, im.co_c, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, nt + 1, ld);
+                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, nt + 1, ld);
                         else
-                            gs_move<true>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
+                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
                     }
                     for (int q = nt - 1; q >= 0; --q) {
                         const gs_i t = t0 + q, o = q * sh.nmax, tn = t0 - TS;  // the next tile
@@ -862,17 +890,18 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         cur ^= 1;
                     }
                     const GsStream put;
-                    gs_move<false>(glam + so, ps, im.co_c, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_MOD) gs_move<false>(gu + so, ps, im.co_c, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_SKIP) gs_move<false>(gs + so, ps, im.co_c, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
+                    gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_MOD) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_SKIP) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
                     for (int c = 0; c < GS_K; ++c) {
-                        if (gwide) gs_move<false>(gwideP[c], ps, im.co_c, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
-                        else gs_move<false>(gwP[c], ps, im.co_c, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        if (gwide) gs_move<false>(gwideP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
                     }
                     if (d == 0)
-                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
+                        gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
-                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
+                        gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
                 }
                 if (GS_LEARNED) gmpart[it * GS_D + d] = gmsum;
             }
@@ -891,6 +920,7 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
                        const T* hs, T* gx, T* gw, F* gwide, T* glam, T* gu, T* gs, T* gm, const gs_i* a)
 {
     const GsShape sh(a);
+    if (!gwide && sh.G != sh.C && !(GS_NHWC && sh.V0 % (sh.C / sh.G) == 0)) return 2;  // host contract
     F* gmpart = nullptr;
     if (GS_LEARNED) {
         gmpart = (F*)gs_alloc(sh.items * GS_D, sizeof(F));
@@ -938,9 +968,10 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
 // ---------------------------------------------------------------------------
 // Entry points, one pair per storage dtype. p: the tensors' data pointers
 // (nullptr for unused ones); a: N, C, G, H, W, chunk (0: global), threads,
-// tile, cb. Returns 0, or 1 when scratch memory could not be allocated.
+// tile, cb. Returns 0, 1 when scratch memory could not be allocated, 2 when gwide is
+// missing but needed (G != C, except nhwc items holding whole groups).
 // forward p: x, w, lam, u, s, m, y, h.
-// backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (nullptr when G == C), glam, gu, gs, gm.
+// backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (see gs_backward), glam, gu, gs, gm.
 // ---------------------------------------------------------------------------
 extern "C" int gspn_abi_version() { return 1; }
 extern "C" int gspn_openmp_threads() { return omp_get_max_threads(); }
