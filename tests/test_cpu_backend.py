@@ -170,6 +170,14 @@ def test_every_candidate_config(i):
         check_against_reference(spec, 1, 4, 35, 33, dtype=torch.float32, key=key)
 
 
+def test_nhwc_groups_split_over_items():
+    # cb=4 with 8 channels per weight group: a group spans two items, so the weight
+    # gradients go through the per-channel buffer and the ordered group sum
+    spec = feature_spec(1)
+    check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float64, key="cb=4,tile=16")
+    check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float32, key="cb=8,tile=32")
+
+
 def test_threads_give_identical_results():
     # Work items (batch x channel block) never share an output element, and every
     # reduction across items (dL/dm, group-shared weight gradients) runs in a fixed
