@@ -379,7 +379,7 @@ specs = [
 shapes = [(2, 2, 5, 1), (1, 2, 17, 33)]
 for i, fields in enumerate(specs):
     spec = Spec.from_dict({"name": f"san{i}", **fields})
-    for dtype in (torch.float32, torch.float64, torch.bfloat16 if i == 1 else torch.float16):
+    for dtype in (torch.float32, torch.bfloat16 if i == 1 else torch.float16):
         for shape in shapes:
             args = [make_inputs(spec, *shape, dtype=dtype, seed=i)[n] for n in ARG_NAMES]
             y, saved = CpuBackend().forward(spec, *args)
