@@ -151,3 +151,19 @@ def test_extreme_logits_in_the_cuda_emulator(pattern):
     assert torch.isfinite(y).all() and rel_error(y, y64) <= tolerance(torch.float32)
     for a, b in zip(grads, g64):
         assert torch.isfinite(a).all() and rel_error(a, b, floor=0.1) <= tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_a_nan_logit_of_an_existing_neighbour_gives_nan_as_in_the_reference(centre):
+    # (a clamp written as fmin(80, a) would turn a NaN logit into 80 and hide it)
+    spec = spec_of(3)
+    inp = make_inputs(spec, 1, 2, 5, 6, dtype=torch.float64, seed=2)
+    inp["w"][0, 0, 1 if centre else 0, 0, 2, 3] = float("nan")  # lr: pixel (2, 3), neighbour above exists
+    y_ref, _ = run("reference", spec, inp, torch.float64)
+    assert torch.isnan(y_ref).any()
+    for name in backends_here():
+        for dtype in (torch.float32, torch.float64):
+            if name == "triton" and dtype == torch.float64:
+                continue
+            y, _ = run(name, spec, inp, dtype)
+            assert torch.equal(torch.isnan(y), torch.isnan(y_ref)), (name, dtype)

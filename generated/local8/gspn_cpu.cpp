@@ -160,15 +160,16 @@ GS_INLINE void gs_blk_forward(const float w0, const float w1, const float w2, co
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = gs_fmin(0.0f, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const float cse3 = gs_exp(-cse2 + gs_fmin(80.0f, w1));
-    const float cse4 = gs_exp(cse2);
-    const float cse5 = cse3/(fmaf(cse3, cse4, 1.0f));
-    const float cse6 = gs_exp(-cse2 + gs_fmin(80.0f, cse0));
-    const float cse7 = (e0 ? cse6/(fmaf(cse4, cse6, 1.0f)) : 0.0f);
-    const float cse8 = gs_exp(-cse2 + gs_fmin(80.0f, cse1));
-    const float cse9 = (e2 ? cse8/(fmaf(cse4, cse8, 1.0f)) : 0.0f);
-    const float cse10 = (1.0f/(cse5 + cse7 + cse9));
-    const float h = fmaf(cse10, cse5*hp1, fmaf(cse10, cse7*hp0, fmaf(cse10, cse9*hp2, lam*x)));
+    const float cse3 = -cse2;
+    const float cse4 = gs_exp(cse3 + (w1 > 80.0f ? 80.0f : w1));
+    const float cse5 = gs_exp(cse2);
+    const float cse6 = cse4/(fmaf(cse4, cse5, 1.0f));
+    const float cse7 = gs_exp(cse3 + (cse0 > 80.0f ? 80.0f : cse0));
+    const float cse8 = (e0 ? cse7/(fmaf(cse5, cse7, 1.0f)) : 0.0f);
+    const float cse9 = gs_exp(cse3 + (cse1 > 80.0f ? 80.0f : cse1));
+    const float cse10 = (e2 ? cse9/(fmaf(cse5, cse9, 1.0f)) : 0.0f);
+    const float cse11 = (1.0f/(cse10 + cse6 + cse8));
+    const float h = fmaf(cse10, cse11*hp2, fmaf(cse11, cse6*hp1, fmaf(cse11, cse8*hp0, lam*x)));
     o_h = h;
 }
 
@@ -186,36 +187,35 @@ GS_INLINE void gs_blk_adjoint(const float gh, const float w0, const float w1, co
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = gs_fmin(0.0f, gs_fmax(cse0, gs_fmax(cse1, w1)));
     const float cse3 = gs_exp(cse2);
-    const float cse4 = gs_exp(-cse2 + gs_fmin(80.0f, cse0));
-    const float cse5 = cse3*cse4;
-    const float cse6 = (1.0f/(cse5 + 1.0f));
-    const float cse7 = gs_exp(-cse2 + gs_fmin(80.0f, w1));
-    const float cse8 = cse3*cse7;
-    const float cse9 = (1.0f/(cse8 + 1.0f));
-    const float cse10 = cse7*cse9;
-    const float cse11 = cse4*cse6;
-    const float cse12 = (e0 ? cse11 : 0.0f);
-    const float cse13 = gs_exp(-cse2 + gs_fmin(80.0f, cse1));
-    const float cse14 = cse13*cse3;
-    const float cse15 = (1.0f/(cse14 + 1.0f));
-    const float cse16 = cse13*cse15;
-    const float cse17 = (e2 ? cse16 : 0.0f);
-    const float cse18 = (1.0f/(cse10 + cse12 + cse17));
-    const float cse19 = cse12*cse18;
-    const float cse20 = cse17*cse18;
-    const float cse21 = fmaf(cse10, cse18*hp1, fmaf(cse19, hp0, cse20*hp2));
-    const float cse22 = cse18*gh;
-    const float cse23 = cse11*(fmaf(-cse5, cse6, 1.0f))*(e0 ? cse22*(-cse21 + hp0) : 0.0f);
-    const float cse24 = cse10*cse22;
-    const float cse25 = cse16*(fmaf(-cse14, cse15, 1.0f))*(e2 ? cse22*(-cse21 + hp2) : 0.0f);
+    const float cse4 = -cse2;
+    const float cse5 = gs_exp(cse4 + (cse0 > 80.0f ? 80.0f : cse0));
+    const float cse6 = cse3*cse5;
+    const float cse7 = (1.0f/(cse6 + 1.0f));
+    const float cse8 = gs_exp(cse4 + (w1 > 80.0f ? 80.0f : w1));
+    const float cse9 = cse3*cse8;
+    const float cse10 = (1.0f/(cse9 + 1.0f));
+    const float cse11 = cse10*cse8;
+    const float cse12 = cse5*cse7;
+    const float cse13 = (e0 ? cse12 : 0.0f);
+    const float cse14 = gs_exp(cse4 + (cse1 > 80.0f ? 80.0f : cse1));
+    const float cse15 = cse14*cse3;
+    const float cse16 = (1.0f/(cse15 + 1.0f));
+    const float cse17 = cse14*cse16;
+    const float cse18 = (e2 ? cse17 : 0.0f);
+    const float cse19 = (1.0f/(cse11 + cse13 + cse18));
+    const float cse20 = cse13*cse19;
+    const float cse21 = cse18*cse19;
+    const float cse22 = fmaf(cse11, cse19*hp1, fmaf(cse20, hp0, cse21*hp2));
+    const float cse23 = cse19*gh;
+    const float cse24 = cse11*cse23;
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse23 : 0.0f);
-    const float gw1 = fmaf(cse24, (-cse21 + hp1)*(fmaf(-cse8, cse9, 1.0f)), (e0 ? 0.0f : cse23) + (e2 ? 0.0f : cse25));
-    const float gw2 = (e2 ? cse25 : 0.0f);
-    const float ghp0 = cse19*gh;
+    const float gw0 = (e0 ? cse12*(fmaf(-cse6, cse7, 1.0f))*(e0 ? cse23*(-cse22 + hp0) : 0.0f) : 0.0f);
+    const float gw1 = cse24*(-cse22 + hp1)*(fmaf(-cse10, cse9, 1.0f));
+    const float gw2 = (e2 ? cse17*(fmaf(-cse15, cse16, 1.0f))*(e2 ? cse23*(-cse22 + hp2) : 0.0f) : 0.0f);
+    const float ghp0 = cse20*gh;
     const float ghp1 = cse24;
-    const float ghp2 = cse20*gh;
+    const float ghp2 = cse21*gh;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -246,15 +246,16 @@ GS_INLINE void gs_blk_forward(const double w0, const double w1, const double w2,
     const double cse0 = (e0 ? w0 : w1);
     const double cse1 = (e2 ? w2 : w1);
     const double cse2 = gs_fmin(0.0, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const double cse3 = exp(-cse2 + gs_fmin(80.0, w1));
-    const double cse4 = exp(cse2);
-    const double cse5 = cse3/(fma(cse3, cse4, 1.0));
-    const double cse6 = exp(-cse2 + gs_fmin(80.0, cse0));
-    const double cse7 = (e0 ? cse6/(fma(cse4, cse6, 1.0)) : 0.0);
-    const double cse8 = exp(-cse2 + gs_fmin(80.0, cse1));
-    const double cse9 = (e2 ? cse8/(fma(cse4, cse8, 1.0)) : 0.0);
-    const double cse10 = (1.0/(cse5 + cse7 + cse9));
-    const double h = fma(cse10, cse5*hp1, fma(cse10, cse7*hp0, fma(cse10, cse9*hp2, lam*x)));
+    const double cse3 = -cse2;
+    const double cse4 = exp(cse3 + (w1 > 80.0 ? 80.0 : w1));
+    const double cse5 = exp(cse2);
+    const double cse6 = cse4/(fma(cse4, cse5, 1.0));
+    const double cse7 = exp(cse3 + (cse0 > 80.0 ? 80.0 : cse0));
+    const double cse8 = (e0 ? cse7/(fma(cse5, cse7, 1.0)) : 0.0);
+    const double cse9 = exp(cse3 + (cse1 > 80.0 ? 80.0 : cse1));
+    const double cse10 = (e2 ? cse9/(fma(cse5, cse9, 1.0)) : 0.0);
+    const double cse11 = (1.0/(cse10 + cse6 + cse8));
+    const double h = fma(cse10, cse11*hp2, fma(cse11, cse6*hp1, fma(cse11, cse8*hp0, lam*x)));
     o_h = h;
 }
 
@@ -272,36 +273,35 @@ GS_INLINE void gs_blk_adjoint(const double gh, const double w0, const double w1,
     const double cse1 = (e2 ? w2 : w1);
     const double cse2 = gs_fmin(0.0, gs_fmax(cse0, gs_fmax(cse1, w1)));
     const double cse3 = exp(cse2);
-    const double cse4 = exp(-cse2 + gs_fmin(80.0, cse0));
-    const double cse5 = cse3*cse4;
-    const double cse6 = (1.0/(cse5 + 1.0));
-    const double cse7 = exp(-cse2 + gs_fmin(80.0, w1));
-    const double cse8 = cse3*cse7;
-    const double cse9 = (1.0/(cse8 + 1.0));
-    const double cse10 = cse7*cse9;
-    const double cse11 = cse4*cse6;
-    const double cse12 = (e0 ? cse11 : 0.0);
-    const double cse13 = exp(-cse2 + gs_fmin(80.0, cse1));
-    const double cse14 = cse13*cse3;
-    const double cse15 = (1.0/(cse14 + 1.0));
-    const double cse16 = cse13*cse15;
-    const double cse17 = (e2 ? cse16 : 0.0);
-    const double cse18 = (1.0/(cse10 + cse12 + cse17));
-    const double cse19 = cse12*cse18;
-    const double cse20 = cse17*cse18;
-    const double cse21 = fma(cse10, cse18*hp1, fma(cse19, hp0, cse20*hp2));
-    const double cse22 = cse18*gh;
-    const double cse23 = cse11*(fma(-cse5, cse6, 1.0))*(e0 ? cse22*(-cse21 + hp0) : 0.0);
-    const double cse24 = cse10*cse22;
-    const double cse25 = cse16*(fma(-cse14, cse15, 1.0))*(e2 ? cse22*(-cse21 + hp2) : 0.0);
+    const double cse4 = -cse2;
+    const double cse5 = exp(cse4 + (cse0 > 80.0 ? 80.0 : cse0));
+    const double cse6 = cse3*cse5;
+    const double cse7 = (1.0/(cse6 + 1.0));
+    const double cse8 = exp(cse4 + (w1 > 80.0 ? 80.0 : w1));
+    const double cse9 = cse3*cse8;
+    const double cse10 = (1.0/(cse9 + 1.0));
+    const double cse11 = cse10*cse8;
+    const double cse12 = cse5*cse7;
+    const double cse13 = (e0 ? cse12 : 0.0);
+    const double cse14 = exp(cse4 + (cse1 > 80.0 ? 80.0 : cse1));
+    const double cse15 = cse14*cse3;
+    const double cse16 = (1.0/(cse15 + 1.0));
+    const double cse17 = cse14*cse16;
+    const double cse18 = (e2 ? cse17 : 0.0);
+    const double cse19 = (1.0/(cse11 + cse13 + cse18));
+    const double cse20 = cse13*cse19;
+    const double cse21 = cse18*cse19;
+    const double cse22 = fma(cse11, cse19*hp1, fma(cse20, hp0, cse21*hp2));
+    const double cse23 = cse19*gh;
+    const double cse24 = cse11*cse23;
     const double glam = gh*x;
     const double gx = gh*lam;
-    const double gw0 = (e0 ? cse23 : 0.0);
-    const double gw1 = fma(cse24, (-cse21 + hp1)*(fma(-cse8, cse9, 1.0)), (e0 ? 0.0 : cse23) + (e2 ? 0.0 : cse25));
-    const double gw2 = (e2 ? cse25 : 0.0);
-    const double ghp0 = cse19*gh;
+    const double gw0 = (e0 ? cse12*(fma(-cse6, cse7, 1.0))*(e0 ? cse23*(-cse22 + hp0) : 0.0) : 0.0);
+    const double gw1 = cse24*(-cse22 + hp1)*(fma(-cse10, cse9, 1.0));
+    const double gw2 = (e2 ? cse17*(fma(-cse15, cse16, 1.0))*(e2 ? cse23*(-cse22 + hp2) : 0.0) : 0.0);
+    const double ghp0 = cse20*gh;
     const double ghp1 = cse24;
-    const double ghp2 = cse20*gh;
+    const double ghp2 = cse21*gh;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -344,6 +344,9 @@ GS_INLINE gs_i gs_pix(const GsDir& g, gs_i W, gs_i t, gs_i i)
 struct GsPut {
     template <class D, class F> inline __attribute__((always_inline)) void operator()(D& d, F v) const { gs_put(d, v); }
 };
+// GsPut for tensor outputs read by no one in this pass: fp32 fast paths write them
+// with non-temporal stores (no read-for-ownership of lines that are only written).
+struct GsStream : GsPut {};
 struct GsAdd {
     template <class F> inline __attribute__((always_inline)) void operator()(F& d, F v) const { d += v; }
 };
@@ -385,7 +388,8 @@ template <bool ToTile, class Op, class A, class B>
 static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt)
 {
     constexpr bool fp32 = std::is_same_v<std::remove_const_t<A>, float> && std::is_same_v<std::remove_const_t<B>, float>;
-    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsAdd>);
+    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsStream> ||
+                                 std::is_same_v<Op, GsAdd>);
     if constexpr (!ok) {
         return 0;
     } else {
@@ -408,7 +412,8 @@ static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i 
                     float* dst = img + (i0 + q) * W + col0;
                     __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
                     if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
-                    _mm512_storeu_ps(dst, v);
+                    if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
+                    else _mm512_storeu_ps(dst, v);
                 }
             }
         }
@@ -446,25 +451,90 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
                 const gs_i t = t0 + s;
                 A* row = img + (g.rev ? g.T - 1 - t : t) * W;
                 B* ln = tile + s * ls;
+                gs_i i0 = 0;
+#if defined(__AVX512F__)
+                if constexpr (!ToTile && std::is_same_v<Op, GsStream> && std::is_same_v<A, float> &&
+                              std::is_same_v<B, float>) {
+                    if (((uintptr_t)row & 63) == 0)
+                        for (; i0 + 16 <= g.L; i0 += 16) _mm512_stream_ps(row + i0, _mm512_loadu_ps(ln + i0));
+                }
+#endif
 #pragma omp simd
-                for (gs_i i = 0; i < g.L; ++i) {
+                for (gs_i i = i0; i < g.L; ++i) {
                     if constexpr (ToTile) op(ln[i], row[i]);
                     else op(row[i], ln[i]);
                 }
             }
         }
     } else {
+        // co == nullptr: the channels are consecutive (every tensor but the weights)
         for (int s = 0; s < nt; ++s) {
             for (gs_i i = 0; i < g.L; ++i) {
                 A* q = img + gs_pix(g, W, t0 + s, i) * ps;
                 B* d = tile + s * ls + i * V;
-                for (int cb = 0; cb < V; ++cb) {
-                    if constexpr (ToTile) op(d[cb], q[co[cb]]);
-                    else op(q[co[cb]], d[cb]);
+                if (co == nullptr) {
+#pragma omp simd
+                    for (int cb = 0; cb < V; ++cb) {
+                        if constexpr (ToTile) op(d[cb], q[cb]);
+                        else op(q[cb], d[cb]);
+                    }
+                } else {
+                    for (int cb = 0; cb < V; ++cb) {
+                        if constexpr (ToTile) op(d[cb], q[co[cb]]);
+                        else op(q[co[cb]], d[cb]);
+                    }
                 }
             }
         }
     }
+}
+
+// Software prefetch of part q (of nt) of the tile of TS steps from step t0 of a
+// slice (as gs_move addresses it): called once per computed line, it spreads the
+// next tile's DRAM reads over the current tile's arithmetic, so the many input
+// streams are in flight together instead of one after another at staging time.
+template <class A>
+GS_INLINE void gs_prefetch(const A* img, gs_i ps, int V, const GsDir& g, gs_i W, gs_i t0, int TS, int q, int nt)
+{
+    constexpr gs_i LINE = 64 / sizeof(A);
+    if (t0 < 0 || t0 >= g.T) return;
+    if (!GS_NHWC && g.stepw) {
+        const gs_i i0 = g.L * q / nt, i1 = g.L * (q + 1) / nt;
+        const gs_i n = (g.T - t0) < TS ? (g.T - t0) : TS;
+        const gs_i c0 = g.rev ? g.T - t0 - n : t0;
+        for (gs_i i = i0; i < i1; ++i)
+            for (gs_i c = 0; c < n; c += LINE) __builtin_prefetch(img + i * W + c0 + c);
+    } else {
+        if (q >= TS || t0 + q >= g.T) return;
+        const gs_i t = t0 + q;
+        if (!GS_NHWC) {
+            const A* row = img + (g.rev ? g.T - 1 - t : t) * W;
+            for (gs_i i = 0; i < g.L; i += LINE) __builtin_prefetch(row + i);
+        } else {
+            for (gs_i i = 0; i < g.L; ++i) {
+                const A* px = img + gs_pix(g, W, t, i) * ps;
+                for (gs_i c = 0; c < V; c += LINE) __builtin_prefetch(px + c);
+            }
+        }
+    }
+}
+
+// nhwc weight gradients when the item holds whole weight groups: each group's
+// channels summed in order, straight into gw (pixel stride G).
+template <class T, class F>
+static void gs_store_groups(T* gw, gs_i G, const F* tile, gs_i ls, int V, gs_i cg, const GsDir& g, gs_i W, gs_i t0,
+                            int nt)
+{
+    for (int s = 0; s < nt; ++s)
+        for (gs_i i = 0; i < g.L; ++i) {
+            T* q = gw + gs_pix(g, W, t0 + s, i) * G;
+            const F* d = tile + s * ls + i * V;
+            for (gs_i gl = 0; gl < V / cg; ++gl) {
+                F acc = 0;
+                for (gs_i c = 0; c < cg; ++c) acc += d[gl * cg + c];
+                gs_put(q[gl], acc);
+            }
+        }
 }
 
 // ---------------------------------------------------------------------------
@@ -610,7 +680,7 @@ struct GsShape {
 struct GsItem {
     gs_i n, c0;
     int V;
-    gs_i co_c[64], co_g[64];  // V <= 64 (the host checks cb)
+    gs_i co_g[64];  // channel -> weight group offset; V <= 64 (the host checks cb)
 
     GsItem(const GsShape& sh, gs_i it)
     {
@@ -618,10 +688,7 @@ struct GsItem {
         c0 = (it % sh.nblk) * sh.V0;
         V = (int)((sh.C - c0) < sh.V0 ? (sh.C - c0) : sh.V0);
         const gs_i cg = sh.C / sh.G;
-        for (int cb = 0; cb < V; ++cb) {
-            co_c[cb] = cb;
-            co_g[cb] = (c0 + cb) / cg;
-        }
+        for (int cb = 0; cb < V; ++cb) co_g[cb] = (c0 + cb) / cg;
     }
     // (n, [d,] c0) slice of a tensor with `ch` channels per pixel, `planes` leading slices per batch item
     gs_i off(const GsShape& sh, gs_i lead, gs_i ch, gs_i c) const
@@ -685,6 +752,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
             F* ty = ts + (GS_SKIP ? tl : 0);
             F* th = ty + tl;
             const gs_i gch = GS_NHWC ? 0 : im.co_g[0];  // nchw: the item's group plane
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             for (int d = 0; d < GS_D; ++d) {
@@ -703,14 +771,20 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 for (gs_i t0 = 0; t0 < g.T; t0 += TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     const GsLoad ld;
-                    gs_move<true>(xP, ps, im.co_c, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, im.co_c, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, im.co_g, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, im.co_c, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, im.co_c, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int q = 0; q < nt; ++q) {
-                        const gs_i o = q * sh.nmax;
+                        const gs_i o = q * sh.nmax, tn = t0 + TS;  // the next tile
+                        if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        gs_prefetch(lamP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_fwd(c)) gs_prefetch(wP[c], psw, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        if (GS_MOD) gs_prefetch(uP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
+                        if (GS_SKIP) gs_prefetch(sP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
                         const F* wl[GS_K];
                         for (int c = 0; c < GS_K; ++c) wl[c] = tw[c] + o;
                         const F* hprev = th + q * sh.lsp + sh.pad;
@@ -720,18 +794,21 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         else
                             gs_fwd_line<F, false>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
                     }
-                    gs_move<false>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsPut());
+                    gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
-                        gs_move<false>(yP, ps, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
+                        gs_move<false>(yP, ps, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
                     else if (d == 0)
-                        gs_move<false>(yacc, (gs_i)im.V, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
+                        gs_move<false>(yacc, (gs_i)im.V, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
-                        gs_move<false>(yacc, (gs_i)im.V, im.co_c, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsAdd());
+                        gs_move<false>(yacc, (gs_i)im.V, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsAdd());
                     std::memcpy(th, th + nt * sh.lsp, sizeof(F) * sh.lsp);  // the last line is the next tile's previous
                 }
             }
             if (!GS_STACK) gs_store_image(y + im.off(sh, im.n, sh.C, im.c0), ps, yacc, im.V, sh.HW);
         }
+#if defined(__AVX512F__)
+        _mm_sfence();  // non-temporal stores are visible before the pass returns
+#endif
         std::free(buf);
     }
     return err;
@@ -780,6 +857,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             for (int b = 0; b < 3; ++b)
                 for (int c = 0; c < GS_K; ++c) { ghp[b][c] = p + sh.pad; p += gs_skew(sh.lsp); }
             const gs_i gch = GS_NHWC ? 0 : im.co_g[0];
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             for (int d = 0; d < GS_D; ++d) {
@@ -788,8 +866,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 const gs_i nd = im.n * GS_D + d;
                 const T* wP[GS_K];
                 T* gwP[GS_K];
+                T* gwG[GS_K];  // nhwc, groups inside the item: the item's first group
                 F* gwideP[GS_K];
                 for (int c = 0; c < GS_K; ++c) {
+                    gwG[c] = gw + im.off(sh, nd * GS_K + c, sh.G, im.c0 / (sh.C / sh.G));
                     wP[c] = w + im.off(sh, nd * GS_K + c, sh.G, gch);
                     gwP[c] = gwide ? nullptr : gw + im.off(sh, nd * GS_K + c, sh.C, im.c0);
                     gwideP[c] = gwide ? gwide + im.off(sh, nd * GS_K + c, sh.C, im.c0) : nullptr;
@@ -809,22 +889,31 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 const GsLoad ld;
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
-                    gs_move<true>(gyP, ps, im.co_c, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(xP, ps, im.co_c, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, im.co_c, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
                     for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, im.co_g, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, im.co_c, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, im.co_c, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     if (GS_BWD_H || GS_BWD_HP) {
                         // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step)
                         if (t0 > 0)
-                            gs_move<true>(hP, ps, im.co_c, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, nt + 1, ld);
+                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, nt + 1, ld);
                         else
-                            gs_move<true>(hP, ps, im.co_c, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
+                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
                     }
                     for (int q = nt - 1; q >= 0; --q) {
-                        const gs_i t = t0 + q, o = q * sh.nmax;
+                        const gs_i t = t0 + q, o = q * sh.nmax, tn = t0 - TS;  // the next tile
+                        const int pq = nt - 1 - q;
+                        gs_prefetch(gyP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        gs_prefetch(lamP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_BWD_H || GS_BWD_HP) gs_prefetch(hP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_bwd(c)) gs_prefetch(wP[c], psw, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_MOD) gs_prefetch(uP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
+                        if (GS_SKIP) gs_prefetch(sP, ps, im.V, g, sh.W, tn, (int)TS, pq, nt);
                         const F* wl[GS_K];
                         F* gwl[GS_K];
                         for (int c = 0; c < GS_K; ++c) { wl[c] = tw[c] + o; gwl[c] = ogw[c] + o; }
@@ -840,23 +929,27 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
 #undef GS_BWD_ARGS
                         cur ^= 1;
                     }
-                    const GsPut put;
-                    gs_move<false>(glam + so, ps, im.co_c, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_MOD) gs_move<false>(gu + so, ps, im.co_c, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_SKIP) gs_move<false>(gs + so, ps, im.co_c, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
+                    const GsStream put;
+                    gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_MOD) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_SKIP) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
                     for (int c = 0; c < GS_K; ++c) {
-                        if (gwide) gs_move<false>(gwideP[c], ps, im.co_c, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
-                        else gs_move<false>(gwP[c], ps, im.co_c, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        if (gwide) gs_move<false>(gwideP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
+                        else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
                     }
                     if (d == 0)
-                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, put);
+                        gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
-                        gs_move<false>(gxacc, (gs_i)im.V, im.co_c, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
+                        gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
                 }
                 if (GS_LEARNED) gmpart[it * GS_D + d] = gmsum;
             }
             gs_store_image(gx + im.off(sh, im.n, sh.C, im.c0), ps, gxacc, im.V, sh.HW);
         }
+#if defined(__AVX512F__)
+        _mm_sfence();  // non-temporal stores are visible before the pass returns
+#endif
         std::free(buf);
     }
     return err;
@@ -867,6 +960,7 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
                        const T* hs, T* gx, T* gw, F* gwide, T* glam, T* gu, T* gs, T* gm, const gs_i* a)
 {
     const GsShape sh(a);
+    if (!gwide && sh.G != sh.C && !(GS_NHWC && sh.V0 % (sh.C / sh.G) == 0)) return 2;  // host contract
     F* gmpart = nullptr;
     if (GS_LEARNED) {
         gmpart = (F*)gs_alloc(sh.items * GS_D, sizeof(F));
@@ -914,9 +1008,10 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
 // ---------------------------------------------------------------------------
 // Entry points, one pair per storage dtype. p: the tensors' data pointers
 // (nullptr for unused ones); a: N, C, G, H, W, chunk (0: global), threads,
-// tile, cb. Returns 0, or 1 when scratch memory could not be allocated.
+// tile, cb. Returns 0, 1 when scratch memory could not be allocated, 2 when gwide is
+// missing but needed (G != C, except nhwc items holding whole groups).
 // forward p: x, w, lam, u, s, m, y, h.
-// backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (nullptr when G == C), glam, gu, gs, gm.
+// backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (see gs_backward), glam, gu, gs, gm.
 // ---------------------------------------------------------------------------
 extern "C" int gspn_abi_version() { return 1; }
 extern "C" int gspn_openmp_threads() { return omp_get_max_threads(); }

@@ -57,7 +57,9 @@ class CpuBackend:
         if pass_ not in ("fwd", "bwd"):
             raise ValueError(f"pass_: expected 'fwd' or 'bwd', got {pass_!r}")
         keys = [cfg.key(spec) for cfg in rc.candidate_configs(spec)]
-        return list(dict.fromkeys(keys))
+        # the default first, as "" (the protocol's name for it): the tuner's default is then the
+        # bare "cpu" that auto runs when nothing is tuned
+        return [""] + [k for k in dict.fromkeys(keys[1:]) if k != keys[0]]
 
     def with_config(self, fwd: str = "", bwd: str = "") -> "CpuBackend":
         # Keys are checked against a spec when a pass runs (nhwc specs have a cb field); here,
@@ -119,8 +121,11 @@ class CpuBackend:
     @staticmethod
     def _call(fn, ptrs: list[Optional[int]], args) -> None:
         arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        if fn(arr, args) != 0:
+        rc_ = fn(arr, args)
+        if rc_ == 1:
             raise MemoryError("cpu backend: could not allocate the kernels' scratch buffers")
+        if rc_ != 0:
+            raise RuntimeError(f"cpu backend: kernel refused its arguments (code {rc_})")
 
     # -- passes ----------------------------------------------------------------
     def forward(self, spec: Spec, x, w, lam, u, s, m):
@@ -157,7 +162,9 @@ class CpuBackend:
         if x.numel() == 0:
             return tuple(None if t is None else t.zero_() for t in (gx, gw, glam, gu, gs, gm))
         gwide = None
-        if G != C:
+        cfg = rc.parse_config(spec, self.bwd_key, "backend")
+        whole_groups = spec.layout == "nhwc" and min(cfg.cb, C) % (C // G) == 0  # summed inside each item
+        if G != C and not whole_groups:
             # per-channel weight gradients in the math dtype; the kernel sums each group's channels
             wide = list(w.shape)
             wide[-1 if spec.layout == "nhwc" else 3] = C

@@ -45,6 +45,27 @@ class sigmoid(sp.Function):  # noqa: N801  (printed by name: tl.sigmoid, torch.s
         return s * (1 - s)
 
 
+class clamp_above(sp.Function):  # noqa: N801  (printed by name: (a > c ? c : a), tl.where, torch.where)
+    """min(a, c) that keeps a NaN a NaN (a selection on a > c, where fmin would return c).
+
+    A function rather than a Piecewise so that sympy keeps its argument whole (a Piecewise
+    condition on a selected logit would be folded onto the raw logit). Its only user has a
+    hand-given partial (see ``scaled_sigmoid``); the derivative is 1 below c, 0 above.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, a, c):
+        if a.is_number and c.is_number and a.is_extended_real and c.is_extended_real:
+            return c if bool(a > c) else a
+        return None
+
+    def fdiff(self, argindex=1):
+        a, c = self.args
+        return sp.Piecewise((0, sp.StrictGreaterThan(a, c)), (1, True)) if argindex == 1 else sp.Integer(0)
+
+
 def select(flag: sp.Symbol, value: sp.Expr, otherwise: sp.Expr) -> sp.Expr:
     """``value`` where ``flag`` holds, else ``otherwise`` (printed as ?:, tl.where, torch.where)."""
     return sp.Piecewise((value, flag), (otherwise, True))
@@ -151,7 +172,9 @@ def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, Upda
     p = Program(subs={v.e[r]: sp.true})  # the centre always exists
     # A missing neighbour's logit is replaced before any arithmetic: by 0 for raw weights, by the
     # centre's logit when normalising, so that exponentials of it stay <= 1 (no inf to select away)
-    fill = 0 if normalization == "none" else v.w[r]
+    # (a stop-gradient node: no gradient may reach the centre through a neighbour that does not
+    # exist, where its value could be anything, inf included)
+    fill = 0 if normalization == "none" else p.node("_fill", v.w[r], stop_gradient=True)
     ws = [p.node(f"_ws{c}", select(v.e[c], v.w[c], fill)) for c in range(k)]
     if normalization == "none":
         wn = ws
@@ -196,7 +219,8 @@ def scaled_sigmoid(p: Program, c: int, a: sp.Symbol, mx: sp.Symbol) -> sp.Symbol
         p.node("_b", sp.Min(mx, 0), stop_gradient=True)
         p.node("_eb", sp.exp(real("_b")), stop_gradient=True)
     b, eb = real("_b"), real("_eb")
-    x = sp.exp(sp.Min(a, SIGMOID_SATURATES) - b)
+    # a' = min(a, 80), NaN-preserving (fmin(80, NaN) is 80, which would hide a NaN logit)
+    x = sp.exp(clamp_above(a, SIGMOID_SATURATES) - b)
     q = real(f"_q{c}")
     # dq/da written with q itself (sigmoid' = sigmoid (1 - sigmoid), scaled): q (1 - q exp(b));
     # it is 0 where a' is clamped, as sigmoid's derivative is there to fp32/fp64 precision.

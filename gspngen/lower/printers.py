@@ -103,6 +103,10 @@ class CudaPrinter(C99CodePrinter):
     def _print_Min(self, expr):
         return _nested(self.min_fn, [self._print(a) for a in expr.args])
 
+    def _print_clamp_above(self, expr):
+        a, c = (self._print(v) for v in expr.args)
+        return f"({a} > {c} ? {c} : {a})"
+
     def _fma_split(self, term):
         """term = a*b with a, b printable factors, or None if term is not a product."""
         if not term.is_Mul:
@@ -182,6 +186,10 @@ class _PyMathPrinter(PythonCodePrinter):
 
     def _print_Max(self, expr):
         return _nested(f"{self.module}.maximum", [self._print(a) for a in expr.args])
+
+    def _print_clamp_above(self, expr):
+        a, c = (self._print(v) for v in expr.args)
+        return f"{self.module}.where({a} > {c}, {c}, {a})"
 
     def _print_Min(self, expr):
         return _nested(f"{self.module}.minimum", [self._print(a) for a in expr.args])

@@ -160,7 +160,7 @@ class CpuConfig:
     nchw items are one channel plane)."""
 
     tile: int = 16
-    cb: int = 16
+    cb: int = 32
 
     def key(self, spec: Spec) -> str:
         return f"cb={self.cb},tile={self.tile}" if spec.layout == "nhwc" else f"tile={self.tile}"
@@ -168,8 +168,9 @@ class CpuConfig:
 
 def default_config(spec: Spec) -> CpuConfig:
     """The documented default: tiles of 16 steps (a tile of lr/rl rows is 64 bytes of fp32, one cache
-    line, and the staged tiles of a 128-lane line stay within L1); nhwc items of 16 channels (one
-    AVX-512 vector of fp32; 64 bytes per pixel read contiguously)."""
+    line, transposed 16 x 16 in registers); nhwc items of up to 32 channels (two AVX-512 vectors of
+    fp32, 128 contiguous bytes per pixel, and with C <= 32 every line is one contiguous run and
+    shared weight groups are summed inside the item)."""
     return CpuConfig()
 
 
@@ -192,9 +193,11 @@ def parse_config(spec: Spec, key: str, what: str = "config") -> CpuConfig:
 
 
 def candidate_configs(spec: Spec) -> list[CpuConfig]:
-    """Tunings worth timing, the default first: other tile lengths and, for nhwc, channel blocks."""
+    """Tunings worth timing, the default first: shorter and longer tiles (longer ones read longer
+    runs of each row for lr/rl in nchw, at the price of more cache), and for nhwc other channel
+    blocks (half, one and two AVX2 vectors)."""
     base = default_config(spec)
-    out = [base] + [CpuConfig(tile=t, cb=base.cb) for t in TILES if t != base.tile]
     if spec.layout == "nhwc":
-        out += [CpuConfig(tile=base.tile, cb=c) for c in CBS if c != base.cb]
-    return out
+        return [base] + [CpuConfig(tile=t, cb=base.cb) for t in (32, 64)] + [CpuConfig(tile=base.tile, cb=c)
+                                                                          for c in (4, 8, 16)]
+    return [base] + [CpuConfig(tile=t) for t in (8, 32, 64, 128)]

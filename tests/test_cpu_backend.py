@@ -1,0 +1,407 @@
+"""The CPU backend (generated C++, OpenMP, SIMD) against the reference: forward and every gradient.
+
+Every distinct spec builds one library (a few seconds), so the tests share a
+handful of specs and run several dtypes and shapes per build; built
+libraries are cached in one folder for the whole session (all xdist
+workers). Outputs are NaN-poisoned before each call, so an element a kernel
+forgets to write shows up. Without a C++ compiler the tests are skipped,
+except under CI, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gspngen
+from gspngen.backends.cpu import CpuBackend
+from gspngen.backends.reference import ReferenceBackend
+from gspngen.render import cpu as render_cpu
+from gspngen.runtime import cpu_build
+from gspngen.spec import Spec
+from gspngen.testing import ARG_NAMES, make_inputs, rel_error, spec_strategy, tolerance
+
+GRAD_NAMES = ("gx", "gw", "glam", "gu", "gs", "gm")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One library cache for the session, shared by the xdist workers (builds are locked)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if root.name.startswith("popen-gw") else root
+    folder = root / "gspngen-cpu-cache"
+    folder.mkdir(exist_ok=True)
+    old = os.environ.get("GSPNGEN_CACHE_DIR")
+    os.environ["GSPNGEN_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("GSPNGEN_CACHE_DIR", None)
+    else:
+        os.environ["GSPNGEN_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiler():
+    why = cpu_build.unavailable_reason()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"the cpu backend cannot build here: {why}")
+        pytest.skip(f"the cpu backend cannot build here: {why}")
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(spec: Spec, shape, dtype, seed: int, args, gy):
+    """The float64 reference on the same (rounded) inputs; memoised: the reference is the slow part."""
+    key = (spec.hash, shape, dtype, seed)
+    if key not in _REFERENCE:
+        ref = ReferenceBackend()
+        args64 = [None if a is None else a.double() for a in args]
+        y_ref, _ = ref.forward(spec, *args64)
+        _REFERENCE[key] = (y_ref, ref.backward(spec, gy.double(), *args64, None))
+    return _REFERENCE[key]
+
+
+def check_against_reference(spec: Spec, N: int, C: int, H: int, W: int, dtype=torch.float32, key: str = "",
+                            seed: int = 0, threads: int | None = None):
+    """Forward and all gradients equal the float64 reference within tolerance(dtype); returns the results."""
+    inputs = make_inputs(spec, N, C, H, W, dtype=dtype, seed=seed)
+    args = [inputs[name] for name in ARG_NAMES]
+    backend = CpuBackend(key, key, poison=True)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        y, saved = backend.forward(spec, *args)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+        grads = backend.backward(spec, gy, *args, saved)
+    finally:
+        torch.set_num_threads(old)
+    assert not saved.isnan().any(), "stored h has unwritten elements"
+
+    y_ref, grads_ref = _reference(spec, (N, C, H, W), dtype, seed, args, gy)
+    tol = tolerance(dtype)
+
+    def error(got, want):
+        # gradients that are zero by construction (gw for k = 1) are ~1e-17 in the reference
+        if want.abs().max().item() < 1e-12:
+            return float((got.detach().double() - want).abs().max())
+        return rel_error(got, want)
+
+    where = f"spec={spec.to_json()} shape={(N, C, H, W)} dtype={dtype} key={key!r}"
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    err = error(y, y_ref)
+    assert err <= tol, f"forward: rel error {err:.3g} > {tol} for {where}"
+    for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref):
+        if g_ref is None:
+            assert g is None, f"{name}: expected None for an unused input"
+            continue
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        err = error(g, g_ref)
+        assert err <= tol, f"{name}: rel error {err:.3g} > {tol} for {where}"
+    return y, saved, grads
+
+
+# --- random specs (one build each: few examples, several dtypes and shapes per example) ---
+
+@settings(max_examples=4)
+@given(spec=spec_strategy(precision=["fp32", "fp16", "bf16"], backends=["cpu"]), data=st.data())
+def test_random_specs_match_reference(spec, data):
+    even = spec.weight_groups == 2
+    C = data.draw(st.sampled_from([2, 4] if even else [1, 2, 3, 4]), label="C")
+    for dtype in (torch.float64, torch.float32, data.draw(st.sampled_from([torch.float16, torch.bfloat16]))):
+        # odd sizes: H or W may be 1 (k wider than the line), chunks 1..3 against 1..7 steps
+        N = data.draw(st.integers(1, 2), label="N")
+        H = data.draw(st.integers(1, 7), label="H")
+        W = data.draw(st.integers(1, 7), label="W")
+        check_against_reference(spec, N, C, H, W, dtype=dtype)
+
+
+# --- a few fixed specs covering every feature, at sizes where the SIMD and transpose paths run ---
+
+FEATURES = [
+    # paper layer, nchw: lr/rl run through the 16 x 16 transposes, a partial tile and partial lane block
+    {"connection": 3},
+    # nhwc, k = 5, softmax, weight groups (summed per group), chunk, stack
+    {"connection": 5, "normalization": "softmax", "weight_groups": 2, "chunk": 5, "merge": "stack",
+     "layout": "nhwc"},
+    # shared weights, none, mean, no modulation, k wider than short lines, every step a chunk start
+    {"connection": 9, "normalization": "none", "weight_groups": "shared", "chunk": 1, "merge": "mean",
+     "modulation": False, "directions": ["bt", "lr"]},
+    # k = 1 (the weight normalises to 1), no skip, sum, nchw, chunk longer than the scan
+    {"connection": 1, "skip": False, "merge": "sum", "chunk": 50, "directions": ["rl", "tb"]},
+]
+SHAPES = [(1, 2, 1, 5), (2, 3, 4, 1), (1, 4, 35, 33), (2, 2, 16, 48)]
+
+
+def feature_spec(i: int) -> Spec:
+    return Spec.from_dict({"name": f"feat{i}", "precision": ["fp32", "fp16", "bf16"], **FEATURES[i]})
+
+
+@pytest.mark.parametrize("i", range(len(FEATURES)))
+def test_features_all_dtypes(i):
+    spec = feature_spec(i)
+    for shape in SHAPES:
+        N, C, H, W = shape
+        if spec.weight_groups == 2 and C % 2:
+            C += 1
+        for dtype in (torch.float64, torch.float32):
+            check_against_reference(spec, N, C, H, W, dtype=dtype, seed=sum(shape))
+    for dtype in (torch.float16, torch.bfloat16):
+        check_against_reference(spec, 1, 4, 19, 17, dtype=dtype)
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_every_candidate_config(i):
+    spec = feature_spec(i)
+    backend = CpuBackend()
+    keys = backend.candidates(spec, "fp32", "fwd", (1, 4, 35, 33))
+    assert keys[0] == "" and 3 <= len(keys) <= 8  # the default first, by the protocol's name ""
+    assert render_cpu.default_config(spec).key(spec) not in keys  # and not twice
+    assert keys == backend.candidates(spec, "fp32", "bwd", (1, 4, 35, 33))
+    for key in keys:
+        check_against_reference(spec, 1, 4, 35, 33, dtype=torch.float32, key=key)
+
+
+def test_nhwc_groups_split_over_items():
+    # cb=4 with 8 channels per weight group: a group spans two items, so the weight
+    # gradients go through the per-channel buffer and the ordered group sum
+    spec = feature_spec(1)
+    check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float64, key="cb=4,tile=16")
+    check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float32, key="cb=8,tile=32")
+
+
+def test_threads_give_identical_results():
+    # Work items (batch x channel block) never share an output element, and every
+    # reduction across items (dL/dm, group-shared weight gradients) runs in a fixed
+    # order after the parallel part: results are bitwise the same for any thread count.
+    for i in (0, 2):
+        spec = feature_spec(i)
+        one = check_against_reference(spec, 2, 4, 20, 18, dtype=torch.float32, threads=1)
+        two = check_against_reference(spec, 2, 4, 20, 18, dtype=torch.float32, threads=2)
+        for a, b in zip([one[0], one[1], *one[2]], [two[0], two[1], *two[2]]):
+            if a is not None:
+                assert torch.equal(a, b)
+
+
+def test_nan_and_inf_logits_behave_as_the_reference():
+    spec = feature_spec(0)
+    ref = ReferenceBackend()
+    for dtype in (torch.float64, torch.float32):
+        inputs = make_inputs(spec, 1, 2, 6, 5, dtype=dtype, seed=3)
+        args = [inputs[n] for n in ARG_NAMES]
+        w = args[1]
+        # non-existing neighbours: o = -1 of lane 0 (row 0 for lr/rl, column 0 for tb/bt),
+        # o = +1 of the last lane
+        w[:, :2, 0, :, 0, :] = float("nan")
+        w[:, 2:, 0, :, :, 0] = float("inf")
+        w[:, :2, 2, :, -1, :] = float("-inf")
+        w[:, 2:, 2, :, :, -1] = float("nan")
+        y, saved = CpuBackend(poison=True).forward(spec, *args)
+        args64 = [None if a is None else a.double() for a in args]
+        y_ref, _ = ref.forward(spec, *args64)
+        assert torch.isfinite(y_ref).all() and torch.isfinite(y).all()
+        assert rel_error(y, y_ref) <= tolerance(dtype)
+        gy = torch.ones_like(y)
+        grads = CpuBackend(poison=True).backward(spec, gy, *args, saved)
+        grads_ref = ref.backward(spec, gy.double(), *args64, None)
+        for name, g, r in zip(GRAD_NAMES, grads, grads_ref):
+            assert torch.isfinite(g).all(), name
+            assert rel_error(g, r) <= tolerance(dtype), name
+        # a NaN logit of an existing neighbour: NaN where the reference has NaN
+        w[0, 2, 1, 0, 3, 2] = float("nan")
+        y, _ = CpuBackend().forward(spec, *args)
+        y_ref, _ = ref.forward(spec, *[None if a is None else a.double() for a in args])
+        assert torch.isnan(y_ref).any()
+        assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+        finite = ~torch.isnan(y_ref)
+        assert rel_error(y[finite], y_ref[finite]) <= tolerance(dtype)
+
+
+def test_nan_logits_at_a_chunk_start_are_unused():
+    # The first step of a chunk has no previous line, so its weights are unused: the
+    # output is the reference's, and their gradient is 0 (DESIGN section 4: weights of
+    # missing neighbours get gradient 0). The reference back-propagates through the
+    # normalisation of those unused weights too, so its gradient there is NaN.
+    spec = feature_spec(0)
+    inputs = make_inputs(spec, 1, 2, 6, 5, dtype=torch.float64, seed=4)
+    args = [inputs[n] for n in ARG_NAMES]
+    w = args[1]
+    w[:, 0, :, :, :, 0] = float("nan")  # lr's first step: column 0
+    w[:, 2, :, :, 0, :] = float("inf")  # tb's first step: row 0
+    y, saved = CpuBackend(poison=True).forward(spec, *args)
+    y_ref, _ = ReferenceBackend().forward(spec, *args)
+    assert torch.isfinite(y).all() and rel_error(y, y_ref) <= 1e-10
+    gw = CpuBackend(poison=True).backward(spec, torch.ones_like(y), *args, saved)[1]
+    assert (gw[:, 0, :, :, :, 0] == 0).all() and (gw[:, 2, :, :, 0, :] == 0).all()
+    assert torch.isfinite(gw).all()
+
+
+def test_large_logits_and_gs_exp_range():
+    # exp saturates (sigmoid of +-100, softmax over logits 80 apart) exactly as in the reference
+    spec = feature_spec(1)
+    inputs = make_inputs(spec, 1, 4, 9, 7, dtype=torch.float32, seed=5, logit_scale=60.0)
+    args = [inputs[n] for n in ARG_NAMES]
+    y, _ = CpuBackend().forward(spec, *args)
+    y_ref, _ = ReferenceBackend().forward(spec, *[None if a is None else a.double() for a in args])
+    assert rel_error(y, y_ref) <= tolerance(torch.float32)
+
+
+# --- integration: the registry, auto, configs, errors ---
+
+def test_auto_picks_cpu_and_configs_resolve():
+    spec = feature_spec(0)
+    x = torch.randn(1, 2, 3, 3)
+    assert gspngen.compile(spec).resolve_backend(x) == "cpu"
+    assert gspngen.compile(spec).resolve_backend(x.double()) == "cpu"
+    no_cpu = Spec.from_dict({"name": "gpu_only", "backends": ["cuda", "triton"]})
+    assert gspngen.compile(no_cpu).resolve_backend(x) == "reference"
+    with pytest.raises(ValueError, match="not generated"):
+        gspngen.compile(no_cpu, backend="cpu")
+    # fp16 is not in this spec's precision: auto falls back, an explicit cpu says why
+    bf16_only = Spec.from_dict({"name": "bf16_only", "precision": ["bf16"]})
+    assert gspngen.compile(bf16_only).resolve_backend(x.half()) == "reference"
+    inputs = make_inputs(bf16_only, 1, 2, 5, 4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtypes"):
+        gspngen.compile(bf16_only, backend="cpu")(**inputs)
+    # a tuned name goes through the custom op and autograd
+    inputs = make_inputs(spec, 1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = gspngen.compile(spec, backend="cpu@tile=8|tile=32")(**inputs)
+    y_ref = gspngen.compile(spec, backend="reference")(**inputs)
+    assert rel_error(y, y_ref) <= 1e-10
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("key", ["tile=7", "cb=3", "bogus=1", "tile=16,tile=16", "tile"])
+def test_invalid_config_keys_are_rejected(key):
+    with pytest.raises(ValueError, match="backend"):
+        CpuBackend().with_config(key, "")
+    with pytest.raises(ValueError):
+        gspngen.compile(feature_spec(0), backend=f"cpu@{key}")(**make_inputs(feature_spec(0), 1, 1, 2, 2))
+
+
+def test_cb_is_rejected_for_nchw_specs():
+    spec = feature_spec(0)
+    with pytest.raises(ValueError, match="cb"):
+        CpuBackend("cb=8").forward(spec, *[make_inputs(spec, 1, 1, 2, 2)[n] for n in ARG_NAMES])
+
+
+def test_saved_and_gy_are_checked():
+    spec = feature_spec(0)
+    args = [make_inputs(spec, 1, 2, 3, 4)[n] for n in ARG_NAMES]
+    y, saved = CpuBackend().forward(spec, *args)
+    with pytest.raises(ValueError, match="saved"):
+        CpuBackend().backward(spec, y, *args, saved[:, :1])
+    with pytest.raises(ValueError, match="gy"):
+        CpuBackend().backward(spec, y[:, :1], *args, saved)
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++"}, {"PATH": "", "CXX": ""}])
+def test_unavailable_without_a_compiler(monkeypatch, env):
+    for name, value in env.items():
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+            if name == "PATH":
+                monkeypatch.setenv("PATH", "")
+    why = CpuBackend().unavailable_reason(torch.device("cpu"))
+    assert why and ("compiler" in why or "CXX" in why)
+    assert not CpuBackend().available(torch.device("cpu"))
+    spec = feature_spec(0)
+    x = torch.randn(1, 2, 3, 3)
+    assert gspngen.compile(spec).resolve_backend(x) == "reference"
+    with pytest.raises(ValueError, match="cannot run"):
+        gspngen.compile(spec, backend="cpu").resolve_backend(x)
+    from gspngen.check import backend_skip_reason
+
+    assert backend_skip_reason(spec, "cpu", torch.float32, torch.device("cpu")) == why
+
+
+def test_cuda_tensors_are_not_for_cpu():
+    assert "CPU" in CpuBackend().unavailable_reason(torch.device("cuda"))
+
+
+def test_compile_error_names_the_spec_and_command():
+    with pytest.raises(cpu_build.CpuBuildError, match=r"spec 'broken'.*-fopenmp"):
+        cpu_build.load_library("#error deliberately broken\n", "spec 'broken'")
+
+
+def test_printed_lines_are_checked():
+    with pytest.raises(ValueError, match="unexpected printed line"):
+        render_cpu._check_lines("forward", "cpu", ['const float h = x; system("rm");'])
+    with pytest.raises(ValueError, match="not an allowed function"):
+        render_cpu._check_lines("forward", "cpu", ["const float h = expf(x);"])
+
+
+def test_show_and_compile_include_the_cpu_source(tmp_path, capsys):
+    from gspngen.cli import main
+
+    assert main(["show", "examples/gspn4.yaml", "--stage", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "// ===== gspn_cpu.cpp =====" in out and "gs_blk_forward" in out and "gs_exp" in out
+    assert main(["compile", "examples/gspn4.yaml", "-o", str(tmp_path / "g4")]) == 0
+    assert (tmp_path / "g4" / "gspn_cpu.cpp").read_text() == render_cpu.render_source(gspngen.load_spec(
+        "examples/gspn4.yaml"))
+
+
+def _build_tiny(tag: str) -> int:
+    lib = cpu_build.load_library('extern "C" int gspn_abi_version() { return 1; }\n// %s\n' % tag, "t")
+    return lib.gspn_abi_version()
+
+
+def test_concurrent_builds_of_one_key(tmp_path, monkeypatch):
+    # Several processes building the same new library at once: one builds, all load it.
+    monkeypatch.setenv("GSPNGEN_CACHE_DIR", str(tmp_path))
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        assert pool.map(_build_tiny, ["race"] * 3) == [1, 1, 1]
+    libs = list((tmp_path / "cpu").glob("*.so"))
+    assert len(libs) == 1 and not list((tmp_path / "cpu").glob("*.cpp"))
+
+
+SANITIZE_SWEEP = """
+import torch
+from gspngen.backends.cpu import CpuBackend
+from gspngen.spec import Spec
+from gspngen.testing import ARG_NAMES, make_inputs
+specs = [
+    {"connection": 3, "precision": ["fp32", "fp16"], "chunk": 7},
+    {"connection": 5, "normalization": "softmax", "weight_groups": 2, "chunk": 2, "merge": "stack", "layout": "nhwc",
+     "precision": ["fp32", "bf16"]},
+]
+shapes = [(2, 2, 5, 1), (1, 2, 17, 33)]
+for i, fields in enumerate(specs):
+    spec = Spec.from_dict({"name": f"san{i}", **fields})
+    for dtype in (torch.float32, torch.bfloat16 if i == 1 else torch.float16):
+        for shape in shapes:
+            args = [make_inputs(spec, *shape, dtype=dtype, seed=i)[n] for n in ARG_NAMES]
+            y, saved = CpuBackend().forward(spec, *args)
+            CpuBackend().backward(spec, torch.ones_like(y), *args, saved)
+print("sweep ok")
+"""
+
+
+def test_sanitizer_sweep(tmp_path):
+    # The generated C++ built with AddressSanitizer + UBSan (-fno-sanitize-recover=all), small random-ish sweep.
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not libasan or not os.path.isabs(libasan) or not os.path.exists(libasan):
+        if os.environ.get("CI"):
+            pytest.fail("libasan not found (gcc -print-file-name=libasan.so)")
+        pytest.skip("libasan not found")
+    env = dict(os.environ, GSPNGEN_CPU_SANITIZE="1", LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1",
+               GSPNGEN_CACHE_DIR=os.environ["GSPNGEN_CACHE_DIR"], OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", SANITIZE_SWEEP], env=env, capture_output=True, text=True,
+                         timeout=600)
+    report = res.stderr
+    assert res.returncode == 0, report[-4000:]
+    assert "sweep ok" in res.stdout
+    assert "AddressSanitizer" not in report and "runtime error" not in report, report[-4000:]
