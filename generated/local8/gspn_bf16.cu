@@ -108,6 +108,9 @@ GS_DEV void gs_atomic_add(float* p, float v) { atomicAdd(p, v); }
 extern __shared__ float4 gs_smem_raw[];
 GS_DEV float* gs_smem() { return reinterpret_cast<float*>(gs_smem_raw); }
 
+// A launch the kernel cannot serve: abort the grid (the host checks every launch first; this is the
+// last line of defence, never a silent early return that would leave outputs unwritten).
+GS_DEV void gs_trap() { __trap(); }
 GS_DEV void gs_sync_block() { __syncthreads(); }
 GS_DEV void gs_sync_warp() { __syncwarp(); }
 GS_DEV float gs_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
@@ -404,7 +407,8 @@ struct GsBlock {
     long long sgC, sgG;       // offset from one segment to the next: C-channel tensors, w
 
     // Block index -> (n, channel tile, step range). False if the block is
-    // outside the problem (the host never launches one).
+    // outside the problem (the host never launches one). cpb >= 1 and 0 <= d < GS_D
+    // are checked by the kernel entry (a trap) and, before launch, by the host.
     GS_DEV bool setup(int N, int C_, int G, int H, int W, int chunk, int cpb, int d_, int rev_, int stepw_)
     {
         // nchw: the mapping fixes the step axis; steps mapping: REVT fixes the order
@@ -423,7 +427,7 @@ struct GsBlock {
         b /= nsr;
         const int cb = (int)(b % ncb);
         const long long n = b / ncb;
-        if (n >= N || cpb < 1 || d < 0 || d >= GS_D) return false;
+        if (n >= N) return false;
         tb = (int)gs_min64((long long)sr * cpb * K, T);
         te = (int)gs_min64((long long)tb + (long long)cpb * K, T);
         const int tid = threadIdx.x;
@@ -709,8 +713,10 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ 
 {
     using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC>;
     F f;
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;
-    if (gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4)) return;  // host/kernel disagreement: write nothing
+    // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
+    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+        gs_trap();
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.py = p_y; f.ph = p_h;
     f.HL = gs_smem();
     f.md = 1.0f;
@@ -995,8 +1001,10 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ 
 {
     using F = GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>;
     F f;
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;
-    if (gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4)) return;  // host/kernel disagreement: write nothing
+    // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
+    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+        gs_trap();
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.pgy = p_gy; f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
     f.pgx = p_gx; f.pglam = p_glam; f.pgu = p_gu; f.pgs = p_gs; f.pgw = p_gw;
     float* sm = gs_smem();

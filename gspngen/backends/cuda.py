@@ -107,7 +107,9 @@ class _CudaBase:
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             return "needs a CUDA device"
-        return None if self.available(device) else "cupy is not installed (or cannot load CUDA)"
+        from ..runtime.cuda_build import cuda_unavailable_reason
+
+        return cuda_unavailable_reason()
 
     def _ready(self, x: torch.Tensor) -> str:
         dname = _dtype_name(x, self.name)
@@ -201,7 +203,23 @@ class CudaBackend(_CudaBase):
         name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom)
         tail = (("i32", cpb), ("i32", d), ("i32", int(geo.reverse)), ("i32", int(geo.step_axis == "W")),
                 ("i32", int(acc)))
-        return FusedLaunch(name, grid, cfg.threads, smem, cpb, tail)
+        return self.check_launch(spec, FusedLaunch(name, grid, cfg.threads, smem, cpb, tail), d, smem_limit)
+
+    def check_launch(self, spec: Spec, p: FusedLaunch, d: int, smem_limit: int) -> FusedLaunch:
+        """Everything the fused kernels would refuse (with a device trap) checked on the host, before any
+        launch: a clear ValueError instead of a failed launch or unwritten outputs."""
+        what = f"x: the {self.name} backend cannot launch {p.name}"
+        if p.block < 32 or p.block % 32 or p.block > 1024:
+            raise ValueError(f"{what}: {p.block} threads per block (a multiple of 32, at most 1024)")
+        if p.cpb < 1:
+            raise ValueError(f"{what}: {p.cpb} chunks per block")
+        if not 0 <= d < spec.num_directions:
+            raise ValueError(f"{what}: direction {d} of {spec.num_directions}")
+        if p.smem > smem_limit:
+            raise ValueError(f"{what}: it needs {p.smem} bytes of shared memory per block, the GPU offers "
+                             f"{smem_limit}; use backend='triton' or 'reference'")
+        self._check_grid(p.grid)
+        return p
 
     @staticmethod
     def _vec_ok(spec: Spec, dname: str, mapping: int, v: int, C: int, L: int, T: int,
@@ -275,6 +293,23 @@ class CudaBackend(_CudaBase):
                 p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits)
                 names.append(p.name)
         return list(dict.fromkeys(names))
+
+
+    def prebuild(self, spec: Spec, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[str]:
+        """Build, now, every kernel a forward and a backward on x of ``shape`` (the spec's layout) will
+        launch, in one NVRTC build; later calls find them built (CupyRunner keeps them per process).
+        Returns the kernel names."""
+        device = torch.device(device)
+        dname = DTYPE_NAMES.get(dtype)
+        if dname is None:
+            raise TypeError(f"dtype: the {self.name} backend stores fp32, fp16 or bf16, got {dtype}")
+        if len(shape) != 4:
+            raise ValueError(f"shape: expected x's 4-d shape, got {tuple(shape)}")
+        N, a, b, c = (int(v) for v in shape)
+        dims = (N, c, a, b) if spec.layout == "nhwc" else (N, a, b, c)
+        names = self.kernel_names(spec, dname, dims, self.runner.limits(device))
+        self.runner.kernel(device, rc.kernel_source(spec, dname), names[0], names)
+        return names
 
 
 class CudaPerStepBackend(_CudaBase):

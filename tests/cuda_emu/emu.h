@@ -129,6 +129,15 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
     return false;
 }
 
+// __trap(): the launch fails; this thread never resumes.
+[[noreturn]] inline void trap()
+{
+    fail("__trap() (the kernel refused the launch)");
+    g.cur->state = DONE;
+    swapcontext(&g.cur->ctx, &g.sched);
+    std::abort();  // never resumed
+}
+
 inline void trampoline()
 {
     g.body();
