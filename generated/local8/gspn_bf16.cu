@@ -563,7 +563,9 @@ struct GsBlock {
 // ===========================================================================
 // Forward: h along the scan, y = this direction's contribution, saved h.
 // ===========================================================================
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC>
+// SAVEH: store h for the backward; false when no input needs a gradient (inference, no_grad):
+// a full plane of writes per direction saved, and p_h is never touched.
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
 struct GsForward {
     using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
@@ -618,7 +620,7 @@ struct GsForward {
         float hv[BUFS == 1 ? NSEG * EPS : 1];  // single buffer: written after everyone has read it
 #pragma unroll
         for (int sg = 0; sg < NSEG; ++sg) {
-            gs_t hs[EPS];
+            [[maybe_unused]] gs_t hs[EPS];  // the saved h of this segment (SAVEH)
 #pragma unroll
             for (int ev = 0; ev < EPS; ++ev) {
                 const int e = sg * V + (MAP == GS_STEPS ? sm : ev);
@@ -647,7 +649,7 @@ struct GsForward {
                 else hv[BUFS == 1 ? sg * EPS + ev : 0] = hk;
                 hs[ev] = gs_s(f_h);
             }
-            gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
+            if constexpr (SAVEH) gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
             if (VS == 1) store_seg(oy, sg, t);  // one-step tiles: store now, fewer live registers
         }
         if constexpr (BUFS == 1) {
@@ -708,10 +710,10 @@ struct GsForward {
     }
 };
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC>;
+    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, SAVEH>;
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
     if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
