@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -99,7 +100,7 @@ class GSPNOp:
         _, backend, impl = memo
         c = [None if t is None else t.contiguous() for t in args]
         if not training and _plain(sig):
-            if getattr(impl, "skips_saved", False):  # no gradient: the kernels skip the saved-h store
+            if _accepts_need_saved(impl):  # no gradient: the kernels skip the saved-h store
                 return impl.forward(self.spec, *c, need_saved=False)[0]
             return impl.forward(self.spec, *c)[0]
         y, _ = torch.ops.gspngen.scan(*c, self._spec_json, backend)
@@ -191,6 +192,20 @@ def default_backend(spec: Spec, device: "torch.device | str", dtype: "torch.dtyp
 
 
 _WARNED: set = set()
+_NEED_SAVED: dict = {}
+
+
+def _accepts_need_saved(impl) -> bool:
+    """Whether ``impl.forward`` takes ``need_saved`` (a subclass may override forward without it)."""
+    kind = type(impl)
+    ok = _NEED_SAVED.get(kind)
+    if ok is None:
+        try:
+            ok = "need_saved" in inspect.signature(impl.forward).parameters
+        except (TypeError, ValueError):
+            ok = False
+        _NEED_SAVED[kind] = ok
+    return ok
 
 
 def _fallback_warning(name: str, device: torch.device) -> None:

@@ -53,6 +53,17 @@ def test_host_backends_same_result_without_saved(spec, make):
 def test_every_kernel_backend_says_it_skips_saved():
     for name in ("reference", "lowered", "cpu", "cuda", "triton"):
         assert getattr(get_backend(name), "skips_saved", False), name
+        assert api._accepts_need_saved(get_backend(name)), name
+
+
+def test_a_subclass_without_the_keyword_is_called_without_it():
+    from gspngen.backends.reference import ReferenceBackend
+
+    class Probe(ReferenceBackend):  # inherits skips_saved, overrides forward without need_saved
+        def forward(self, spec, x, w, lam, u, s, m):
+            return x.clone(), x.new_empty(0)
+
+    assert not api._accepts_need_saved(Probe())
 
 
 def test_op_asks_for_no_saved_only_without_gradients(monkeypatch):

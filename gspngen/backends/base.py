@@ -3,8 +3,9 @@
 Tensors reaching a backend are validated (see ``gspngen.validate``) and
 contiguous in the spec's layout. ``forward`` returns the result and a
 ``saved`` tensor that the backend wants back in ``backward`` (an empty tensor
-when it recomputes instead, or when called with ``need_saved=False``: backends
-that set ``skips_saved = True`` accept that keyword and then store no h). ``backward`` returns gradients for
+when it recomputes instead, or when called with ``need_saved=False``: a forward
+that declares that keyword stores no h then; the in-tree backends say so with
+``skips_saved = True``). ``backward`` returns gradients for
 (x, w, lam, u, s, m), ``None`` for optional inputs the spec does not use.
 """
 
@@ -31,7 +32,7 @@ class Backend(Protocol):
         ...
 
     def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``need_saved=False`` (no input needs a gradient; only for a backend with ``skips_saved = True``):
+        """``need_saved=False`` (no input needs a gradient; passed only to a forward that declares the keyword):
         ``saved`` may be an empty tensor and the kernels need not store it (inference moves fewer bytes)."""
         ...
 
