@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -98,10 +100,31 @@ class GSPNOp:
         _, backend, impl = memo
         c = [None if t is None else t.contiguous() for t in args]
         if not training and _plain(sig):
+            if _accepts_need_saved(impl):  # no gradient: the kernels skip the saved-h store
+                return impl.forward(self.spec, *c, need_saved=False)[0]
             return impl.forward(self.spec, *c)[0]
         y, _ = torch.ops.gspngen.scan(*c, self._spec_json, backend)
         return y
 
+
+    def prebuild(self, shape, dtype: torch.dtype = torch.float32, device="cuda",
+                 training: bool = True) -> str:
+        """Build the kernels for inputs x of ``shape`` (the spec's layout), ``dtype`` and ``device`` now,
+        ahead of the first call, so that no build (NVRTC: seconds) happens inside a training step or a
+        CUDA-graph capture. Returns the backend that calls like that will run. A no-op for backends that
+        build nothing (reference, lowered)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        N, a, b, c = (int(v) for v in shape)
+        image = (N, c, a, b) if self.spec.layout == "nhwc" else (N, a, b, c)
+        backend = _resolve_backend(self._spec_json, self.backend, device.type, device.index, str(dtype),
+                                   image, training, self.autotune)
+        impl = get_backend(backend)
+        build = getattr(impl, "prebuild", None)
+        if build is not None:
+            build(self.spec, tuple(shape), dtype, device)
+        return backend
 
     def _checked_call(self, *args) -> torch.Tensor:
         """Finite-check mode (gspngen.finite): inputs, result and, in the backward, every gradient."""
@@ -159,14 +182,46 @@ def default_backend(spec: Spec, device: "torch.device | str", dtype: "torch.dtyp
         dname = "fp64" if dtype == torch.float64 else DTYPE_NAMES.get(dtype)
     if device.type == "cuda" and dname in spec.precision:
         for name in ("cuda", "triton"):
-            if name in spec.backends and backend_available(name, device):
-                return name
+            if name in spec.backends:
+                if backend_available(name, device):
+                    return name
+                _fallback_warning(name, device)
     if device.type == "cpu" and "cpu" in spec.backends:
         from .render.cpu import dtypes as cpu_dtypes  # light: no rendering
 
         if dname in cpu_dtypes(spec) and backend_available("cpu", device):
             return "cpu"
     return "reference"
+
+
+_WARNED: set = set()
+_NEED_SAVED: dict = {}
+
+
+def _accepts_need_saved(impl) -> bool:
+    """Whether ``impl.forward`` takes ``need_saved`` (a subclass may override forward without it)."""
+    kind = type(impl)
+    ok = _NEED_SAVED.get(kind)
+    if ok is None:
+        try:
+            ok = "need_saved" in inspect.signature(impl.forward).parameters
+        except (TypeError, ValueError):
+            ok = False
+        _NEED_SAVED[kind] = ok
+    return ok
+
+
+def _fallback_warning(name: str, device: torch.device) -> None:
+    """``auto`` skips a GPU backend the spec lists: say why, once per (backend, reason) and process."""
+    try:
+        reason = get_backend(name).unavailable_reason(device)
+    except ImportError as exc:
+        reason = str(exc)
+    key = (name, reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"gspngen: backend='auto' does not use {name!r} on {device}: {reason or 'unavailable'}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _resolve_backend(spec_json: str, backend: str, device_type: str, device_index, dtype_name: str,

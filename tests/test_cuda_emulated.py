@@ -240,10 +240,12 @@ def test_emulator_reports_out_of_bounds(runners):
         _fwd_launch(spec, (1, 2, 4, 8), y_shape=(1, 2, 4, 7), runner=runners[0])
 
 
-def test_kernel_writes_nothing_when_shared_memory_is_short(runners):
+def test_kernel_traps_when_shared_memory_is_short(runners):
+    """A host/kernel disagreement on shared memory fails the launch (a trap), never leaves y unwritten
+    behind a launch that looks successful (the host check itself: tests/test_cuda_hazards.py)."""
     spec = Spec.from_dict({"name": "smem", "directions": ["tb"], "merge": "sum"})
-    y = _fwd_launch(spec, (1, 2, 4, 8), smem=16, runner=runners[0])
-    assert torch.isnan(y).all()
+    with pytest.raises(EmuError, match="__trap"):
+        _fwd_launch(spec, (1, 2, 4, 8), smem=16, runner=runners[0])
 
 
 def test_emulator_catches_a_missing_barrier(monkeypatch):

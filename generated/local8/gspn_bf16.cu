@@ -108,6 +108,9 @@ GS_DEV void gs_atomic_add(float* p, float v) { atomicAdd(p, v); }
 extern __shared__ float4 gs_smem_raw[];
 GS_DEV float* gs_smem() { return reinterpret_cast<float*>(gs_smem_raw); }
 
+// A launch the kernel cannot serve: abort the grid (the host checks every launch first; this is the
+// last line of defence, never a silent early return that would leave outputs unwritten).
+GS_DEV void gs_trap() { __trap(); }
 GS_DEV void gs_sync_block() { __syncthreads(); }
 GS_DEV void gs_sync_warp() { __syncwarp(); }
 GS_DEV float gs_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
@@ -404,7 +407,8 @@ struct GsBlock {
     long long sgC, sgG;       // offset from one segment to the next: C-channel tensors, w
 
     // Block index -> (n, channel tile, step range). False if the block is
-    // outside the problem (the host never launches one).
+    // outside the problem (the host never launches one). cpb >= 1 and 0 <= d < GS_D
+    // are checked by the kernel entry (a trap) and, before launch, by the host.
     GS_DEV bool setup(int N, int C_, int G, int H, int W, int chunk, int cpb, int d_, int rev_, int stepw_)
     {
         // nchw: the mapping fixes the step axis; steps mapping: REVT fixes the order
@@ -423,7 +427,7 @@ struct GsBlock {
         b /= nsr;
         const int cb = (int)(b % ncb);
         const long long n = b / ncb;
-        if (n >= N || cpb < 1 || d < 0 || d >= GS_D) return false;
+        if (n >= N) return false;
         tb = (int)gs_min64((long long)sr * cpb * K, T);
         te = (int)gs_min64((long long)tb + (long long)cpb * K, T);
         const int tid = threadIdx.x;
@@ -559,7 +563,9 @@ struct GsBlock {
 // ===========================================================================
 // Forward: h along the scan, y = this direction's contribution, saved h.
 // ===========================================================================
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC>
+// SAVEH: store h for the backward; false when no input needs a gradient (inference, no_grad):
+// a full plane of writes per direction saved, and p_h is never touched.
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
 struct GsForward {
     using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
@@ -614,7 +620,7 @@ struct GsForward {
         float hv[BUFS == 1 ? NSEG * EPS : 1];  // single buffer: written after everyone has read it
 #pragma unroll
         for (int sg = 0; sg < NSEG; ++sg) {
-            gs_t hs[EPS];
+            [[maybe_unused]] gs_t hs[EPS];  // the saved h of this segment (SAVEH)
 #pragma unroll
             for (int ev = 0; ev < EPS; ++ev) {
                 const int e = sg * V + (MAP == GS_STEPS ? sm : ev);
@@ -643,7 +649,7 @@ struct GsForward {
                 else hv[BUFS == 1 ? sg * EPS + ev : 0] = hk;
                 hs[ev] = gs_s(f_h);
             }
-            gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
+            if constexpr (SAVEH) gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
             if (VS == 1) store_seg(oy, sg, t);  // one-step tiles: store now, fewer live registers
         }
         if constexpr (BUFS == 1) {
@@ -704,13 +710,15 @@ struct GsForward {
     }
 };
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC>;
+    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, SAVEH>;
     F f;
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;
-    if (gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4)) return;  // host/kernel disagreement: write nothing
+    // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
+    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+        gs_trap();
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.py = p_y; f.ph = p_h;
     f.HL = gs_smem();
     f.md = 1.0f;
@@ -995,8 +1003,10 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ 
 {
     using F = GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>;
     F f;
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;
-    if (gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4)) return;  // host/kernel disagreement: write nothing
+    // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
+    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+        gs_trap();
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.pgy = p_gy; f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
     f.pgx = p_gx; f.pglam = p_glam; f.pgu = p_gu; f.pgs = p_gs; f.pgw = p_gw;
     float* sm = gs_smem();

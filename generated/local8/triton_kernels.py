@@ -72,8 +72,10 @@ def gspn_forward(
     y_ptr, hs_ptr,
     dmap, ND, C, H, W, G, NCHUNK, NCB,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_TILE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SAVE_H: tl.constexpr,
 ):
-    """y (or its fp32 accumulator when ACCUMULATE) and hs, the stored h of every direction."""
+    """y (or its fp32 accumulator when ACCUMULATE) and hs, the stored h of every direction (SAVE_H; not
+    stored, and hs never touched, when no input needs a gradient)."""
     # Program id -> (chunk, channel block, direction, batch); chunk varies
     # fastest. dmap packs this launch's direction indices, 2 bits each.
     pid = tl.program_id(0)
@@ -213,7 +215,8 @@ def gspn_forward(
         h = f_cse10*f_cse11*hp2 + f_cse11*f_cse6*hp1 + f_cse11*f_cse8*hp0 + lam*x
 
         h = tl.where(valid, h, 0.0)
-        tl.store(hs_ptr + dir_base + off_c, h, mask=valid)
+        if SAVE_H:
+            tl.store(hs_ptr + dir_base + off_c, h, mask=valid)
         # output: printed by gspngen.lower -> y
         y = (0.25)*(h*u + s*x)
 

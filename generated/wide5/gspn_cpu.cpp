@@ -770,7 +770,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 const T* lamP = lam + im.off(sh, nd, sh.C, im.c0);
                 const T* uP = GS_MOD ? u + im.off(sh, nd, sh.C, im.c0) : nullptr;
                 const T* sP = GS_SKIP ? s + im.off(sh, nd, sh.C, im.c0) : nullptr;
-                T* hP = hs + im.off(sh, nd, sh.C, im.c0);
+                T* hP = hs ? hs + im.off(sh, nd, sh.C, im.c0) : nullptr;  // hs null: no gradient needed, h not saved
                 T* yP = GS_STACK ? y + im.off(sh, nd, sh.C, im.c0) : nullptr;
                 const F md = GS_LEARNED ? (F)gs_ld(m[d]) : F(0);
                 std::memset(th, 0, sizeof(F) * (TS + 1) * sh.lsp);  // zero padding, no previous line
@@ -800,7 +800,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         else
                             gs_fwd_line<F, false>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
                     }
-                    gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
+                    if (hP) gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
                         gs_move<false>(yP, ps, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
                     else if (d == 0)
@@ -1016,7 +1016,7 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
 // (nullptr for unused ones); a: N, C, G, H, W, chunk (0: global), threads,
 // tile, cb. Returns 0, 1 when scratch memory could not be allocated, 2 when gwide is
 // missing but needed (G != C, except nhwc items holding whole groups).
-// forward p: x, w, lam, u, s, m, y, h.
+// forward p: x, w, lam, u, s, m, y, h (h nullptr: not saved, no input needs a gradient).
 // backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (see gs_backward), glam, gu, gs, gm.
 // ---------------------------------------------------------------------------
 extern "C" int gspn_abi_version() { return 1; }

@@ -3,7 +3,9 @@
 Tensors reaching a backend are validated (see ``gspngen.validate``) and
 contiguous in the spec's layout. ``forward`` returns the result and a
 ``saved`` tensor that the backend wants back in ``backward`` (an empty tensor
-when it recomputes instead). ``backward`` returns gradients for
+when it recomputes instead, or when called with ``need_saved=False``: a forward
+that declares that keyword stores no h then; the in-tree backends say so with
+``skips_saved = True``). ``backward`` returns gradients for
 (x, w, lam, u, s, m), ``None`` for optional inputs the spec does not use.
 """
 
@@ -29,7 +31,11 @@ class Backend(Protocol):
         """Shape and dtype of the ``saved`` tensor (for fake tensors / torch.compile)."""
         ...
 
-    def forward(self, spec: Spec, x, w, lam, u, s, m) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``need_saved=False`` (no input needs a gradient; passed only to a forward that declares the keyword):
+        ``saved`` may be an empty tensor and the kernels need not store it (inference moves fewer bytes)."""
+        ...
+
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads: ...
 

@@ -128,11 +128,14 @@ class CpuBackend:
             raise RuntimeError(f"cpu backend: kernel refused its arguments (code {rc_})")
 
     # -- passes ----------------------------------------------------------------
-    def forward(self, spec: Spec, x, w, lam, u, s, m):
+    skips_saved = True  # forward(..., need_saved=False) writes no h
+
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True):
+        """``need_saved=False``: h is not stored (a plane of writes per direction less); saved is empty."""
         fn = self._entry(spec, x, "fwd")
         x, w, lam, u, s, m = (None if t is None else t.contiguous() for t in (x, w, lam, u, s, m))
         y = self._out(result_shape(spec, x), x)
-        saved = self._out(saved_shape(spec, x), x)
+        saved = self._out(saved_shape(spec, x), x) if need_saved else x.new_empty((0,))
         if x.numel() == 0:
             return y.zero_(), saved.zero_()
         args = self._args(spec, x, self.fwd_key)

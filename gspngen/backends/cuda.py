@@ -4,7 +4,8 @@
 each covering every step of its scan. ``CudaPerStepBackend`` runs GSPN-1's
 launch structure (one launch per step) with the same math, for benchmarks.
 Both save h (storage dtype, frame order: (N, D, C, H*W); nhwc (N, D, H*W, C))
-in the forward for the backward.
+in the forward for the backward; with ``forward(..., need_saved=False)`` the fused
+forward runs instantiations that never store h (and returns an empty ``saved``).
 
 All shapes and launch geometry are decided here before any launch; the
 kernels additionally mask every access to the problem's bounds. Kernels are
@@ -100,6 +101,8 @@ class _CudaBase:
 
         return cupy_available()
 
+    skips_saved = True  # forward(..., need_saved=False): fused kernels without the h store
+
     def saved_shape(self, spec: Spec, x: torch.Tensor):
         return saved_shape(spec, x), x.dtype
 
@@ -107,7 +110,9 @@ class _CudaBase:
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             return "needs a CUDA device"
-        return None if self.available(device) else "cupy is not installed (or cannot load CUDA)"
+        from ..runtime.cuda_build import cuda_unavailable_reason
+
+        return cuda_unavailable_reason()
 
     def _ready(self, x: torch.Tensor) -> str:
         dname = _dtype_name(x, self.name)
@@ -179,7 +184,7 @@ class CudaBackend(_CudaBase):
 
     def plan(self, spec: Spec, dname: str, kind: str, d: int, dims: tuple[int, int, int, int],
              tensors: list[Optional[torch.Tensor]], acc: bool, watom: bool,
-             limits: tuple[int, int]) -> FusedLaunch:
+             limits: tuple[int, int], save_h: bool = True) -> FusedLaunch:
         """Instantiation, grid and shared memory of one direction's fused kernel."""
         N, C, H, W = dims
         direction = spec.directions[d]
@@ -198,10 +203,26 @@ class CudaBackend(_CudaBase):
         vec = self._vec_ok(spec, dname, mapping, cfg.vec, C, L, T, tensors)
         cpb, grid = rc.chunks_per_block(spec, direction, N, C, H, W, cfg, sm_count)
         geo = DIRECTION_TABLE[direction]
-        name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom)
+        name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom, save_h)
         tail = (("i32", cpb), ("i32", d), ("i32", int(geo.reverse)), ("i32", int(geo.step_axis == "W")),
                 ("i32", int(acc)))
-        return FusedLaunch(name, grid, cfg.threads, smem, cpb, tail)
+        return self.check_launch(spec, FusedLaunch(name, grid, cfg.threads, smem, cpb, tail), d, smem_limit)
+
+    def check_launch(self, spec: Spec, p: FusedLaunch, d: int, smem_limit: int) -> FusedLaunch:
+        """Everything the fused kernels would refuse (with a device trap) checked on the host, before any
+        launch: a clear ValueError instead of a failed launch or unwritten outputs."""
+        what = f"x: the {self.name} backend cannot launch {p.name}"
+        if p.block < 32 or p.block % 32 or p.block > 1024:
+            raise ValueError(f"{what}: {p.block} threads per block (a multiple of 32, at most 1024)")
+        if p.cpb < 1:
+            raise ValueError(f"{what}: {p.cpb} chunks per block")
+        if not 0 <= d < spec.num_directions:
+            raise ValueError(f"{what}: direction {d} of {spec.num_directions}")
+        if p.smem > smem_limit:
+            raise ValueError(f"{what}: it needs {p.smem} bytes of shared memory per block, the GPU offers "
+                             f"{smem_limit}; use backend='triton' or 'reference'")
+        self._check_grid(p.grid)
+        return p
 
     @staticmethod
     def _vec_ok(spec: Spec, dname: str, mapping: int, v: int, C: int, L: int, T: int,
@@ -216,18 +237,19 @@ class CudaBackend(_CudaBase):
         return all(t.data_ptr() % align == 0 for t in tensors if t is not None)
 
     # -- passes --------------------------------------------------------------
-    def forward(self, spec: Spec, x, w, lam, u, s, m):
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True):
+        """``need_saved=False`` (no input needs a gradient): kernels that never store h; saved is empty."""
         dname = self._ready(x)
         dims = N, C, H, W = _dims(spec, x)
         G = spec.groups(C)
         y = self._out(result_shape(spec, x), x)
-        saved = self._out(saved_shape(spec, x), x)
+        saved = self._out(saved_shape(spec, x), x) if need_saved else x.new_empty((0,))
         source = rc.kernel_source(spec, dname)
         limits = self.runner.limits(x.device)
-        vec_tensors = [x, w, lam, u, s, y, saved]
+        vec_tensors = [x, w, lam, u, s, y] + ([saved] if need_saved else [])
         stack = spec.merge == "stack"
         plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
-                           limits=limits) for d in range(spec.num_directions)]
+                           limits=limits, save_h=need_saved) for d in range(spec.num_directions)]
         names = [p.name for p in plans]
         for p in plans:
             args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", y), ("out", saved),
@@ -265,16 +287,34 @@ class CudaBackend(_CudaBase):
 
     def kernel_names(self, spec: Spec, dname: str, dims: tuple[int, int, int, int],
                      limits: tuple[int, int]) -> list[str]:
-        """Every fused instantiation a forward and a backward at this shape launch, with aligned tensors
-        (for building ahead)."""
+        """Every fused instantiation a forward (with and without the h store) and a backward at this shape
+        launch, with aligned tensors (for building ahead)."""
         N, C, H, W = dims
         watom = spec.groups(C) != C
         names = []
-        for kind in ("fwd", "bwd"):
+        for kind, save_h in (("fwd", True), ("fwd", False), ("bwd", True)):
             for d in range(spec.num_directions):
-                p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits)
+                p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits,
+                              save_h=save_h)
                 names.append(p.name)
         return list(dict.fromkeys(names))
+
+
+    def prebuild(self, spec: Spec, shape: tuple[int, ...], dtype: torch.dtype, device) -> list[str]:
+        """Build, now, every kernel a forward and a backward on x of ``shape`` (the spec's layout) will
+        launch, in one NVRTC build; later calls find them built (CupyRunner keeps them per process).
+        Returns the kernel names."""
+        device = torch.device(device)
+        dname = DTYPE_NAMES.get(dtype)
+        if dname is None:
+            raise TypeError(f"dtype: the {self.name} backend stores fp32, fp16 or bf16, got {dtype}")
+        if len(shape) != 4:
+            raise ValueError(f"shape: expected x's 4-d shape, got {tuple(shape)}")
+        N, a, b, c = (int(v) for v in shape)
+        dims = (N, c, a, b) if spec.layout == "nhwc" else (N, a, b, c)
+        names = self.kernel_names(spec, dname, dims, self.runner.limits(device))
+        self.runner.kernel(device, rc.kernel_source(spec, dname), names[0], names)
+        return names
 
 
 class CudaPerStepBackend(_CudaBase):
@@ -304,7 +344,8 @@ class CudaPerStepBackend(_CudaBase):
         nchm = -(-lm // spec.chunk) if spec.chunk is not None else 1
         return self._check_grid(-(-(spec.num_directions * N * C * lm * nchm) // rc.PS_THREADS))
 
-    def forward(self, spec: Spec, x, w, lam, u, s, m):
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True):
+        """The merge launch reads h, so it is always written; returned empty when not needed."""
         dname = self._ready(x)
         N, C, H, W = _dims(spec, x)
         G = spec.groups(C)
@@ -322,7 +363,7 @@ class CudaPerStepBackend(_CudaBase):
         args = [("in", x), ("in", u), ("in", s), ("in", m), ("in", saved), ("out", y),
                 ("i32", N), ("i32", C), ("i32", H), ("i32", W)]
         self._launch(x.device, source, kn["ps_merge"], names, pixel_grid, rc.PS_THREADS, 0, args)
-        return y, saved
+        return y, (saved if need_saved else saved.new_empty((0,)))
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)

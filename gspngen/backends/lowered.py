@@ -126,14 +126,16 @@ class LoweredBackend(Untuned):
         return (N, spec.num_directions, C, H, W), compute_dtype(x.dtype)
 
     # -- forward ------------------------------------------------------------
-    def forward(self, spec: Spec, x, w, lam, u, s, m):
+    skips_saved = True  # forward(..., need_saved=False): no saved h (an empty tensor)
+
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True):
         ir = lower(spec)
         fwd, out_fn = compile_block(ir.forward), compile_block(ir.output)
         cd = compute_dtype(x.dtype)
         k, r = ir.k, ir.r
         x_cf = to_channel_first(x, spec.layout).to(cd)
         shape, _ = self.saved_shape(spec, x)
-        saved = poison_(x_cf.new_empty(shape))
+        saved = poison_(x_cf.new_empty(shape)) if need_saved else x_cf.new_empty((0,))
         ys = []
         for d in range(spec.num_directions):
             fr = _Direction(spec, d, x_cf, w, lam, u, s, cd)
@@ -144,7 +146,8 @@ class LoweredBackend(Untuned):
                 hp = _neighbours(None if starts[t] else h, k, r, fr.x[..., t])
                 h = _full(fwd(**fr.update_inputs(k, t, hp))["h"], fr.x[..., t])
                 hs[..., t] = h
-            saved[:, d] = fr.unframe(hs)
+            if need_saved:
+                saved[:, d] = fr.unframe(hs)
             y = out_fn(h=hs, **fr.output_inputs(spec, m, d))["y"]
             ys.append(fr.unframe(_full(y, fr.x)))
         if spec.merge == "stack":

@@ -117,9 +117,11 @@ class TritonBackend:
             raise ValueError(f"x: the triton backend cannot run on device {x.device} here: "
                              f"{self.unavailable_reason(x.device)}")
 
-    def forward(self, spec: Spec, x, w, lam, u, s, m):
+    skips_saved = True  # forward(..., need_saved=False): SAVE_H=False, no h store
+
+    def forward(self, spec: Spec, x, w, lam, u, s, m, need_saved: bool = True):
         self._check(x)
-        return self._launch.forward(spec, x, w, lam, u, s, m, self.config)
+        return self._launch.forward(spec, x, w, lam, u, s, m, self.config, need_saved=need_saved)
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         self._check(x)

@@ -316,19 +316,21 @@ def _b(v: bool) -> str:
     return "true" if v else "false"
 
 
-def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok: bool, watom: bool = False) -> str:
+def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok: bool, watom: bool = False,
+               save_h: bool = True) -> str:
     """NVRTC name expression of a fused kernel instantiation.
 
     One instantiation serves every direction with the same thread mapping
     (the direction, its step order and step axis and whether it accumulates
     are run-time arguments), except that the steps mapping compiles its step
-    order in: its tile walk is unrolled over registers.
+    order in: its tile walk is unrolled over registers. ``save_h`` (forward):
+    whether the kernel stores h for the backward (False: no h store at all).
     """
     revt = bool(reverse) and mapping == STEPS
     head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
             f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
     if kind == "fwd":
-        return f"gspn_fwd<{head}>"
+        return f"gspn_fwd<{head}, {_b(save_h)}>"
     if kind == "bwd":
         return f"gspn_bwd<{head}, {_b(watom)}>"
     raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")

@@ -26,7 +26,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-BASE_OPTIONS = ("-std=c++17",)
+# NVRTC options, every floating-point choice explicit. Flush-to-zero is ON: CuPy appends -ftz=true to
+# whatever it is given (NVRTC honours the last occurrence), and Triton flushes fp32 denormals too, so both
+# GPU backends agree; saying it here makes the option tuple what NVRTC actually receives. It cannot move a
+# stability threshold: the normalisation (gspngen/lower/derive.py, scaled_sigmoid) is exact for every
+# finite logit, so flushing touches only results below 2**-126, where CPU backends (no flush) differ
+# from GPU ones by less than the smallest normal fp32. Divides and square roots are IEEE-rounded and
+# multiply-adds contract, NVRTC's defaults, also made explicit.
+FTZ = True
+BASE_OPTIONS = ("-std=c++17", f"-ftz={str(FTZ).lower()}", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
 
 
 def cuda_include_dirs() -> list[str]:
@@ -79,8 +87,11 @@ class CupyRunner:
     """Compile with CuPy/NVRTC, launch on the current PyTorch stream."""
 
     def __init__(self) -> None:
-        self._modules: dict[tuple, Any] = {}
+        # (device index, source hash) -> [(names, module)]: a kernel compiled once (by a prebuild, say)
+        # serves every later request for it, whatever set of names that request brings.
+        self._modules: dict[tuple, list[tuple[frozenset, Any]]] = {}
         self._lock = threading.Lock()
+        self.builds = 0  # NVRTC builds so far (each is seconds: see prebuild)
 
     @staticmethod
     def _cupy():
@@ -90,14 +101,16 @@ class CupyRunner:
 
     def kernel(self, device: torch.device, source: str, name: str, names: Sequence[str]):
         cupy = self._cupy()
-        names = tuple(sorted(set(names) | {name}))
-        key = (device.index, hashlib.sha256(source.encode()).hexdigest(), names)
+        key = (device.index, hashlib.sha256(source.encode()).hexdigest())
         with self._lock:
-            mod = self._modules.get(key)
+            built = self._modules.setdefault(key, [])
+            mod = next((m for have, m in built if name in have), None)
             if mod is None:
+                names = tuple(sorted(set(names) | {name}))
                 with cupy.cuda.Device(device.index):
                     mod = cupy.RawModule(code=source, options=build_options(), name_expressions=names)
-                self._modules[key] = mod
+                built.append((frozenset(names), mod))
+                self.builds += 1
         with cupy.cuda.Device(device.index):
             return mod.get_function(name)
 
@@ -127,9 +140,42 @@ def default_runner() -> CupyRunner:
     return _DEFAULT
 
 
-def cupy_available() -> bool:
+def probe_versions() -> tuple[int, int, int]:
+    """(driver, cuda runtime, nvrtc) versions as 1000 * major + 10 * minor (12040 for 12.4): the CUDA
+    version the installed driver supports, and the ones CuPy's runtime and NVRTC were built for.
+    Raises if CuPy is missing or cannot load CUDA. (Tests monkeypatch this.)"""
+    import cupy
+
+    driver = int(cupy.cuda.runtime.driverGetVersion())
+    runtime = int(cupy.cuda.runtime.runtimeGetVersion())
+    major, minor = cupy.cuda.nvrtc.getVersion()
+    return driver, runtime, 1000 * int(major) + 10 * int(minor)
+
+
+def _v(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when CuPy loads and the driver can run what its runtime and NVRTC produce, else why not.
+
+    A driver runs code built by a CUDA runtime / NVRTC of its own major version or older (minor-version
+    compatibility within a major); a CuPy wheel for CUDA 13 on a 12.x driver loads but fails at the first
+    launch, so this is checked before ``auto`` picks ``cuda``.
+    """
     try:
-        import cupy  # noqa: F401
-    except Exception:  # ImportError, or a CUDA library that fails to load
-        return False
-    return True
+        driver, runtime, nvrtc = probe_versions()
+    except Exception as e:  # ImportError, a CUDA library that fails to load, no driver
+        return f"cupy is not installed or cannot load CUDA ({type(e).__name__}: {e})"[:300]
+    if driver <= 0:
+        return "no CUDA driver found"
+    need = max(runtime, nvrtc)
+    if driver // 1000 < need // 1000:
+        which = "runtime" if runtime >= nvrtc else "NVRTC"
+        return (f"the CUDA driver supports CUDA {_v(driver)}, but cupy's {which} is CUDA {_v(need)}; "
+                f"update the driver or install the cupy wheel for CUDA {driver // 1000} (cupy-cuda{driver // 1000}x)")
+    return None
+
+
+def cupy_available() -> bool:
+    return cuda_unavailable_reason() is None

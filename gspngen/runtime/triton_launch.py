@@ -196,6 +196,11 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def no_saved(spec: Spec, x) -> torch.Tensor:
+    """The saved tensor of a forward that needs none: empty, never written (tests replace it to watch)."""
+    return torch.empty((0,), dtype=SAVED_DTYPE, device=x.device)
+
+
 def _accumulator(shape, device) -> torch.Tensor:
     """A zeroed fp32 buffer for atomic sums (for fp32 storage, the result itself)."""
     return torch.zeros(shape, dtype=torch.float32, device=device)
@@ -239,14 +244,15 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFIG):
-    """(y, hs): the merged result and the stored h of every direction."""
+def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFIG, need_saved: bool = True):
+    """(y, hs): the merged result and the stored h of every direction (empty, never written, when not
+    ``need_saved``)."""
     mod = kernel_module(spec)
     N, C, H, W = image_dims(spec, x)
     G = spec.groups(C)
     D = spec.num_directions
     out_shape = (N, D, *x.shape[1:]) if spec.merge == "stack" else tuple(x.shape)
-    hs = new_output(saved_shape(spec, x), SAVED_DTYPE, x.device)
+    hs = new_output(saved_shape(spec, x), SAVED_DTYPE, x.device) if need_saved else no_saved(spec, x)
     accumulate = spec.merge != "stack" and D > 1
     y = _accumulator(out_shape, x.device) if accumulate else new_output(out_shape, x.dtype, x.device)
     with _on_device(x):
@@ -255,7 +261,7 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile, ACCUMULATE=accumulate,
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                SAVE_H=need_saved, num_warps=config.num_warps, num_stages=config.num_stages,
             )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

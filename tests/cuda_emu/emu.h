@@ -25,6 +25,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #define __global__
@@ -70,6 +71,12 @@ struct Ctx {
     std::string err;
     std::function<void()> body;
     long long checks = 0;
+    long long bytes[3] = {0, 0, 0};  // global bytes loaded, stored, atomically added (checked accesses)
+    // The same, counting each address once per launch (what DRAM sees when repeats hit in cache, e.g.
+    // a scalar every thread loads); tracked only while `distinct` is on (tests of the byte model).
+    bool distinct = false;
+    long long dbytes[3] = {0, 0, 0};
+    std::unordered_set<uintptr_t> seen[3];
 };
 
 inline Ctx g;
@@ -122,11 +129,25 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
         return false;
     }
     for (const Range& r : g.ranges)
-        if (a >= r.lo && a + n <= r.hi) return true;
+        if (a >= r.lo && a + n <= r.hi) {
+            const int kind = what[0] == 'l' ? 0 : what[0] == 's' ? 1 : 2;
+            g.bytes[kind] += (long long)n;
+            if (g.distinct && g.seen[kind].insert(a).second) g.dbytes[kind] += (long long)n;
+            return true;
+        }
     char buf[128];
     std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at %#lx", what, n, (unsigned long)a);
     fail(buf);
     return false;
+}
+
+// __trap(): the launch fails; this thread never resumes.
+[[noreturn]] inline void trap()
+{
+    fail("__trap() (the kernel refused the launch)");
+    g.cur->state = DONE;
+    swapcontext(&g.cur->ctx, &g.sched);
+    std::abort();  // never resumed
 }
 
 inline void trampoline()
@@ -266,4 +287,13 @@ void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long lon
 }
 const char* emu_error() { return emu::g.err.c_str(); }
 long long emu_checks() { return emu::g.checks; }
+long long emu_bytes(int kind) { return kind < 3 ? emu::g.bytes[kind] : emu::g.dbytes[kind - 3]; }
+void emu_reset_bytes(int distinct)
+{
+    for (int k = 0; k < 3; ++k) {
+        emu::g.bytes[k] = emu::g.dbytes[k] = 0;
+        emu::g.seen[k].clear();
+    }
+    emu::g.distinct = distinct != 0;
+}
 }

@@ -46,6 +46,9 @@ class _Lib:
         self.dll = ctypes.CDLL(str(path))
         self.dll.emu_error.restype = ctypes.c_char_p
         self.dll.emu_checks.restype = ctypes.c_longlong
+        self.dll.emu_bytes.restype = ctypes.c_longlong
+        self.dll.emu_bytes.argtypes = [ctypes.c_int]
+        self.dll.emu_reset_bytes.argtypes = [ctypes.c_int]
         self.dll.emu_set_ranges.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong),
                                             ctypes.POINTER(ctypes.c_ulonglong)]
         self.index = {n: i for i, n in enumerate(names)}
@@ -71,6 +74,10 @@ class EmuRunner:
         self._libs: dict[str, list[_Lib]] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="gspn_emu_"))
         self.launches: list[tuple[str, int, int, int]] = []
+        # global-memory bytes of the checked accesses, per kernel name: [loaded, stored, atomically added];
+        # with count_distinct, three more: the same counting each address once per launch
+        self.bytes: dict[str, list[int]] = {}
+        self.count_distinct = False
 
     def _paths(self, source: str, names: list[str]) -> tuple[Path, Path]:
         key = hashlib.sha256((source + "\0" + "\0".join(names)).encode()).hexdigest()[:16]
@@ -141,7 +148,11 @@ class EmuRunner:
         lib = kernel.lib.dll
         lib.emu_set_ranges(n, (ctypes.c_ulonglong * n)(*lo), (ctypes.c_ulonglong * n)(*hi))
         self.launches.append((kernel.name, grid, block, smem))
+        lib.emu_reset_bytes(int(self.count_distinct))
         rc = kernel.fn(grid, block, smem, self.order, arr)
+        moved = self.bytes.setdefault(kernel.name, [0] * 6)
+        for i in range(6):
+            moved[i] += lib.emu_bytes(i)
         if rc != 0:
             raise EmuError(f"{kernel.name}: {lib.emu_error().decode()}")
 

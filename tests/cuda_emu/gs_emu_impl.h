@@ -66,6 +66,7 @@ GS_DEV void gs_atomic_add(float* p, float v)
 
 GS_DEV float* gs_smem() { return emu::g.smem.data() + emu::GUARD; }
 GS_DEV unsigned gs_dyn_smem_bytes() { return (unsigned)emu::g.smem_bytes; }
+GS_DEV void gs_trap() { emu::trap(); }
 GS_DEV void gs_sync_block() { emu::syncthreads(); }
 GS_DEV void gs_sync_warp() { emu::warp_op(emu::OP_SYNC, 0xffffffffu, 0, 0); }
 GS_DEV float gs_shfl_xor(float v, int m)
