@@ -2,8 +2,11 @@
 
 Each image shows dashed curves; two of them are long, the rest are shorter distractors. Two markers sit
 on curve ends: on both ends of one long curve (label 1, "connected") or on one end of each long curve
-(label 0). Curves never touch (a one-pixel clearance), so "connected" means "on the same curve", which a
-flood fill over the solid (undashed) curves decides; tests/test_pathfinder.py checks that. Deciding it
+(label 0). Curves never touch, so "connected" means "on the same curve", which a flood fill over the
+solid (undashed) curves decides; tests/test_pathfinder.py checks that. The clearance between curves is
+two pixels (``clearance``), wider than a dash gap: with one pixel, the gap between two different curves
+looked exactly like the gap inside a dashed curve (both a Chebyshev distance of 2), and a flood fill
+over the image pixels that jumps dash gaps agreed with the label on only 84 % of samples (96 % with two). Deciding it
 from pixels needs context along a whole curve: a stack of 3x3 convolutions sees a few pixels per layer,
 a GSPN scan sees the whole image in every layer (Linsley et al. 2018; Long Range Arena, Tay et al. 2021).
 
@@ -74,7 +77,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
 
 def make_sample(rng: np.random.Generator, size: int = 32, length: int = 24, distractors: int = 3,
-                dash: int = 3, gap: int = 1, curvature: float = 0.25):
+                dash: int = 3, gap: int = 1, curvature: float = 0.25, clearance: int = 2):
     """One image: (image (size, size) float32, label 0/1, solid curve ids (size, size) int, markers (2, 2)).
 
     ``solid`` numbers the curves 1, 2, ... (0 is background) before dashing: the ground truth for the
@@ -88,7 +91,10 @@ def make_sample(rng: np.random.Generator, size: int = 32, length: int = 24, dist
         for i in range(2 + distractors):
             n = length if i < 2 else max(2, length // 2)
             for _ in range(100):
-                pts = _curve(rng, size, n, _dilate(solid > 0), curvature)
+                blocked = solid > 0
+                for _ in range(clearance):
+                    blocked = _dilate(blocked)
+                pts = _curve(rng, size, n, blocked, curvature)
                 if pts is not None:
                     break
             else:
