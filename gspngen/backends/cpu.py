@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..geometry import image_dims
 from ..render import cpu as rc
 from ..spec import Spec
 from .base import Grads, result_shape
@@ -25,11 +26,7 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 
 
 def _dims(spec: Spec, x: torch.Tensor) -> tuple[int, int, int, int]:
-    if spec.layout == "nhwc":
-        N, H, W, C = x.shape
-    else:
-        N, C, H, W = x.shape
-    return N, C, H, W
+    return image_dims(x.shape, spec.layout)
 
 
 def saved_shape(spec: Spec, x: torch.Tensor) -> tuple[int, ...]:

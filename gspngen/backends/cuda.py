@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..geometry import DIRECTION_TABLE
+from ..geometry import DIRECTION_TABLE, image_dims
 from ..render import cuda as rc
 from ..spec import Spec
 from .base import Grads, parse_config_key, result_shape
@@ -32,11 +32,7 @@ ConfigChooser = Callable[[Spec, str, str, str, int, int, int], Optional[rc.Kerne
 
 
 def _dims(spec: Spec, x: torch.Tensor) -> tuple[int, int, int, int]:
-    if spec.layout == "nhwc":
-        N, H, W, C = x.shape
-    else:
-        N, C, H, W = x.shape
-    return N, C, H, W
+    return image_dims(x.shape, spec.layout)
 
 
 def saved_shape(spec: Spec, x: torch.Tensor) -> tuple[int, ...]:

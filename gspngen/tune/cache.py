@@ -70,12 +70,10 @@ def warn_unwritable(folder: Path, exc: OSError) -> None:
 
 
 def cache_root() -> Path:
-    """``$GSPNGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gspngen``, else ``~/.cache/gspngen``."""
-    root = os.environ.get("GSPNGEN_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "gspngen") if xdg else os.path.join(Path.home(), ".cache", "gspngen")
-    return Path(root)
+    """``$GSPNGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gspngen``, else ``~/.cache/gspngen`` (the runtime's folder)."""
+    from ..runtime.cache_dir import cache_dir
+
+    return cache_dir()
 
 
 def tune_dir() -> Path:
