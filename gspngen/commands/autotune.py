@@ -57,15 +57,9 @@ def _positive_float(option: str, value):
 
 
 def _num(v) -> str:
-    if v is None:
-        return "-"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3g}"
+    from ..bench import _num as number  # the bench table's format
+
+    return "-" if v is None else number(v)
 
 
 def format_report(report: dict, copy_gbps=None) -> str:

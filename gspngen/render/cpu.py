@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..spec import Spec
-from .cuda import _arg, _cbool, _check_ident, _w_used
+from .cuda import _arg, _cbool, _check_ident, _w_used, check_block_contract
 
 if TYPE_CHECKING:
     from ..lower.ir import CodeBlock
@@ -88,13 +88,7 @@ def render_context(spec: Spec) -> dict:
     from ..lower import lower
 
     ir = lower(spec)
-    want = {"gu": ir.modulation, "gs": ir.skip, "gmd": ir.merge == "learned"}
-    outs = set(ir.adjoint_output.outputs)
-    for name, used in want.items():
-        if (name in outs) != used:
-            raise ValueError(f"adjoint_output block: output {name} {'missing' if used else 'unexpected'}")
-    if not {"gh", "gx"} <= outs or set(ir.forward.outputs) != {"h"} or set(ir.output.outputs) != {"y"}:
-        raise ValueError("printed blocks do not have the contract's outputs")
+    check_block_contract(ir)
     adj_used = set(ir.adjoint.used_inputs)
     order = ("forward", "output", "adjoint", "adjoint_output")
     math = [_math_block(n, ir.blocks[n], lang) for lang in ("cpu", "cpu64") for n in order]

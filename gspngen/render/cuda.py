@@ -163,6 +163,17 @@ def _env():
     return env
 
 
+def check_block_contract(ir) -> None:
+    """The printed blocks have the outputs the templates bind (gspngen/lower contract); every renderer checks."""
+    want = {"gu": ir.modulation, "gs": ir.skip, "gmd": ir.merge == "learned"}
+    outs = set(ir.adjoint_output.outputs)
+    for name, used in want.items():
+        if (name in outs) != used:
+            raise ValueError(f"adjoint_output block: output {name} {'missing' if used else 'unexpected'}")
+    if not {"gh", "gx"} <= outs or set(ir.forward.outputs) != {"h"} or set(ir.output.outputs) != {"y"}:
+        raise ValueError("printed blocks do not have the contract's outputs")
+
+
 def render_context(spec: Spec, dtype: str) -> dict:
     """Everything the CUDA templates read, for one spec and storage dtype."""
     from ..lower import lower
@@ -171,13 +182,7 @@ def render_context(spec: Spec, dtype: str) -> dict:
         raise ValueError(f"dtype: expected one of {', '.join(STORE_KIND)}, got {dtype!r}")
     ir = lower(spec)
     blocks = {n: _math_block(n, b) for n, b in ir.blocks.items()}
-    want = {"gu": ir.modulation, "gs": ir.skip, "gmd": ir.merge == "learned"}
-    outs = set(ir.adjoint_output.outputs)
-    for name, used in want.items():
-        if (name in outs) != used:
-            raise ValueError(f"adjoint_output block: output {name} {'missing' if used else 'unexpected'}")
-    if not {"gh", "gx"} <= outs or set(ir.forward.outputs) != {"h"} or set(ir.output.outputs) != {"y"}:
-        raise ValueError("printed blocks do not have the contract's outputs")
+    check_block_contract(ir)
     adj_used = set(ir.adjoint.used_inputs)
     dirs = [{"index": int(d.index), "rev": bool(d.reverse), "step_w": d.step_axis == "W"} for d in ir.directions]
     params = {k: ", ".join(f"{C_TYPES[kind]} {name}" for kind, name in v) for k, v in PARAMS.items()}
