@@ -405,3 +405,66 @@ def test_sanitizer_sweep(tmp_path):
     assert res.returncode == 0, report[-4000:]
     assert "sweep ok" in res.stdout
     assert "AddressSanitizer" not in report and "runtime error" not in report, report[-4000:]
+
+
+# --- the math primitives the printed blocks call, on their own ---
+
+def _primitives_library(tmp_path):
+    """gs_bits/gs_exp/gs_floor/gs_pow2 cut from a rendered source, built with array wrappers."""
+    import ctypes
+    import re
+
+    src = render_cpu.kernel_source(feature_spec(0))
+    start = src.index("template <class To, class From> GS_INLINE To gs_bits")
+    end = src.index("// Per-pixel math, printed")
+    body = src[start:end]
+    assert re.search(r"\bgs_exp\b", body) and "gs_floor" in body and "gs_pow2" in body
+    harness = (
+        "#include <cmath>\n#include <cstdint>\n#include <cstring>\n"
+        "#define GS_INLINE static inline __attribute__((always_inline))\n" + body +
+        'extern "C" void f32(int op, const float* x, float* y, long n) {\n'
+        "  for (long i = 0; i < n; ++i) y[i] = op == 0 ? gs_exp(x[i]) : op == 1 ? gs_floor(x[i]) : gs_pow2(x[i]);\n}\n"
+        'extern "C" void f64(int op, const double* x, double* y, long n) {\n'
+        "  for (long i = 0; i < n; ++i) y[i] = op == 1 ? gs_floor(x[i]) : gs_pow2(x[i]);\n}\n")
+    cpp, lib = tmp_path / "prims.cpp", tmp_path / "prims.so"
+    cpp.write_text(harness)
+    cxx, _ = cpu_build.find_compiler()
+    subprocess.run([cxx, "-std=c++17", "-O2", "-march=native", "-shared", "-fPIC", str(cpp), "-o", str(lib)],
+                   check=True, capture_output=True)
+    return ctypes.CDLL(str(lib))
+
+
+def _apply(lib, op: int, x: torch.Tensor) -> torch.Tensor:
+    import ctypes
+
+    x = x.contiguous()
+    y = torch.full_like(x, float("nan"))
+    fn = lib.f32 if x.dtype == torch.float32 else lib.f64
+    fn(ctypes.c_int(op), ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_long(x.numel()))
+    return y
+
+
+def test_math_primitives_at_the_edges(tmp_path):
+    lib = _primitives_library(tmp_path)
+    # exp: within 3e-7 relative of the fp64 value over the whole normal range
+    x = torch.linspace(-87.3, 88.3, 200_001, dtype=torch.float32)
+    got, want = _apply(lib, 0, x).double(), torch.exp(x.double())
+    assert ((got - want).abs() / want).max() <= 3e-7
+    # overflow to +inf, flush to 0 deep in the subnormals, NaN and infinities kept
+    edge = torch.tensor([88.8, 89.0, 1e4, float("inf"), -87.8, -100.0, -1e4, -float("inf"), float("nan"), 0.0])
+    got = _apply(lib, 0, edge)
+    assert got[:4].isinf().all() and (got[:4] > 0).all()
+    assert (got[4:8] == 0).all() and got[8].isnan() and got[9] == 1.0
+    # floor: exact, whatever the magnitude, NaN kept
+    for dtype in (torch.float32, torch.float64):
+        v = torch.cat([torch.linspace(-300.0, 300.0, 60_001, dtype=dtype),
+                       torch.tensor([-0.5, 0.5, -1.0, 4194303.5, -4194303.5, 2.0**23 + 1, -1e30, 1e30], dtype=dtype)])
+        assert torch.equal(_apply(lib, 1, v), torch.floor(v))
+        assert _apply(lib, 1, torch.tensor([float("nan")], dtype=dtype)).isnan().all()
+    # pow2 of whole numbers: exact powers of two down to the smallest normal, then 0; inf above the range
+    n32 = torch.arange(-140, 131, dtype=torch.float32)
+    want = torch.where(n32 < -126, 0.0, torch.exp2(n32.double())).where(n32 < 128, float("inf"))
+    assert torch.equal(_apply(lib, 2, n32).double(), want)
+    n64 = torch.arange(-1030, 1030, dtype=torch.float64)
+    want = torch.where(n64 < -1022, 0.0, torch.exp2(n64)).where(n64 < 1024, float("inf"))
+    assert torch.equal(_apply(lib, 2, n64), want)

@@ -18,7 +18,7 @@ from gspngen.backends.lowered import compile_block
 from gspngen.backends.reference import normalize_weights
 from gspngen.geometry import neighbour_exists, to_channel_first, to_frame
 from gspngen.lower import C, H, N, W, lower, print_block
-from gspngen.lower.derive import output_blocks, sigmoid, update_blocks
+from gspngen.lower.derive import output_blocks, pow2, sigmoid, update_blocks
 from gspngen.testing import rel_error
 
 KS = (1, 3, 5, 7, 9)
@@ -152,10 +152,13 @@ def count_calls(block, fn) -> int:
 def test_each_nonlinearity_is_computed_once(norm):
     for k in KS:
         fwd, adj = update_blocks(k, norm)
-        # one exponential per neighbour; stability adds exp(b), its per-pixel scale.
+        # one exponential per neighbour and nothing else: stability's per-pixel scale exp(b) is a
+        # power of two (pow2, built from exponent bits), never a further exponential.
         # k = 1: the only weight normalises to the constant 1.
-        want = 0 if k == 1 else k + (norm == "stability")
+        want = 0 if k == 1 else k
         assert count_calls(fwd, sp.exp) == want and count_calls(adj, sp.exp) == want, k
+        scale = 1 if k > 1 and norm == "stability" else 0
+        assert count_calls(fwd, pow2) == scale and count_calls(adj, pow2) == scale, k
         assert count_calls(fwd, sigmoid) == 0 and count_calls(adj, sigmoid) == 0
 
 

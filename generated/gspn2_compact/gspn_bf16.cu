@@ -235,10 +235,10 @@ GS_DEV void gs_blk_forward(const float w0, const float w1, const float w2, const
 {
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
-    const float cse2 = fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1)));
-    const float cse3 = -cse2;
+    const float cse2 = floorf(1.4426950408889634f*fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1))));
+    const float cse3 = -0.6931471805599453f*cse2;
     const float cse4 = expf(cse3 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse5 = expf(cse2);
+    const float cse5 = exp2f(cse2);
     const float cse6 = cse4/(fmaf(cse4, cse5, 1.0f));
     const float cse7 = expf(cse3 + (cse0 > 80.0f ? 80.0f : cse0));
     const float cse8 = (e0 ? cse7/(fmaf(cse5, cse7, 1.0f)) : 0.0f);
@@ -261,9 +261,9 @@ GS_DEV void gs_blk_adjoint(const float gh, const float w0, const float w1, const
 {
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
-    const float cse2 = fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1)));
-    const float cse3 = expf(cse2);
-    const float cse4 = -cse2;
+    const float cse2 = floorf(1.4426950408889634f*fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1))));
+    const float cse3 = exp2f(cse2);
+    const float cse4 = -0.6931471805599453f*cse2;
     const float cse5 = expf(cse4 + (cse0 > 80.0f ? 80.0f : cse0));
     const float cse6 = cse3*cse5;
     const float cse7 = (1.0f/(cse6 + 1.0f));

@@ -37,7 +37,9 @@
 //
 // Exponentials: gs_exp below is branch-free (selects only) so that loops
 // calling it vectorise without -ffast-math, which would also let the
-// compiler drop NaN/inf handling. fp64 uses libm's accurate exp.
+// compiler drop NaN/inf handling. fp64 uses libm's accurate exp. The line
+// loops are specialised for the interior of a line, where every neighbour
+// exists and the printed selections on the flags fold away (gs_line_ranges).
 //
 // Chunk starts: the first step of a chunk has no previous line; the update
 // runs with every neighbour but the centre marked missing and zero weights,
@@ -112,16 +114,27 @@ GS_INLINE void gs_put(gs_bf16& d, float v)
 // ---------------------------------------------------------------------------
 // Math primitives the printed blocks call.
 // ---------------------------------------------------------------------------
-// exp(x) in fp32, branch-free: x = n ln2 + r with |r| <= ln2/2, exp(r) by its
-// degree-6 Taylor polynomial (relative error < 2e-7 on that range), 2^n applied
-// as two exact power-of-two factors so that results down to the subnormals
-// are right. x > 88.73 gives +inf, x < -104 gives 0, NaN stays NaN.
+template <class To, class From> GS_INLINE To gs_bits(From v)
+{
+    static_assert(sizeof(To) == sizeof(From), "same size");
+    To t;
+    std::memcpy(&t, &v, sizeof(To));
+    return t;
+}
+
+// exp(x) in fp32, branch-free (selects only, so loops calling it vectorise). x = n ln2 + r with
+// |r| <= ln2/2: n by the round-to-nearest magic constant 1.5 * 2^23, whose sum with x/ln2 holds n
+// in its low mantissa bits, read off as an integer (no float-to-int conversion, which a NaN would
+// make undefined); exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 on that
+// range); 2^n by building its exponent bits. x >= 88.73 gives +inf (n = 128 builds the inf
+// pattern); x <= -87.7 gives 0 (n = -127 builds +0: flushed, as CUDA builds with -ftz); NaN stays
+// NaN (the clamps keep it, and it reaches the polynomial).
 GS_INLINE float gs_exp(float x)
 {
-    const float lo = x < -104.0f ? -104.0f : x;
-    const float cl = lo > 89.0f ? 89.0f : lo;
-    const float xc = (x == x) ? cl : 0.0f;                   // no NaN reaches the integer part
-    const float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+    const float lo = x < -88.0f ? -88.0f : x;
+    const float xc = lo > 89.0f ? 89.0f : lo;
+    const float t = std::fmaf(xc, 1.44269504088896341f, 12582912.0f);
+    const float nf = t - 12582912.0f;                         // round(x / ln2), -127 .. 128
     float r = std::fmaf(nf, -0.693145751953125f, xc);         // Cody-Waite: ln2 = hi + lo
     r = std::fmaf(nf, -1.428606765330187e-06f, r);
     float p = 1.0f / 720.0f;
@@ -131,21 +144,34 @@ GS_INLINE float gs_exp(float x)
     p = std::fmaf(p, r, 0.5f);
     p = std::fmaf(p, r, 1.0f);
     p = std::fmaf(p, r, 1.0f);
-    const int32_t n = (int32_t)nf;                            // -150 .. 129
-    const int32_t n1 = n >> 1, n2 = n - n1;
-    const uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
-    float s1, s2;
-    std::memcpy(&s1, &b1, 4);
-    std::memcpy(&s2, &b2, 4);
-    const float e = (p * s1) * s2;
-    return (x == x) ? e : x;
+    // (bits(t) - bits(1.5 * 2^23) + 127) << 23, the shift dropping the high bits: 2^n as bits
+    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
+    return p * gs_bits<float>(e);
 }
 
-// fmax semantics (a NaN operand yields the other one) with selects only.
-GS_INLINE float gs_fmax(float a, float b) { return (b != b || a > b) ? a : b; }
-GS_INLINE double gs_fmax(double a, double b) { return (b != b || a > b) ? a : b; }
-GS_INLINE float gs_fmin(float a, float b) { return (b != b || a < b) ? a : b; }
-GS_INLINE double gs_fmin(double a, double b) { return (b != b || a < b) ? a : b; }
+// floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded
+// up; |x| >= 2^22 is already a whole number (and a NaN stays NaN).
+GS_INLINE float gs_floor(float x)
+{
+    const float r = (x + 12582912.0f) - 12582912.0f;
+    const float f = r > x ? r - 1.0f : r;
+    return std::fabs(x) < 4194304.0f ? f : x;
+}
+GS_INLINE double gs_floor(double x) { return std::floor(x); }
+
+// 2^n for a whole number n from its exponent bits: 0 below the smallest normal (n < -126), +inf
+// above 127; the clamp keeps the conversion defined (a NaN builds 0, never read: the lowering's
+// only user multiplies it with terms a NaN there has already made NaN).
+GS_INLINE float gs_pow2(float n)
+{
+    const float c = n < -127.0f ? -127.0f : (n > 128.0f ? 128.0f : (n == n ? n : -127.0f));
+    return gs_bits<float>((uint32_t)((int32_t)c + 127) << 23);
+}
+GS_INLINE double gs_pow2(double n)
+{
+    const double c = n < -1023.0 ? -1023.0 : (n > 1024.0 ? 1024.0 : (n == n ? n : -1023.0));
+    return gs_bits<double>((uint64_t)((int64_t)c + 1023) << 52);
+}
 
 // ---------------------------------------------------------------------------
 // Per-pixel math, printed from the lowering (gspngen.lower.print_block), once
@@ -159,10 +185,10 @@ GS_INLINE void gs_blk_forward(const float w0, const float w1, const float w2, co
 {
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
-    const float cse2 = gs_fmin(0.0f, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const float cse3 = -cse2;
+    const float cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const float cse3 = -0.6931471805599453f*cse2;
     const float cse4 = gs_exp(cse3 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse5 = gs_exp(cse2);
+    const float cse5 = gs_pow2(cse2);
     const float cse6 = cse4/(fmaf(cse4, cse5, 1.0f));
     const float cse7 = gs_exp(cse3 + (cse0 > 80.0f ? 80.0f : cse0));
     const float cse8 = (e0 ? cse7/(fmaf(cse5, cse7, 1.0f)) : 0.0f);
@@ -185,9 +211,9 @@ GS_INLINE void gs_blk_adjoint(const float gh, const float w0, const float w1, co
 {
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
-    const float cse2 = gs_fmin(0.0f, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const float cse3 = gs_exp(cse2);
-    const float cse4 = -cse2;
+    const float cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const float cse3 = gs_pow2(cse2);
+    const float cse4 = -0.6931471805599453f*cse2;
     const float cse5 = gs_exp(cse4 + (cse0 > 80.0f ? 80.0f : cse0));
     const float cse6 = cse3*cse5;
     const float cse7 = (1.0f/(cse6 + 1.0f));
@@ -247,10 +273,10 @@ GS_INLINE void gs_blk_forward(const double w0, const double w1, const double w2,
 {
     const double cse0 = (e0 ? w0 : w1);
     const double cse1 = (e2 ? w2 : w1);
-    const double cse2 = gs_fmin(0.0, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const double cse3 = -cse2;
+    const double cse2 = gs_floor(1.4426950408889634*(0.0 < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0 : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const double cse3 = -0.6931471805599453*cse2;
     const double cse4 = exp(cse3 + (w1 > 80.0 ? 80.0 : w1));
-    const double cse5 = exp(cse2);
+    const double cse5 = gs_pow2(cse2);
     const double cse6 = cse4/(fma(cse4, cse5, 1.0));
     const double cse7 = exp(cse3 + (cse0 > 80.0 ? 80.0 : cse0));
     const double cse8 = (e0 ? cse7/(fma(cse5, cse7, 1.0)) : 0.0);
@@ -273,9 +299,9 @@ GS_INLINE void gs_blk_adjoint(const double gh, const double w0, const double w1,
 {
     const double cse0 = (e0 ? w0 : w1);
     const double cse1 = (e2 ? w2 : w1);
-    const double cse2 = gs_fmin(0.0, gs_fmax(cse0, gs_fmax(cse1, w1)));
-    const double cse3 = exp(cse2);
-    const double cse4 = -cse2;
+    const double cse2 = gs_floor(1.4426950408889634*(0.0 < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0 : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const double cse3 = gs_pow2(cse2);
+    const double cse4 = -0.6931471805599453*cse2;
     const double cse5 = exp(cse4 + (cse0 > 80.0 ? 80.0 : cse0));
     const double cse6 = cse3*cse5;
     const double cse7 = (1.0/(cse6 + 1.0));
@@ -386,8 +412,10 @@ GS_INLINE __m512 gs_rev16(__m512 v)
     return _mm512_permutexvar_ps(_mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), v);
 }
 
-// gs_move's nchw step-along-W case for fp32, 16 lanes x 16 steps at a time; returns the
-// lanes it covered (the caller does the rest element by element).
+// gs_move's nchw step-along-W case for fp32, in 16 lanes x 16 steps blocks; nt a multiple of 16.
+// Returns the lanes it covered (the caller does the rest element by element). A group of 16
+// rows is done across the whole tile before the next group, so each row is read (or written)
+// as one contiguous run of nt elements: long runs keep the hardware prefetchers streaming.
 template <bool ToTile, class Op, class A, class B>
 static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt)
 {
@@ -397,27 +425,31 @@ static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i 
     if constexpr (!ok) {
         return 0;
     } else {
-        if (nt != 16) return 0;
-        const gs_i col0 = g.rev ? g.T - t0 - 16 : t0;  // the 16 columns, ascending
+        if (nt % 16 != 0) return 0;
         gs_i i0 = 0;
         for (; i0 + 16 <= g.L; i0 += 16) {
-            __m512 r[16];
-            if constexpr (ToTile) {
-                for (int q = 0; q < 16; ++q) {
-                    const __m512 v = _mm512_loadu_ps(img + (i0 + q) * W + col0);
-                    r[q] = g.rev ? gs_rev16(v) : v;
-                }
-                gs_tr16(r);
-                for (int q = 0; q < 16; ++q) _mm512_storeu_ps(tile + q * ls + i0, r[q]);
-            } else {
-                for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tile + q * ls + i0);
-                gs_tr16(r);
-                for (int q = 0; q < 16; ++q) {
-                    float* dst = img + (i0 + q) * W + col0;
-                    __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
-                    if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
-                    if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
-                    else _mm512_storeu_ps(dst, v);
+            for (int s0 = 0; s0 < nt; s0 += 16) {
+                // columns of steps s0 .. s0 + 15, ascending
+                const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
+                B* tb = tile + (gs_i)s0 * ls + i0;
+                __m512 r[16];
+                if constexpr (ToTile) {
+                    for (int q = 0; q < 16; ++q) {
+                        const __m512 v = _mm512_loadu_ps(img + (i0 + q) * W + col0);
+                        r[q] = g.rev ? gs_rev16(v) : v;
+                    }
+                    gs_tr16(r);
+                    for (int q = 0; q < 16; ++q) _mm512_storeu_ps(tb + q * ls, r[q]);
+                } else {
+                    for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tb + q * ls);
+                    gs_tr16(r);
+                    for (int q = 0; q < 16; ++q) {
+                        float* dst = img + (i0 + q) * W + col0;
+                        __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
+                        if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
+                        if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
+                        else _mm512_storeu_ps(dst, v);
+                    }
                 }
             }
         }
@@ -548,22 +580,25 @@ static void gs_store_groups(T* gw, gs_i G, const F* tile, gs_i ls, int V, gs_i c
 // Per-connection pointers are copied into locals first: read through the caller's
 // array inside the loop, they would be reloaded every iteration and the loads
 // turned into gathers.
-template <class F, bool CS>
-static void gs_fwd_line(gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl, const F* __restrict laml,
-                        const F* __restrict ul, const F* __restrict sl, F md, const F* __restrict hprev,
-                        F* __restrict hout, F* __restrict yout)
+// EDGE: elements [j0, j1) may lack neighbours; otherwise every neighbour exists, the flags are
+// constants and the compiler folds the printed block's selections on them away (the interior
+// of a line, all but R*V elements at each end, takes this path).
+template <class F, bool CS, bool EDGE>
+static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl,
+                        const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
+                        const F* __restrict hprev, F* __restrict hout, F* __restrict yout)
 {
     const F* wl[GS_K];
     for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
 #pragma omp simd
-    for (gs_i j = 0; j < n; ++j) {
+    for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
 #pragma GCC unroll 16
         for (int c = 0; c < GS_K; ++c) {
             const gs_i o = (gs_i)(c - GS_R) * V;
-            f_e[c] = CS ? c == GS_R : (gs_u)(j + o) < (gs_u)n;
+            f_e[c] = CS ? c == GS_R : (!EDGE || (gs_u)(j + o) < (gs_u)n);
             f_w[c] = (CS || !gs_w_used_fwd(c)) ? F(0) : wl[c][j];
             f_hp[c] = CS ? F(0) : hprev[j + o];  // zero padding beyond the line
         }
@@ -581,8 +616,8 @@ static void gs_fwd_line(gs_i n, gs_i V, const F* const* wl_, const F* __restrict
 }
 
 // ghin: the ghp step t + 1 produced (all zero when t + 1 does not continue the chunk).
-template <class F, bool CS>
-static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
+template <class F, bool CS, bool EDGE>
+static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                      const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
                      F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_)
@@ -599,7 +634,7 @@ static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl
     }
     F gm = 0;
 #pragma omp simd reduction(+ : gm)
-    for (gs_i j = 0; j < n; ++j) {
+    for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
@@ -608,7 +643,7 @@ static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl
 #pragma GCC unroll 16
         for (int c = 0; c < GS_K; ++c) {
             const gs_i o = (gs_i)(c - GS_R) * V;
-            f_e[c] = CS ? c == GS_R : (gs_u)(j + o) < (gs_u)n;
+            f_e[c] = CS ? c == GS_R : (!EDGE || (gs_u)(j + o) < (gs_u)n);
             f_w[c] = (CS || !gs_w_used_bwd(c)) ? F(0) : wl[c][j];
             f_hp[c] = (CS || !GS_BWD_HP) ? F(0) : hprev[j + o];
             // element j - o sent ghp_c to its neighbour c, which is j (zero padding beyond the line)
@@ -638,6 +673,29 @@ static F gs_bwd_line(gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl
         }
     }
     return gm;
+}
+
+// A whole line. fn(j0, j1, edge, first) runs elements [j0, j1). The interior path (edge false:
+// every neighbour exists, the flags are constants, and the compiler folds the printed block's
+// selections on them away) runs over the whole line in full vectors; then the R*V elements at
+// each end, which may lack neighbours, are run again through the EDGE path and overwrite what
+// the interior path wrote there (it read the zero padding and the missing neighbours' logits,
+// and its results there are discarded). first: the call whose line-wide sums count (the merge
+// weight's gradient does not depend on the neighbours, so the interior call's sum is exact).
+// A chunk start has its own constant flags.
+template <bool CS, class Fn>
+GS_INLINE void gs_line_ranges(gs_i n, gs_i V, Fn fn)
+{
+    const gs_i e = (gs_i)GS_R * V;
+    if (CS || GS_R == 0) {
+        fn(0, n, std::false_type(), true);
+    } else if (2 * e >= n) {
+        fn(0, n, std::true_type(), true);
+    } else {
+        fn(0, n, std::false_type(), true);
+        fn(0, e, std::true_type(), false);
+        fn(n - e, n, std::true_type(), false);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -793,10 +851,14 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         for (int c = 0; c < GS_K; ++c) wl[c] = tw[c] + o;
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         F* hcur = th + (q + 1) * sh.lsp + sh.pad;
-                        if ((t0 + q) % K == 0)
-                            gs_fwd_line<F, true>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
-                        else
-                            gs_fwd_line<F, false>(n, im.V, wl, tx + o, tlam + o, tu + o, ts + o, md, hprev, hcur, ty + o);
+#define GS_FWD_RUN(CS_)                                                                              \
+    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool) {                          \
+        gs_fwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, wl, tx + o, tlam + o, tu + o,    \
+                                                   ts + o, md, hprev, hcur, ty + o);                 \
+    })
+                        if ((t0 + q) % K == 0) GS_FWD_RUN(true);
+                        else GS_FWD_RUN(false);
+#undef GS_FWD_RUN
                     }
                     if (hP) gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
@@ -927,10 +989,17 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         const bool nx = t + 1 < g.T && (t + 1) % K != 0;
                         const F* const* gi = nx ? ghp[cur] : ghp[2];
                         F* const* go = ghp[cur ^ 1];
-#define GS_BWD_ARGS n, im.V, tgy + o, wl, tx + o, tlam + o, tu + o, ts + o, md, hl, hprev, gi, go, \
-                    ogx + o, oglam + o, ogu + o, ogs + o, gwl
-                        gmsum += cs ? gs_bwd_line<F, true>(GS_BWD_ARGS) : gs_bwd_line<F, false>(GS_BWD_ARGS);
-#undef GS_BWD_ARGS
+#define GS_BWD_RUN(CS_)                                                                               \
+    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool first) {                      \
+        const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, tgy + o, wl, tx + o,     \
+                                                            tlam + o, tu + o, ts + o, md, hl, hprev,  \
+                                                            gi, go, ogx + o, oglam + o, ogu + o,      \
+                                                            ogs + o, gwl);                            \
+        if (first) gmsum += gml;                                                                      \
+    })
+                        if (cs) GS_BWD_RUN(true);
+                        else GS_BWD_RUN(false);
+#undef GS_BWD_RUN
                         cur ^= 1;
                     }
                     const GsStream put;

@@ -203,10 +203,10 @@ def gspn_forward(
         # forward: printed by gspngen.lower -> h
         f_cse0 = tl.where(e0, w0, w1)
         f_cse1 = tl.where(e2, w2, w1)
-        f_cse2 = tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1)))
-        f_cse3 = -f_cse2
+        f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+        f_cse3 = -0.6931471805599453*f_cse2
         f_cse4 = tl.exp(f_cse3 + tl.where(w1 > 80.0, 80.0, w1))
-        f_cse5 = tl.exp(f_cse2)
+        f_cse5 = tl.exp2(f_cse2)
         f_cse6 = f_cse4/(f_cse4*f_cse5 + 1.0)
         f_cse7 = tl.exp(f_cse3 + tl.where(f_cse0 > 80.0, 80.0, f_cse0))
         f_cse8 = tl.where(e0, f_cse7/(f_cse5*f_cse7 + 1.0), 0.0)
@@ -394,9 +394,9 @@ def gspn_backward(
         # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
         a_cse0 = tl.where(e0, w0, w1)
         a_cse1 = tl.where(e2, w2, w1)
-        a_cse2 = tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1)))
-        a_cse3 = tl.exp(a_cse2)
-        a_cse4 = -a_cse2
+        a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+        a_cse3 = tl.exp2(a_cse2)
+        a_cse4 = -0.6931471805599453*a_cse2
         a_cse5 = tl.exp(a_cse4 + tl.where(a_cse0 > 80.0, 80.0, a_cse0))
         a_cse6 = a_cse3*a_cse5
         a_cse7 = (1.0/(a_cse6 + 1.0))

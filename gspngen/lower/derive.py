@@ -66,6 +66,23 @@ class clamp_above(sp.Function):  # noqa: N801  (printed by name: (a > c ? c : a)
         return sp.Piecewise((0, sp.StrictGreaterThan(a, c)), (1, True)) if argindex == 1 else sp.Integer(0)
 
 
+class pow2(sp.Function):  # noqa: N801  (printed by name: exp2f, gs_pow2, tl.exp2, torch.exp2)
+    """2**n for an integer-valued n: a power of two, which every backend builds in a few integer
+    operations or one instruction (no polynomial); 0 below the smallest normal number (as an
+    exponential flushed to zero)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, n):
+        if n.is_number and n.is_integer:
+            return sp.Integer(2) ** n  # exact, as sympy evaluates it (the backends flush tiny ones)
+        return None
+
+    def fdiff(self, argindex=1):
+        return sp.log(2) * pow2(self.args[0])
+
+
 def select(flag: sp.Symbol, value: sp.Expr, otherwise: sp.Expr) -> sp.Expr:
     """``value`` where ``flag`` holds, else ``otherwise`` (printed as ?:, tl.where, torch.where)."""
     return sp.Piecewise((value, flag), (otherwise, True))
@@ -198,26 +215,32 @@ def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, Upda
 
 
 SIGMOID_SATURATES = 80  # sigmoid(a) == 1 in fp32 and fp64 for a >= 80 (1 - e^-80 = 1 - 1.8e-35)
+LN2 = sp.Float("0.693147180559945309417232121458176568", 40)
+LOG2E = sp.Float("1.44269504088896340735992468100189214", 40)
 
 
 def scaled_sigmoid(p: Program, c: int, a: sp.Symbol, mx: sp.Symbol) -> sp.Symbol:
-    """q_c = sigmoid(a) * exp(-b) with b = min(mx, 0): the stability weight before normalisation,
-    exact for every finite logit.
+    """q_c = sigmoid(a) * exp(-b) with b = ln2 * floor(min(mx, 0) / ln2): the stability weight
+    before normalisation, exact for every finite logit.
 
     sigmoid(a) / sum sigmoid(a') underflows to 0/0 once every logit is below about -88 (fp32),
     although the ratio is well defined (it tends to a softmax of the logits). Scaling every
-    term by exp(-b), with b the largest existing logit clamped at 0, cancels in the ratio and
-    keeps the largest term in [1/2, 1]. With a' = min(a, 80) (sigmoid has saturated there):
+    term by exp(-b), with b within ln2 below the largest existing logit clamped at 0, cancels in
+    the ratio and keeps the largest term in [1/2, 2]. With a' = min(a, 80) (sigmoid has
+    saturated there):
 
-        X = exp(a' - b)  in (0, e^80],   q = X / (1 + X * exp(b))
+        X = exp(a' - b)  in (0, e^80],   q = X / (1 + X * 2^n),   b = n ln2
 
-    one exponential per neighbour, one per pixel (exp(b), ``_eb``), one division, no branch.
-    If exp(b) underflows, q = X = exp(a - b): exact, since then exp(a) is negligible beside 1.
-    b is a stop-gradient node like softmax's max (the ratio does not depend on it).
+    one exponential per neighbour and one division, no branch. b is a whole number of ln2 so
+    that exp(b) = 2^n (``_eb``) is a power of two, built from its exponent bits rather than a
+    fourth exponential. If 2^n underflows (n < -126), q = X = exp(a - b): exact, since then
+    exp(a) is negligible beside 1. b is a stop-gradient node like softmax's max (the ratio does
+    not depend on it).
     """
     if "_b" not in {sym.name for sym, _ in p.assigns}:
-        p.node("_b", sp.Min(mx, 0), stop_gradient=True)
-        p.node("_eb", sp.exp(real("_b")), stop_gradient=True)
+        n = p.node("_nb", sp.floor(sp.Min(mx, 0) * LOG2E), stop_gradient=True)
+        p.node("_b", LN2 * n, stop_gradient=True)
+        p.node("_eb", pow2(n), stop_gradient=True)
     b, eb = real("_b"), real("_eb")
     # a' = min(a, 80), NaN-preserving (fmin(80, NaN) is 80, which would hide a NaN logit)
     x = sp.exp(clamp_above(a, SIGMOID_SATURATES) - b)

@@ -3,7 +3,8 @@
 Each printer turns one SSA :class:`CodeBlock` into source lines (no
 indentation) that define every intermediate and output from the block inputs.
 Only a few sympy node types occur in blocks (Add, Mul, integer Pow, Rational,
-exp, sigmoid, Max, Piecewise on a boolean flag); each printer maps those.
+exp, sigmoid, Max, Min, floor, pow2, clamp_above, Piecewise on a boolean flag);
+each printer maps those.
 
 CUDA uses accurate single-precision libm calls (``expf``, ``fmaxf``): no fast
 intrinsics, because ``__expf``'s error grows with |x| (CUDA C Programming
@@ -66,6 +67,7 @@ class CudaPrinter(C99CodePrinter):
     ctype = "float"
     suffix = "f"  # literal suffix
     exp_fn, fma_fn, max_fn, min_fn = "expf", "fmaf", "fmaxf", "fminf"
+    floor_fn, pow2_fn = "floorf", "exp2f"  # exp2f of a whole number is exact (a power of two)
     type_alias = float32
 
     def __init__(self):
@@ -107,6 +109,12 @@ class CudaPrinter(C99CodePrinter):
         a, c = (self._print(v) for v in expr.args)
         return f"({a} > {c} ? {c} : {a})"
 
+    def _print_floor(self, expr):
+        return f"{self.floor_fn}({self._print(expr.args[0])})"
+
+    def _print_pow2(self, expr):
+        return f"{self.pow2_fn}({self._print(expr.args[0])})"
+
     def _fma_split(self, term):
         """term = a*b with a, b printable factors, or None if term is not a product."""
         if not term.is_Mul:
@@ -138,14 +146,29 @@ class CudaPrinter(C99CodePrinter):
 
 
 class CpuPrinter(CudaPrinter):
-    """CPU fp32: as CUDA, but exp is the template's vectorisable ``gs_exp`` and max the
-    select-based ``gs_fmax`` (libm's expf/fmaxf keep GCC from vectorising the loop
-    unless -ffast-math, which would also drop NaN/inf semantics)."""
+    """CPU fp32: as CUDA, but exp, floor and pow2 are the template's branch-free ``gs_exp``,
+    ``gs_floor`` and ``gs_pow2`` (libm's expf and floorf keep GCC from vectorising the loop
+    unless -ffast-math, which would also drop NaN/inf semantics), and max/min are plain
+    selections, one vmaxps/vminps each: which operand a NaN yields does not matter in the
+    blocks, where every max is a stop-gradient shift and a NaN logit makes its own term NaN."""
 
-    exp_fn, max_fn, min_fn = "gs_exp", "gs_fmax", "gs_fmin"
+    exp_fn, floor_fn, pow2_fn = "gs_exp", "gs_floor", "gs_pow2"
 
     def _print_exp(self, expr):
         return f"{self.exp_fn}({self._print(expr.args[0])})"
+
+    def _select_extremum(self, expr, op: str) -> str:
+        out = self._print(expr.args[-1])
+        for a in reversed(expr.args[:-1]):
+            a = self._print(a)
+            out = f"({a} {op} {out} ? {a} : {out})"
+        return out
+
+    def _print_Max(self, expr):
+        return self._select_extremum(expr, ">")
+
+    def _print_Min(self, expr):
+        return self._select_extremum(expr, "<")
 
 
 class Cpu64Printer(CpuPrinter):
@@ -153,7 +176,7 @@ class Cpu64Printer(CpuPrinter):
 
     ctype = "double"
     suffix = ""
-    exp_fn, fma_fn, max_fn, min_fn = "exp", "fma", "gs_fmax", "gs_fmin"
+    exp_fn, fma_fn = "exp", "fma"
     type_alias = float64
 
 
@@ -190,6 +213,12 @@ class _PyMathPrinter(PythonCodePrinter):
     def _print_clamp_above(self, expr):
         a, c = (self._print(v) for v in expr.args)
         return f"{self.module}.where({a} > {c}, {c}, {a})"
+
+    def _print_floor(self, expr):
+        return f"{self.module}.floor({self._print(expr.args[0])})"
+
+    def _print_pow2(self, expr):
+        return f"{self.module}.exp2({self._print(expr.args[0])})"
 
     def _print_Min(self, expr):
         return _nested(f"{self.module}.minimum", [self._print(a) for a in expr.args])
