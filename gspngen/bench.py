@@ -47,6 +47,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ARG_NAMES = ("x", "w", "lam", "u", "s", "m")
 BASELINES = ("reference", "cuda_per_step")
 GPU_BACKENDS = ("cuda", "triton", "cuda_per_step", "reference")
+STATIC_BACKENDS = ("cuda",)  # backends the static performance model (gspngen/perfmodel.py) describes
 
 # (shape, why it is in the suite)
 PAPER_SUITE: tuple[tuple[Shape, str], ...] = (
@@ -169,6 +170,8 @@ class BenchConfig:
     max_seconds: float = 30.0  # per measured pass; slow baselines get fewer timed runs (noted)
     max_copies: int = 128
     seed: int = 0
+    gpu: str = "h100"  # the GPU the static model predicts for (gspngen.perfmodel.GPUS)
+    static: bool = True  # add the static model's figures to the rows of STATIC_BACKENDS
     notes: list[str] = field(default_factory=list)
 
 
@@ -330,6 +333,13 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
     backends = list(config.backends) if config.backends else list(default_backends(device))
     shapes, shape_notes = select_shapes(config, spec, device)
     notes += shape_notes
+    # Backends the static model describes but that cannot run here get figures, not timings: no inputs
+    # are built for them (the paper shapes would not fit a CPU's memory).
+    static_only = [b for b in backends if config.static and b in STATIC_BACKENDS and not _runs_here(spec, b, device)]
+    measured = [b for b in backends if b not in static_only]
+    if static_only:
+        notes.append(f"not measured: {', '.join(static_only)} cannot run here; its rows hold the static model's "
+                     f"figures, predicted for GPU {config.gpu} at the full shapes")
     if not shapes:
         notes.append("no shape to run")
 
@@ -359,9 +369,11 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
 
             G = spec.groups(C)
             if C % G:
-                for b in backends:
+                for b in measured:
                     add(b, "skipped", f"weight_groups={G} does not divide C={C}")
                 rows += group
+                continue
+            if not measured:
                 continue
             copies: list[dict] = []
             gys: list[torch.Tensor] = []
@@ -376,13 +388,13 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
                 copies, gys = [], []
                 _free(device)
                 oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-                for b in backends:
+                for b in measured:
                     add(b, "skipped" if oom else "error",
                         "out of memory building the inputs" if oom else "building the inputs: " + _one_line(exc))
                 rows += group
                 continue
 
-            for b in backends:
+            for b in measured:
                 if on_gpu and b == "reference" and N * C * H * W > config.reference_max_elements:
                     add(b, "skipped", f"N*C*H*W = {N * C * H * W} > {config.reference_max_elements}: "
                                       "the reference is too slow here")
@@ -421,6 +433,9 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
             del copies, gys
             _free(device)
 
+    if config.static:
+        rows += _add_static(spec, config, rows, static_only, log)
+
     return {
         "spec": spec.to_dict(),
         "spec_hash": spec.hash,
@@ -428,12 +443,65 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
         "copy_bandwidth": copy,
         "config": {"device": str(device), "warmup": warmup, "iters": iters, "dtypes": list(config.dtypes),
                    "backends": backends, "suite": config.suite, "cache_bytes": cache_bytes,
+                   "static_gpu": config.gpu if config.static else None,
                    "reference_max_elements": config.reference_max_elements, "max_seconds": config.max_seconds,
                    "timing": TIMING_GPU if on_gpu else TIMING_CPU},
         "notes": notes,
         "results": rows,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _runs_here(spec: Spec, name: str, device: torch.device) -> bool:
+    try:
+        _check_backend(spec, name, torch.empty((1, 1, 1, 1), device=device))
+    except _Skip:
+        return False
+    return True
+
+
+def _static(spec: Spec, dname: str, shape: Shape, gpu: str) -> tuple[Optional[dict], Optional[str]]:
+    """The static model's figures, or None and why not (a missing compiler, a shape it cannot plan)."""
+    from .perfmodel import static_figures
+
+    try:
+        return static_figures(spec, dname, shape, gpu), None
+    except Exception as exc:  # noqa: BLE001 (the timings, if any, must still be reported)
+        return None, "static model unavailable: " + _one_line(exc)
+
+
+def _add_static(spec: Spec, config: BenchConfig, rows: list[dict[str, Any]], static_only: Sequence[str],
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Put the static figures on the measured rows of STATIC_BACKENDS, and return rows "not_measured"
+    (figures, no timings) for the static-only backends at the full shapes the run stands for."""
+    for r in rows:
+        if r["backend"] in STATIC_BACKENDS and r["backend"] not in static_only:
+            log(f"static model {shape_label(r['shape'])} {r['dtype']} {r['backend']}")
+            r["static"], why = _static(spec, r["dtype"], tuple(r["shape"]), config.gpu)
+            if why:
+                r["note"] = "; ".join(filter(None, [r["note"], why]))
+    out: list[dict[str, Any]] = []
+    suite = SUITES.get(config.suite, ()) if config.suite else ()
+    labels = {tuple(shape): label for shape, label in suite}
+    full = list(dict.fromkeys([tuple(s) for s in config.shapes] + [tuple(s) for s, _ in suite]))
+    for shape in full:
+        N, C, H, W = shape
+        for dname in config.dtypes:
+            for b in static_only:
+                log(f"static model {shape_label(shape)} {dname} {b}")
+                row = {"shape": list(shape), "dtype": dname, "backend": b, "status": "not_measured",
+                       "note": "no GPU here: static model only (below)", "copies": None, "forward": None,
+                       "backward": None,
+                       "bytes": {p: minimal_bytes(spec, N, C, H, W, dname, p) for p in ("forward", "backward")},
+                       "label": labels.get(shape, ""), "suite_shape": None}
+                if C % spec.groups(C):
+                    row["status"], row["note"] = "skipped", f"weight_groups={spec.groups(C)} does not divide C={C}"
+                else:
+                    row["static"], why = _static(spec, dname, shape, config.gpu)
+                    if why:
+                        row["status"], row["note"] = "skipped", f"no GPU here, and the {why}"
+                out.append(row)
+    return out
 
 
 def _add_speedups(group: list[dict[str, Any]]) -> None:
@@ -494,12 +562,13 @@ def format_table(report: dict[str, Any]) -> str:
             return "-" if f is None or f[key] is None else f"{_num(f[key])}/{_num(b[key])}"
 
         note = r["note"] or ""
-        if r["status"] != "ok":
+        if r["status"] not in ("ok", "not_measured"):
             note = f"{r['status']}: {note}"
+        nm = "not measured" if r["status"] == "not_measured" else None
         table.append([
             shape_label(r["shape"]), r["dtype"], r["backend"], "-" if r["copies"] is None else str(r["copies"]),
-            _cell(f, "median_ms"), _cell(f, "gbps"), _cell(f, "fraction_of_copy", 100, "%"),
-            _cell(b, "median_ms"), _cell(b, "gbps"), _cell(b, "fraction_of_copy", 100, "%"),
+            nm or _cell(f, "median_ms"), _cell(f, "gbps"), _cell(f, "fraction_of_copy", 100, "%"),
+            nm or _cell(b, "median_ms"), _cell(b, "gbps"), _cell(b, "fraction_of_copy", 100, "%"),
             speedup("reference"), speedup("cuda_per_step"), note,
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -510,6 +579,58 @@ def format_table(report: dict[str, Any]) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines += [f"note: {n}" for n in report["notes"]]
+    static = format_static(report)
+    if static:
+        lines += ["", static]
+    return "\n".join(lines)
+
+
+_STATIC_PASSES = (("forward", "fwd"), ("forward_no_grad", "fwd0"), ("backward", "bwd"))
+
+
+def format_static(report: dict[str, Any]) -> str:
+    """The static model's figures of every row that has them, one line per kernel and one per pass
+    ("all"), beside the measured median where the row was timed; "" when no row has them."""
+    rows = [r for r in report["results"] if r.get("static")]
+    if not rows:
+        return ""
+    from .perfmodel import COPY_EFFICIENCY, GPUS, PREDICTED
+
+    g = GPUS[rows[0]["static"]["gpu"]]
+    lines = [
+        f"static model: {PREDICTED}; GPU {rows[0]['static']['gpu']} ({g.name}, {g.arch}, {g.sms} SMs, "
+        f"{g.hbm_gbps:.0f} GB/s peak, a copy at {COPY_EFFICIENCY:g} of it); method: gspngen/perfmodel.py",
+        "B/min = bytes moved / minimal bytes; inst/el = SASS tile-loop instructions per element per thread; "
+        "fwd0 = forward without the h store (no gradient)",
+        "",
+    ]
+    head = ["N,C,H,W", "dtype", "backend", "pass", "kernel", "MB moved", "B/min", "inst/el", "regs", "smem", "spill",
+            "warps/SM", "CTAs/SMs", "pred ms", "pred %copy", "%copy moved", "measured ms"]
+    table = [head]
+    for r in rows:
+        st = r["static"]
+        for key, short in _STATIC_PASSES:
+            ps = st[key]
+            measured = r.get(key) if key in ("forward", "backward") else None  # bench times the forward with h
+            for k in [*ps["kernels"], None]:
+                f = ps if k is None else k
+                table.append([
+                    shape_label(r["shape"]), r["dtype"], r["backend"], short,
+                    "all" if k is None else k["direction"], _num(f["bytes_moved"] / 1e6),
+                    _num(ps["bytes_moved_over_minimal"]) if k is None else "",
+                    _num(f["instructions_per_element"]), str(f["registers"]), str(f["shared_bytes"]),
+                    str(f["spill_bytes"]), str(f["warps_per_sm"]), f"{f['ctas']}/{f['sms']}",
+                    _num(f["predicted_ms"]),
+                    _num(ps["predicted_pct_copy"]) + "%" if k is None else "",
+                    _num(ps["predicted_pct_copy_moved"]) + "%" if k is None else "",
+                    _cell(measured, "median_ms") if k is None else "",
+                ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for i, row in enumerate(table):
+        cells = [c.rjust(widths[j]) if j >= 5 else c.ljust(widths[j]) for j, c in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 

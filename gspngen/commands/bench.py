@@ -16,7 +16,9 @@ def register(sub) -> None:
                     "minimal bytes each pass must move, and report the effective bandwidth, its fraction of a "
                     "large device-to-device copy measured in the same run, and the speedup over the reference "
                     "and cuda_per_step (GSPN-1's launch structure) backends. Without a GPU the reference backend "
-                    "runs on CPU. With neither --shape nor --suite, the paper suite runs.",
+                    "runs on CPU, and the cuda backend, which cannot run there, is described by the static "
+                    "performance model (predicted for --gpu, not measured). With neither --shape nor --suite, "
+                    "the paper suite runs.",
     )
     p.add_argument("spec", metavar="SPEC", help="path to a YAML spec (see examples/)")
     p.add_argument("--shape", metavar="N,C,H,W", nargs="+", action="extend", default=[],
@@ -38,6 +40,12 @@ def register(sub) -> None:
                    help="size of the bandwidth-reference copy (default: 1024 on GPU, 64 on CPU)")
     p.add_argument("--reference-max-elements", metavar="E", default=None,
                    help="on a GPU, skip the (slow) reference backend when N*C*H*W exceeds E (default 8388608)")
+    p.add_argument("--gpu", metavar="NAME", default="h100",
+                   help="GPU the static performance model predicts for: a100, h100 or h200 (default h100). "
+                        "The cuda backend's rows carry its figures (bytes moved, registers, occupancy, SASS "
+                        "instructions per element, a predicted time); where cuda cannot run, they replace the "
+                        "timings, which are marked not measured")
+    p.add_argument("--no-static", action="store_true", help="leave the static performance model out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
@@ -94,6 +102,10 @@ def run(args) -> int:
             raise CLIError(f"--json: folder {str(parent)!r} does not exist")
         if Path(args.json).is_dir():
             raise CLIError(f"--json: {args.json!r} is a folder; expected a file name such as bench.json")
+    from ..perfmodel import GPUS
+
+    if args.gpu not in GPUS:
+        raise CLIError(f"--gpu: expected one of {', '.join(GPUS)}, got {args.gpu!r}")
     copy_mib = _int_option("--copy-mib", args.copy_mib, 1)
     config = BenchConfig(
         shapes=shapes,
@@ -104,6 +116,8 @@ def run(args) -> int:
         warmup=_int_option("--warmup", args.warmup, 1),
         iters=_int_option("--iters", args.iters, 1),
         copy_bytes=None if copy_mib is None else copy_mib << 20,
+        gpu=args.gpu,
+        static=not args.no_static,
     )
     ref_max = _int_option("--reference-max-elements", args.reference_max_elements, 0)
     if ref_max is not None:

@@ -1,0 +1,477 @@
+"""Static performance model of the fused CUDA kernels: what a launch costs, counted without a GPU.
+
+For a spec, a storage dtype, a shape and a named GPU (:data:`GPUS`), every
+kernel the ``cuda`` backend launches per pass (forward with the h store,
+forward without it, backward) is planned exactly as the backend plans it,
+built with the runtime's own NVRTC options for the GPU's architecture, and
+described by:
+
+- ``bytes_moved``: the bytes the kernel's own loads and stores touch, each
+  address once per launch (what DRAM sees when re-reads hit in cache, e.g.
+  a shared weight every channel of a group reads). :func:`launch_bytes`
+  lists them per tensor; ``tests/test_cuda_byte_counts.py`` counts the same
+  through the CPU emulator's checked accesses and
+  ``tests/test_perfmodel.py`` holds the two equal. ``bytes_moved_over_minimal``
+  divides by what any implementation must move (:func:`gspngen.bench.minimal_bytes`).
+- ``registers``, ``spill_bytes`` (spill stores + loads) and the static part of
+  ``shared_bytes``: ptxas' report (``-Xptxas=-v``) from the NVRTC build; the
+  dynamic shared memory is what the launch requests.
+- ``warps_per_sm``: occupancy from threads, registers and shared memory, with
+  the allocation rules of the CUDA occupancy calculator for sm_80 / sm_90.
+- ``instructions_per_element``: SASS instructions of the kernel's tile loop
+  (the backward branch whose body holds the step barrier; ``cuobjdump -sass``
+  of the cubin), divided by the elements one thread handles per tile
+  (segments x vector). A static count: every instruction of the loop body
+  counts once, rarely taken paths included (masked edge tiles, the fallback
+  branch of an IEEE divide; their out-of-line bodies are not in the loop),
+  so it is an upper bound on the steady-state per-element cost of a thread.
+- ``ctas`` per launch against the GPU's ``sms``.
+
+Prediction (everything here is *predicted*, none of it measured): per launch
+
+    busy   = min(ctas, sms)                       SMs with work
+    t_mem  = bytes_moved / (0.9 * peak_hbm * busy / sms)
+    issue  = min(4, resident_warps / 4)           warp instructions per clock per SM:
+                                                  4 schedulers, a warp issuing every 4 clocks
+    t_inst = elements * instructions_per_element / 32 / (busy * issue * clock)
+    t      = max(t_mem, t_inst) + LAUNCH_US
+
+and a pass is the sum of its launches. ``predicted_pct_copy`` is the time a
+copy at 0.9 x peak takes for the *minimal* bytes over the predicted time (the
+same "% of copy" ``gspngen bench`` measures); ``predicted_pct_copy_moved`` uses
+the bytes moved instead (how close the kernel runs to the bandwidth limit on
+the traffic it actually makes). The model ignores memory latency (few
+resident warps and no prefetch can leave bandwidth unused), L2 hits across
+launches, tail waves and clocks below boost, so it errs on the fast side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .geometry import DIRECTION_TABLE
+from .spec import Spec
+
+PREDICTED = "predicted (static model), not measured on a GPU"
+COPY_EFFICIENCY = 0.9  # fraction of peak HBM bandwidth a large copy reaches
+LAUNCH_US = 2.0  # assumed cost of one kernel launch in a queue of launches
+WARP_ISSUE_CLOCKS = 4  # a warp issues about once every 4 clocks (dependent fp32 latency)
+SCHEDULERS = 4  # warp schedulers per SM (sm_80, sm_90)
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Published peak figures of one GPU (boost clock; opt-in shared memory per block)."""
+
+    name: str
+    arch: str
+    sms: int
+    hbm_gbps: float
+    clock_ghz: float
+    smem_per_sm: int
+    smem_per_block: int
+    max_warps: int = 64
+    max_blocks: int = 32
+    regs_per_sm: int = 65536
+
+
+GPUS = {
+    "a100": GPU("A100-SXM4-80GB", "sm_80", 108, 2039.0, 1.41, 164 * 1024, 163 * 1024),
+    "h100": GPU("H100-SXM5-80GB", "sm_90", 132, 3350.0, 1.98, 228 * 1024, 227 * 1024),
+    "h200": GPU("H200-SXM-141GB", "sm_90", 132, 4800.0, 1.98, 228 * 1024, 227 * 1024),
+}
+DEFAULT_GPU = "h100"
+PASSES = ("forward", "forward_no_grad", "backward")
+
+
+def gpu_by_name(name: str) -> GPU:
+    if name not in GPUS:
+        raise ValueError(f"gpu: expected one of {', '.join(GPUS)}, got {name!r}")
+    return GPUS[name]
+
+
+# ---------------------------------------------------------------------------
+# Bytes: what each launch's loads and stores touch
+# ---------------------------------------------------------------------------
+
+def launch_bytes(spec: Spec, kind: str, d: int, shape: tuple[int, int, int, int], dname: str,
+                 save_h: bool = True) -> dict[str, dict[str, int]]:
+    """Bytes one direction's fused launch touches, per tensor: ``{"read"|"write"|"atomic": {name: bytes}}``.
+
+    Mirrors the loads and stores of ``templates/cuda/fused.cuh.j2`` (held equal to the emulator's count
+    by the tests): the forward reads x, its direction's lam/u/s and used weights, and, after the first
+    direction, the y the earlier ones wrote; it writes y and, with ``save_h``, h. The backward reads gy,
+    the forward inputs, the saved h (when the adjoint uses it) and the gx so far; it writes every
+    gradient, and adds weight gradients shared by several channels in fp32 atomics (only for
+    neighbours that exist) and the merge weight's gradient once per block.
+    """
+    from .render import cuda as rc
+    from .validate import expected_shapes
+
+    if kind not in ("fwd", "bwd"):
+        raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+    N, C, H, W = shape
+    es = rc.ELEM_BYTES[dname]
+    D, k = spec.num_directions, spec.connection
+    shapes = expected_shapes(spec, N, C, H, W)
+    plane = math.prod(shapes["x"]) * es
+    per_dir = {n: math.prod(shapes[n]) * es // D for n in ("lam", "u", "s") if n in shapes}
+    w_c = math.prod(shapes["w"]) * es // (D * k)  # one connection's weights of one direction
+    facts = rc.host_facts(spec)
+    acc = d > 0 and (kind == "bwd" or spec.merge != "stack")
+    read: dict[str, int] = {"x": plane, **per_dir}
+    write: dict[str, int] = {}
+    atomic: dict[str, int] = {}
+    if "m" in shapes:
+        read["m"] = es  # one scalar per launch (every block reads the same one)
+    if kind == "fwd":
+        read["w"] = sum(facts["w_used_fwd"]) * w_c
+        if acc:
+            read["y"] = plane
+        write["y"] = plane
+        if save_h:
+            write["h"] = plane
+    else:
+        read["gy"] = plane
+        read["w"] = sum(facts["w_used_bwd"]) * w_c
+        if facts["bwd_needs_h"] or facts["bwd_needs_hp"]:
+            read["h"] = plane
+        if acc:
+            read["gx"] = plane
+        write.update({"gx": plane, "glam": per_dir["lam"]})
+        write.update({"g" + n: per_dir[n] for n in ("u", "s") if n in per_dir})
+        G = spec.groups(C)
+        if G == C:
+            write["gw"] = k * w_c
+        else:
+            geo = DIRECTION_TABLE[spec.directions[d]]
+            L, T = (H, W) if geo.step_axis == "W" else (W, H)
+            r = spec.radius
+            atomic["gw"] = 4 * N * G * T * sum(max(0, L - abs(c - r)) for c in range(k))
+        if "m" in shapes:
+            atomic["gm"] = 4
+    return {"read": read, "write": write, "atomic": atomic}
+
+
+def total_bytes(parts: dict[str, dict[str, int]]) -> int:
+    return sum(sum(v.values()) for v in parts.values())
+
+
+# ---------------------------------------------------------------------------
+# Planning: the launches the cuda backend makes (same code path, no tensors)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    pass_: str
+    direction: str
+    name: str
+    ctas: int
+    threads: int
+    dynamic_smem: int
+    elements_per_iteration: int  # per thread per tile: segments x vector
+    bytes: dict
+
+
+def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU) -> dict[str, list[Launch]]:
+    """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``."""
+    from .backends.cuda import CudaBackend
+
+    N, C, H, W = shape
+    be = CudaBackend(runner=object())
+    limits = (gpu.sms, gpu.smem_per_block)
+    watom = spec.groups(C) != C
+    out: dict[str, list[Launch]] = {}
+    for pass_, kind, save_h in (("forward", "fwd", True), ("forward_no_grad", "fwd", False),
+                                ("backward", "bwd", True)):
+        launches = []
+        for d, direction in enumerate(spec.directions):
+            acc = d > 0 and (kind == "bwd" or spec.merge != "stack")
+            p = be.plan(spec, dname, kind, d, shape, [], acc=acc, watom=watom and kind == "bwd", limits=limits,
+                        save_h=save_h)
+            cfg = be.config(spec, dname, direction, kind, C, H, W, gpu.smem_per_block)
+            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.nseg * cfg.vec,
+                                   launch_bytes(spec, kind, d, shape, dname, save_h)))
+        out[pass_] = launches
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Build: NVRTC (the runtime's compiler and options), ptxas report, SASS
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelFacts:
+    registers: int
+    spill_bytes: int  # spill stores + spill loads, bytes per thread
+    stack_bytes: int
+    static_smem: int
+    loop_instructions: int  # SASS instructions in the tile loop's body
+    instructions: int  # SASS instructions of the whole kernel
+
+
+class ToolMissing(RuntimeError):
+    """NVRTC or cuobjdump is not installed: the static model cannot build the kernels."""
+
+
+def _cuobjdump_candidates() -> list[str]:
+    found = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            found.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    for site in sys.path:  # nvidia-cuda-cuobjdump wheels, then the copy in the Triton wheel
+        found += [str(p) for p in sorted(Path(site).glob("nvidia/*/bin/cuobjdump"))]
+        found.append(os.path.join(site, "triton", "backends", "nvidia", "bin", "cuobjdump"))
+    return list(dict.fromkeys(p for p in found if p and os.path.isfile(p) and os.access(p, os.X_OK)))
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # not installed, or the NVRTC library fails to load
+        raise ToolMissing(f"NVRTC is not available (pip install 'gspngen[cuda13]'): {type(exc).__name__}: "
+                          f"{exc}"[:300]) from None
+    return nvrtc
+
+
+def toolchain() -> dict[str, Any]:
+    """The NVRTC version and the disassemblers found (part of every cache key)."""
+    major, minor = _nvrtc().getVersion()
+    return {"nvrtc": f"{major}.{minor}", "cuobjdump": _cuobjdump_candidates()}
+
+
+_PTXAS = re.compile(r"Function properties for (\S+)\n.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                    r"(\d+) bytes spill loads\n.*?Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?",
+                    re.S)
+_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def parse_ptxas(log: str) -> dict[str, tuple[int, int, int, int]]:
+    """{mangled name: (registers, spill bytes, stack bytes, static smem)} from an ``-Xptxas=-v`` log."""
+    out = {}
+    for block in re.split(r"(?=ptxas info\s+: Compiling entry function)", log):
+        m = _PTXAS.search(block)
+        if m:
+            out[m.group(1)] = (int(m.group(5)), int(m.group(3)) + int(m.group(4)), int(m.group(2)),
+                               int(m.group(6) or 0))
+    return out
+
+
+def parse_sass(sass: str) -> dict[str, tuple[int, int]]:
+    """{mangled name: (tile-loop instructions, all instructions)} from ``cuobjdump -sass``.
+
+    The tile loop is the widest backward branch (the kernels have one loop over tiles, everything
+    inside it unrolled; the other backward branch is the one-instruction trap loop after EXIT).
+    A kernel without a loop counts 0 loop instructions.
+    """
+    out = {}
+    for func in re.split(r"\n\s+Function : ", sass)[1:]:
+        name = func.split("\n", 1)[0].strip()
+        ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _INS.finditer(func)]
+        best = 0
+        for a, op, rest in ins:
+            t = re.search(r"0x([0-9a-f]+)\s*$", rest.strip()) if op.startswith("BRA") else None
+            if t is None or int(t.group(1), 16) >= a:
+                continue
+            lo = int(t.group(1), 16)
+            best = max(best, sum(1 for b, _, _ in ins if lo <= b <= a))
+        out[name] = (best, len(ins))
+    return out
+
+
+def _disassemble(cubin: bytes) -> str:
+    tools = _cuobjdump_candidates()
+    if not tools:
+        raise ToolMissing("cuobjdump not found (PATH, /usr/local/cuda/bin, the nvidia-cuda-cuobjdump or "
+                          "triton wheel): pip install 'gspngen[triton]'")
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        for tool in tools:  # an older cuobjdump may not read a newer NVRTC's cubin: try the next
+            r = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+            if r.returncode == 0 and "Function :" in r.stdout:
+                return r.stdout
+            errors.append(f"{tool}: {(r.stderr or r.stdout).strip()[:200]}")
+    raise ToolMissing("no cuobjdump could read the cubin: " + "; ".join(errors))
+
+
+def _build(source: str, names: list[str], arch: str) -> dict[str, KernelFacts]:
+    """One NVRTC build of ``names`` with the runtime's options for ``arch``; facts per name expression."""
+    from .runtime.cuda_build import build_options
+
+    nvrtc = _nvrtc()
+    prog = nvrtc.createProgram(source, "gspn.cu", [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, list(build_options()) + [f"-arch={arch}", "-Xptxas=-v"])
+        except Exception as exc:
+            raise RuntimeError(f"NVRTC build for {arch} failed: {exc}\n{nvrtc.getProgramLog(prog)[-4000:]}") from None
+        log = nvrtc.getProgramLog(prog)
+        # CuPy's getCUBIN reads the buffer as a C string and drops the final (NUL) byte; put it back
+        # (a trailing byte more is harmless to an ELF reader).
+        cubin = nvrtc.getCUBIN(prog) + b"\0"
+        lowered = {n: nvrtc.getLoweredName(prog, n) for n in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+    res = parse_ptxas(log)
+    sass = parse_sass(_disassemble(cubin))
+    out = {}
+    for n, m in lowered.items():
+        if m not in res or m not in sass:
+            raise RuntimeError(f"kernel {n}: no ptxas report or SASS for {m}")
+        regs, spill, stack, smem = res[m]
+        out[n] = KernelFacts(regs, spill, stack, smem, *sass[m])
+    return out
+
+
+_MEMO: dict[str, KernelFacts] = {}
+_LOCK = threading.Lock()
+
+
+def _key(source: str, arch: str, name: str, tools: dict) -> str:
+    text = json.dumps([hashlib.sha256(source.encode()).hexdigest(), arch, name, tools, 1])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def kernel_facts(source: str, names: list[str], arch: str) -> dict[str, KernelFacts]:
+    """Facts of each named kernel; built once per (source, arch, name, toolchain), kept in memory and
+    on disk under the gspngen cache folder (``perfmodel/``), so a second run builds nothing."""
+    from .runtime.cache_dir import cache_dir
+
+    tools = toolchain()
+    keys = {n: _key(source, arch, n, tools) for n in names}
+    folder = cache_dir() / "perfmodel"
+    with _LOCK:
+        missing = []
+        for n, key in keys.items():
+            if key in _MEMO:
+                continue
+            try:
+                _MEMO[key] = KernelFacts(**json.loads((folder / f"{key}.json").read_text()))
+            except (OSError, ValueError, TypeError):
+                missing.append(n)
+        if missing:
+            built = _build(source, missing, arch)
+            for n, facts in built.items():
+                _MEMO[keys[n]] = facts
+                try:
+                    from .atomic import write_file_atomically
+
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_file_atomically(folder / f"{keys[n]}.json", json.dumps(asdict(facts)).encode())
+                except OSError:
+                    pass  # a read-only cache folder only costs a rebuild next time
+        return {n: _MEMO[keys[n]] for n in names}
+
+
+# ---------------------------------------------------------------------------
+# Occupancy and prediction
+# ---------------------------------------------------------------------------
+
+def occupancy(gpu: GPU, threads: int, registers: int, smem: int) -> tuple[int, int]:
+    """(blocks, warps) resident per SM, with the occupancy calculator's rules for sm_80 / sm_90:
+    registers allocated per warp in units of 256 and warps in groups of 4; 1 KB of shared memory
+    reserved per block, allocated in units of 128 bytes."""
+    wpb = -(-threads // 32)
+    by_warps = gpu.max_warps // wpb
+    per_warp = -(-registers * 32 // 256) * 256
+    reg_warps = (gpu.regs_per_sm // per_warp) // 4 * 4 if registers else gpu.max_warps
+    by_regs = reg_warps // wpb
+    block_smem = -(-(smem + 1024) // 128) * 128
+    by_smem = gpu.smem_per_sm // block_smem
+    blocks = max(0, min(by_warps, by_regs, by_smem, gpu.max_blocks))
+    return blocks, blocks * wpb
+
+
+def predict_launch(gpu: GPU, ctas: int, warps_per_block: int, warps_per_sm: int, elements: int,
+                   instructions_per_element: float, nbytes: int) -> tuple[float, float]:
+    """(predicted ms, ms of the memory term alone) of one launch (module docstring)."""
+    busy = max(1, min(ctas, gpu.sms))
+    bw = COPY_EFFICIENCY * gpu.hbm_gbps * 1e9 * busy / gpu.sms
+    t_mem = nbytes / bw
+    resident = max(1, min(warps_per_sm, -(-ctas // gpu.sms) * warps_per_block))
+    issue = min(SCHEDULERS, resident / WARP_ISSUE_CLOCKS)
+    t_inst = elements * instructions_per_element / 32 / (busy * issue * gpu.clock_ghz * 1e9)
+    return (max(t_mem, t_inst) * 1e3 + LAUNCH_US * 1e-3), t_mem * 1e3
+
+
+def copy_ms(gpu: GPU, nbytes: int) -> float:
+    """A copy's time for ``nbytes`` (read + write counted) at 0.9 x peak."""
+    return nbytes / (COPY_EFFICIENCY * gpu.hbm_gbps * 1e9) * 1e3
+
+
+def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU) -> dict:
+    """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
+    ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready."""
+    from .bench import minimal_bytes
+    from .render import cuda as rc
+
+    g = gpu_by_name(gpu)
+    if dname not in rc.ELEM_BYTES:
+        raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
+    N, C, H, W = (int(v) for v in shape)
+    shape = (N, C, H, W)
+    plans = plan_launches(spec, dname, shape, g)
+    names = list(dict.fromkeys(l.name for ls in plans.values() for l in ls))
+    facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
+    elements = N * C * H * W
+    minimal = {p: minimal_bytes(spec, N, C, H, W, dname, "backward" if p == "backward" else "forward")
+               for p in PASSES}
+    no_grad_bytes = sum(total_bytes(l.bytes) for l in plans["forward_no_grad"])
+    out: dict[str, Any] = {"gpu": gpu, "gpu_name": g.name, "arch": g.arch, "sms": g.sms, "dtype": dname,
+                           "shape": list(shape), "label": PREDICTED}
+    for pass_, launches in plans.items():
+        kernels = []
+        for l in launches:
+            f = facts[l.name]
+            smem = l.dynamic_smem + f.static_smem
+            blocks, warps = occupancy(g, l.threads, f.registers, smem)
+            ipe = f.loop_instructions / l.elements_per_iteration
+            nbytes = total_bytes(l.bytes)
+            ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements, ipe, nbytes)
+            kernels.append({
+                "direction": l.direction, "kernel": l.name, "instructions_per_element": ipe,
+                "loop_instructions": f.loop_instructions, "elements_per_iteration": l.elements_per_iteration,
+                "instructions": f.instructions, "bytes_moved": nbytes, "bytes_breakdown": l.bytes,
+                "registers": f.registers, "shared_bytes": smem, "spill_bytes": f.spill_bytes,
+                "stack_bytes": f.stack_bytes, "threads": l.threads, "blocks_per_sm": blocks,
+                "warps_per_sm": warps, "ctas": l.ctas, "sms": g.sms, "predicted_ms": ms,
+                "bound": "memory" if ms - LAUNCH_US * 1e-3 <= mem_ms * (1 + 1e-9) else "instructions",
+            })
+        moved = sum(k["bytes_moved"] for k in kernels)
+        ms = sum(k["predicted_ms"] for k in kernels)
+        out[pass_] = {
+            "gpu": gpu, "sms": g.sms,
+            "instructions_per_element": sum(k["instructions_per_element"] for k in kernels) / len(kernels),
+            "bytes_minimal": minimal[pass_],
+            "bytes_moved": moved,
+            "bytes_moved_over_minimal": moved / minimal[pass_],
+            "bytes_moved_over_minimal_no_grad": (no_grad_bytes / minimal[pass_]) if pass_ != "backward" else None,
+            "registers": max(k["registers"] for k in kernels),
+            "shared_bytes": max(k["shared_bytes"] for k in kernels),
+            "spill_bytes": max(k["spill_bytes"] for k in kernels),
+            "warps_per_sm": min(k["warps_per_sm"] for k in kernels),
+            "ctas": min(k["ctas"] for k in kernels),
+            "predicted_ms": ms,
+            "predicted_pct_copy": 100 * copy_ms(g, minimal[pass_]) / ms,
+            "predicted_pct_copy_moved": 100 * copy_ms(g, moved) / ms,
+            "kernels": kernels,
+        }
+    return out
