@@ -12,7 +12,7 @@ from gspngen.runtime import host_alloc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_large_tensor_is_aligned_contiguous_and_writable(dtype):
-    shape = (3, 5, 1024, 131)  # > MIN_BYTES for every dtype, not a multiple of a huge page
+    shape = (3, 5, 1024, 301)  # > MIN_BYTES for every dtype, not a multiple of a huge page
     t = host_alloc.empty(shape, dtype, fill=1.5)
     assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
     if sys.platform.startswith("linux"):
