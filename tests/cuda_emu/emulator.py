@@ -10,6 +10,7 @@ access, barrier or warp-operation misuse raises :class:`EmuError`.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import re
@@ -62,8 +63,15 @@ class EmuKernel:
         self.fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
 
 
+# Schedules (emu.h, ORDER_*): lockstep first to last / last to first, the lowest / highest warp
+# running ahead through its __syncwarp's, and seeded random (any order >= RANDOM).
+RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM = 0, 1, 2, 3, 16
+ORDERS = (RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM, RANDOM + 1)
+
+
 class EmuRunner:
-    """order 0 runs threads and blocks first to last, 1 last to first (races then differ)."""
+    """order: the schedule of threads, warps and blocks (RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM + seed);
+    a correct kernel gives bit-identical results under every one (atomics aside)."""
 
     def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1"):
         if CXX is None:
@@ -159,8 +167,18 @@ class EmuRunner:
     def limits(self, device) -> tuple[int, int]:
         return self.sm_count, self.smem_limit
 
+    def with_order(self, order: int) -> "EmuRunner":
+        """A runner with another schedule sharing this one's builds (g++ builds dominate the time);
+        closing it leaves the builds to this one."""
+        other = copy.copy(self)
+        other.order = order
+        other.launches, other.bytes = [], {}
+        other._owner = False
+        return other
+
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if getattr(self, "_owner", True):
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __del__(self):  # pragma: no cover
         try:

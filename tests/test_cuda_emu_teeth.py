@@ -1,0 +1,166 @@
+"""What the CUDA emulator must catch that a GPU would (issue 13, item 0).
+
+- Lines that span several warps (64-512 threads per line) for every thread mapping, including
+  the default tunings of the paper shape (gspn4, C=8, 1024^2) run on reduced images.
+- Every case runs under several schedules (tests/cuda_emu/emu.h, ORDER_*): lockstep, one warp
+  running ahead through its __syncwarp's, seeded random; outputs must be bit-identical across
+  them (outputs summed by atomics aside: their order is free on a GPU too).
+- Deliberate bugs applied to the rendered source must make these checks fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cuda_emu.emulator import AHEAD, AHEAD_LAST, ORDERS, RANDOM, RR, RR_REV, EmuRunner
+from gspngen.backends.cuda import CudaBackend
+from gspngen.render import cuda as rc
+from gspngen.spec import Spec, load_spec
+from gspngen.testing import tolerance
+from test_cuda_emulated import DTYPES, LIMITS, err, forced, prebuild, run
+
+ROOT = Path(__file__).resolve().parents[1]
+GSPN4 = load_spec(ROOT / "examples" / "gspn4.yaml")
+
+
+def _variant(spec: Spec, **changes) -> Spec:
+    return Spec.from_dict({**json.loads(spec.to_json()), **changes})
+
+
+GSPN4_NHWC = _variant(GSPN4, layout="nhwc")
+
+
+def paper(spec, dname, direction, kind, C, H, W):
+    """The default tuning at the paper shape (C=8, 1024x1024), whatever the shape run."""
+    return rc.default_config(spec, dname, direction, kind, 8, 1024, 1024, LIMITS[1])
+
+
+paper.__name__ = "paper"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    r = EmuRunner(order=RR, sm_count=LIMITS[0], opt="-O0")
+    yield r
+    r.close()
+
+
+def atomic_outputs(spec: Spec, C: int) -> set[str]:
+    """Outputs the fused backward sums with fp32 atomics (their rounding depends on the order)."""
+    out = {"gm"} if spec.merge == "learned" else set()
+    if spec.groups(C) != C:
+        out.add("gw")
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def check_case(runner: EmuRunner, spec: Spec, dname: str, shape, chooser=None, orders=(RR, AHEAD, RANDOM)):
+    """The check every case gets: forward and gradients match the reference under the first
+    schedule, and every other schedule gives the same bits."""
+    dtype = DTYPES[dname]
+    first = None
+    for order in orders:
+        got, want = run(CudaBackend(runner=runner.with_order(order), configs=chooser, poison=True), spec, dtype,
+                        shape)
+        if first is None:
+            bad = {k: e for k in want if not (e := err(got[k], want[k])) <= tolerance(dtype)}
+            assert not bad, f"{dname} {shape} order {order}: {bad}"
+            first = got
+            continue
+        atomic = atomic_outputs(spec, shape[1])
+        for k, v in got.items():
+            if k in atomic:
+                assert err(v, first[k]) <= tolerance(dtype), f"{k}: order {order} differs from order {orders[0]}"
+            else:
+                assert torch.equal(bits(v), bits(first[k])), f"{k}: order {order} differs from order {orders[0]}"
+
+
+def threads_per_line(spec, dname, shape, chooser) -> dict[str, int]:
+    """Threads sharing one line in each direction's forward launch (CHAN: the whole block)."""
+    N, C, H, W = shape
+    out = {}
+    for d in spec.directions:
+        cfg = (chooser(spec, dname, d, "fwd", C, H, W) if chooser else
+               rc.default_config(spec, dname, d, "fwd", C, H, W, LIMITS[1]))
+        out[d] = cfg.threads if rc.thread_map(spec, d) == rc.CHAN else cfg.lane_threads
+    return out
+
+
+# (id, spec, dtype, shape, chooser): lines of several warps with data in more than one warp.
+MULTI_WARP = [
+    ("lanes-64", _variant(GSPN4, directions=["tb", "bt"]), "fp32", (1, 2, 5, 256), None),
+    ("lanes-256-v1", _variant(GSPN4, directions=["tb"], connection=5), "fp32", (1, 2, 4, 200), forced(256, 1, 2, 2)),
+    ("lanes-128-1buf", _variant(GSPN4, directions=["bt"]), "bf16", (1, 2, 5, 120), forced(128, 1, 1, 1)),
+    ("steps-128", _variant(GSPN4, directions=["lr", "rl"]), "fp32", (1, 2, 128, 8), None),
+    ("steps-64-2seg", _variant(GSPN4, directions=["rl"], chunk=3), "fp32", (1, 2, 100, 9), forced(64, 4, 3, 1)),
+    ("chan-96", _variant(GSPN4_NHWC, directions=["lr", "tb"]), "fp32", (1, 8, 40, 96), None),
+    ("chan-256-groups", _variant(GSPN4_NHWC, directions=["bt"], weight_groups=2), "fp32", (1, 4, 6, 70),
+     forced(64, 1, 2, 2, 4)),
+    ("paper-fp32", GSPN4, "fp32", (1, 2, 40, 296), paper),
+    ("paper-bf16", GSPN4, "bf16", (1, 2, 40, 296), paper),
+    ("paper-nhwc", GSPN4_NHWC, "fp32", (1, 8, 12, 40), paper),
+]
+
+
+@pytest.mark.parametrize("case", MULTI_WARP, ids=[c[0] for c in MULTI_WARP])
+def test_multi_warp_lines(case, emu):
+    _, spec, dname, shape, chooser = case
+    tpl = threads_per_line(spec, dname, shape, chooser)
+    assert all(n >= 64 for n in tpl.values()), tpl  # the point of these cases
+    prebuild(emu, spec, dname, [shape], [chooser])
+    check_case(emu, spec, dname, shape, chooser)
+
+
+def test_default_tunings_at_the_paper_shape_span_warps():
+    """The paper-shape tunings the cases above run are the multi-warp ones (64..512 threads per line)."""
+    for spec in (GSPN4, GSPN4_NHWC):
+        for dname in ("fp32", "bf16"):
+            for d in spec.directions:
+                for kind in ("fwd", "bwd"):
+                    cfg = paper(spec, dname, d, kind, 8, 1024, 1024)
+                    n = cfg.threads if rc.thread_map(spec, d) == rc.CHAN else cfg.lane_threads
+                    assert 64 <= n <= 512, (spec.layout, dname, d, kind, cfg)
+
+
+def test_every_schedule_gives_the_same_bits(emu):
+    """All six schedules, forward and backward, on lines of 2-3 warps in each mapping."""
+    cases = [(_variant(GSPN4, directions=["tb", "lr"]), "fp32", (1, 2, 70, 72), forced(96, 1, 2, 2)),
+             (_variant(GSPN4_NHWC, directions=["rl"], merge="sum"), "bf16", (1, 4, 40, 6), forced(64, 1, 2, 2, 1))]
+    for spec, dname, shape, chooser in cases:
+        prebuild(emu, spec, dname, [shape], [chooser])
+        check_case(emu, spec, dname, shape, chooser, orders=ORDERS)
+
+
+# -- deliberate bugs: each must make the checks above fail ------------------------------------------
+
+def _broken_source(monkeypatch, old: str, new: str) -> None:
+    real = rc.render_source
+
+    def render(spec, dname):
+        src = real(spec, dname)
+        assert src.count(old) == 1, old
+        return src.replace(old, new)
+
+    monkeypatch.setattr(rc, "render_source", render)  # what the backend now renders and builds
+
+
+LINE_SYNC = "if (LINE_THREADS <= 32) gs_sync_warp(); else gs_sync_block();"
+
+
+@pytest.mark.parametrize("case", [MULTI_WARP[1], MULTI_WARP[4], MULTI_WARP[6], MULTI_WARP[7]],
+                         ids=["lanes", "steps", "chan", "paper"])
+def test_bug_syncwarp_for_the_line_barrier_fails(case, emu, monkeypatch):
+    """A __syncwarp where a line spans several warps: lockstep schedules cannot see it, a warp
+    running ahead reads neighbours that are not written yet."""
+    _, spec, dname, shape, chooser = case
+    _broken_source(monkeypatch, LINE_SYNC, "gs_sync_warp();")
+    prebuild(emu, spec, dname, [shape], [chooser])
+    with pytest.raises(AssertionError, match="differs from order|{'y'"):
+        check_case(emu, spec, dname, shape, chooser)
