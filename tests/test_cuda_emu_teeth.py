@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,57 @@ def test_bug_syncwarp_for_the_line_barrier_fails(case, emu, monkeypatch):
     prebuild(emu, spec, dname, [shape], [chooser])
     with pytest.raises(AssertionError, match="differs from order|{'y'"):
         check_case(emu, spec, dname, shape, chooser)
+
+
+# -- every global access through the checked primitives --------------------------------------------
+
+_ASSIGN = re.compile(r"([A-Za-z_]\w*)\s*=(?!=)\s*(?:\([^()]*\*\s*\)\s*)?(?:static_cast<[^>]*>\(\s*)?([A-Za-z_]\w*)")
+
+
+def raw_global_accesses(source: str) -> list[str]:
+    """Lines that touch global memory other than through the gs_* primitives.
+
+    Global pointers are the kernels' p_* parameters and every pointer initialised from one
+    (``f.px = p_x``, ``const gs_t* q = pw + ...``); a subscript, a dereference or ``->`` on one
+    outside the prelude's primitives (which the emulator replaces by checked ones) is a raw access."""
+    start = source.index("#ifndef GSPN_EMULATE\n#define GS_DEV")
+    end = source.index("#endif  // GSPN_EMULATE", start)
+    body = source[:start] + source[end:]
+    body = re.sub(r"//[^\n]*", "", body)
+    names = set(re.findall(r"\bp_\w+", body))
+    while True:  # pointers initialised from global pointers are global pointers
+        more = {lhs for lhs, rhs in _ASSIGN.findall(body) if rhs in names} - names
+        if not more:
+            break
+        names |= more
+    alt = "|".join(sorted(names, key=len, reverse=True))
+    patterns = [rf"\b(?:{alt})\s*\[", rf"\b(?:{alt})\s*->", rf"_cast<[^>]*>\(\s*(?:{alt})\s*\)\s*\[",
+                # `*` before a pointer is a dereference unless a type precedes it (a declaration):
+                # pointers are never multiplied
+                rf"(?:^|[^\w\s])\s*\*\s*\(*\s*(?:{alt})\b", r"reinterpret_cast"]
+    return [line.strip() for line in body.splitlines() if any(re.search(p, line) for p in patterns)]
+
+
+SCANNED = [(load_spec(p), dname) for p in sorted((ROOT / "examples").glob("*.yaml"))
+           for dname in load_spec(p).precision]
+SCANNED += [(_variant(GSPN4_NHWC, weight_groups=2, merge="stack", normalization="softmax", chunk=4), "bf16"),
+            (_variant(GSPN4, weight_groups="shared", modulation=False, skip=False), "fp32")]
+
+
+def test_no_raw_global_access_in_rendered_sources():
+    for spec, dname in SCANNED:
+        assert raw_global_accesses(rc.render_source(spec, dname)) == [], (spec.name, dname)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("gs_st1f(p_gh + hf, f_gho);", "p_gh[hf] = f_gho;"),
+    ("gs_st1f(p_gx32 + gid, gx_skip);", "*(p_gx32 + gid) = gx_skip;"),
+    ("gs_ld1f<false>(p_gh + b_d + g.frame(C, c, t, i));", "p_gh[b_d + g.frame(C, c, t, i)];"),
+    ("gs_ld1<NC>(q + (c0 + v) / gpc)", "q[(c0 + v) / gpc]"),
+    ("gs_atomic_add(static_cast<float*>(p_gw) + ow, f_gw[c2]);", "static_cast<float*>(p_gw)[ow] += f_gw[c2];"),
+    ("gs_ld_run<V, VEC, true>(tl.x + sg * V, px + B.b_x + o, mk);", "tl.x[sg * V] = *(px + B.b_x + o);"),
+])
+def test_raw_access_scan_finds_raw_accesses(old, new):
+    src = rc.render_source(GSPN4, "fp32")
+    assert old in src
+    assert raw_global_accesses(src.replace(old, new, 1))
