@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_emu.emulator import AHEAD, AHEAD_LAST, ORDERS, RANDOM, RR, RR_REV, EmuRunner
+from cuda_emu.emulator import AHEAD, ORDERS, RANDOM, RR, EmuError, EmuRunner
 from gspngen.backends.cuda import CudaBackend
 from gspngen.render import cuda as rc
 from gspngen.spec import Spec, load_spec
@@ -219,3 +219,22 @@ def test_raw_access_scan_finds_raw_accesses(old, new):
     src = rc.render_source(GSPN4, "fp32")
     assert old in src
     assert raw_global_accesses(src.replace(old, new, 1))
+
+
+# -- blocks of one launch are unordered -----------------------------------------------------------
+
+BLOCK_END = "te = (int)gs_min64((long long)tb + (long long)cpb * K, T);"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_bug_overlapping_blocks_fails(layout, emu, monkeypatch):
+    """Each block also computing the first step of the next block's range writes the same values
+    (that step starts a chunk) to the same elements: invisible in the outputs under every order,
+    a cross-block write conflict for the emulator."""
+    spec = _variant(GSPN4, chunk=2, layout=layout, directions=["lr", "bt"])
+    shape = (1, 2, 8, 8)  # 4 chunks per direction: the plan splits them over blocks (2 emulated SMs)
+    check_case(emu, spec, "fp32", shape, orders=(RR,))
+    _broken_source(monkeypatch, BLOCK_END, BLOCK_END.replace("cpb * K, T", "cpb * K + 1, T"))
+    prebuild(emu, spec, "fp32", [shape])
+    with pytest.raises(EmuError, match="cross-block race: a block stores where another block stored"):
+        check_case(emu, spec, "fp32", shape, orders=(RR,))

@@ -11,7 +11,9 @@
 // barriers, or seeded random), so a shared-memory race or a warp barrier
 // standing in for a block barrier shows up as results that depend on it.
 // Global memory goes through the gs_* primitives, which check every access
-// against the launch's registered buffers and the vector alignment.
+// against the launch's registered buffers and the vector alignment, and
+// stores against what other blocks of the launch wrote (blocks are
+// unordered: two writing one element, atomics aside, is an error).
 // Dynamic shared memory is NaN-filled before each block and guarded on both
 // sides. Tests only; never part of gspngen.
 #pragma once
@@ -57,8 +59,15 @@ struct Fiber {
     uint32_t val = 0, res = 0;
 };
 
+// Which block wrote each 2-byte unit of a buffer in the current launch: blocks of one launch are
+// unordered, so two blocks storing to one element, or one storing where others add atomically, is a
+// race. (Reads are not tracked: a vector load may span steps of a neighbouring block, as the steps
+// mapping's acc reads of y and gx do; the values read there are never used.)
+enum : int { NONE = -1, ATOMIC = -2 };
+
 struct Range {
     uintptr_t lo, hi;
+    std::vector<int> wr;  // per 2-byte unit: the block that stored it, ATOMIC, or NONE
 };
 
 struct Ctx {
@@ -119,6 +128,34 @@ inline uint32_t warp_op(WarpOp op, unsigned mask, int arg, uint32_t val)
     return f->res;
 }
 
+// Record a block's store (kind 1) or atomic add (kind 2) to [a, a + n) of r; false on a race with
+// another block of the launch.
+inline bool across_blocks(Range& r, uintptr_t a, size_t n, int kind)
+{
+    if (kind == 0) return true;
+    const int b = (int)g.bid;
+    for (size_t u = (a - r.lo) / 2, e = (a + n - r.lo + 1) / 2; u < e; ++u) {
+        int& w = r.wr[u];
+        const char* race = nullptr;
+        if (kind == 1) {
+            if (w == ATOMIC) race = "stores where blocks add atomically";
+            else if (w != NONE && w != b) race = "stores where another block stored";
+            w = b;
+        } else {
+            if (w >= 0 && w != b) race = "adds atomically where another block stored";
+            if (w == NONE) w = ATOMIC;
+        }
+        if (race) {
+            char buf[160];
+            std::snprintf(buf, sizeof buf, "cross-block race: a block %s in the same launch, at %#lx", race,
+                          (unsigned long)(r.lo + 2 * u));
+            fail(buf);
+            return false;
+        }
+    }
+    return true;
+}
+
 // Global-memory check: [p, p + n) inside one registered buffer, p aligned.
 inline bool check(const void* p, size_t n, size_t align, const char* what)
 {
@@ -130,12 +167,12 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
         fail(buf);
         return false;
     }
-    for (const Range& r : g.ranges)
+    for (Range& r : g.ranges)
         if (a >= r.lo && a + n <= r.hi) {
             const int kind = what[0] == 'l' ? 0 : what[0] == 's' ? 1 : 2;
             g.bytes[kind] += (long long)n;
             if (g.distinct && g.seen[kind].insert(a).second) g.dbytes[kind] += (long long)n;
-            return true;
+            return across_blocks(r, a, n, kind);
         }
     char buf[128];
     std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at %#lx", what, n, (unsigned long)a);
@@ -355,7 +392,10 @@ extern "C" {
 void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long long* hi)
 {
     emu::g.ranges.clear();
-    for (int i = 0; i < n; ++i) emu::g.ranges.push_back({(uintptr_t)lo[i], (uintptr_t)hi[i]});
+    for (int i = 0; i < n; ++i) {
+        const size_t units = (size_t)(hi[i] - lo[i] + 1) / 2;
+        emu::g.ranges.push_back({(uintptr_t)lo[i], (uintptr_t)hi[i], std::vector<int>(units, emu::NONE)});
+    }
 }
 const char* emu_error() { return emu::g.err.c_str(); }
 long long emu_checks() { return emu::g.checks; }
