@@ -238,3 +238,30 @@ def test_bug_overlapping_blocks_fails(layout, emu, monkeypatch):
     prebuild(emu, spec, "fp32", [shape])
     with pytest.raises(EmuError, match="cross-block race: a block stores where another block stored"):
         check_case(emu, spec, "fp32", shape, orders=(RR,))
+
+
+# -- floating point as the GPU build compiles it --------------------------------------------------
+
+def test_emulator_flushes_subnormals_like_the_gpu_build(tmp_path):
+    """NVRTC builds with -ftz=true (gspngen.runtime.cuda_build.FTZ): fp32 subnormal inputs and results
+    are zero. Emulated launches do the same (and leave the host's own mode as it was)."""
+    import ctypes
+    import subprocess
+
+    from cuda_emu.emulator import CXX, HERE
+    from gspngen.runtime.cuda_build import FTZ
+
+    assert EmuRunner().ftz == FTZ
+    src = tmp_path / "ftz.cpp"
+    src.write_text('#include "emu.h"\nextern "C" int run(int ftz, const float* a, float* b, int n)\n'
+                   "{ emu::g.ftz = ftz; return emu::launch(1, 32, 0, 0, [=] { const int i = threadIdx.x;\n"
+                   "  if (i < n) b[i] = a[i] * 0.5f + 0.0f; }); }\n")
+    lib = tmp_path / "ftz.so"
+    subprocess.run([CXX, "-std=c++17", "-O0", "-shared", "-fPIC", f"-I{HERE}", str(src), "-o", str(lib)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    a = torch.tensor([1e-39, 2.0**-126, 3.0, -2.0**-149], dtype=torch.float32)
+    for ftz, want in [(1, [0.0, 0.0, 1.5, 0.0]), (0, [5e-40, 2.0**-127, 1.5, -0.0])]:
+        b = torch.full_like(a, float("nan"))
+        assert dll.run(ftz, ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), 4) == 0
+        assert torch.equal(b, torch.tensor(want, dtype=torch.float32)), (ftz, b)
+        assert (torch.tensor([2.0**-126]) * 0.5).item() == 2.0**-127  # the host's mode is back

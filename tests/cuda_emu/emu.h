@@ -20,6 +20,9 @@
 #define GSPN_EMULATE 1
 
 #include <ucontext.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -81,6 +84,7 @@ struct Ctx {
     std::vector<Range> ranges;
     std::string err;
     std::function<void()> body;
+    bool ftz = false;  // fp32 subnormals flushed to zero, in and out, as the GPU build (-ftz=true)
     long long checks = 0;
     long long bytes[3] = {0, 0, 0};  // global bytes loaded, stored, atomically added (checked accesses)
     // The same, counting each address once per launch (what DRAM sees when repeats hit in cache, e.g.
@@ -355,6 +359,13 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
     g.block = block;
     g.smem_bytes = smem;
     g.body = std::move(body);
+#if defined(__x86_64__) || defined(__i386__)
+    // FTZ | DAZ for the launch (the fibers' contexts, made below, carry it; swapcontext saves MXCSR)
+    const unsigned csr = _mm_getcsr();
+    if (g.ftz) _mm_setcsr(csr | 0x8040u);
+#else
+    if (g.ftz) { fail("flush-to-zero is emulated on x86 only"); return 1; }
+#endif
     std::vector<unsigned> blocks(grid);
     for (unsigned b = 0; b < grid; ++b) blocks[b] = (order == ORDER_RR_REV || order == ORDER_AHEAD_LAST) ? grid - 1 - b : b;
     if (order >= ORDER_RANDOM) {
@@ -365,6 +376,9 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
         g.bid = blocks[b];
         run_block(order);
     }
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(csr);
+#endif
     return g.err.empty() ? 0 : 1;
 }
 
@@ -398,6 +412,7 @@ void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long lon
     }
 }
 const char* emu_error() { return emu::g.err.c_str(); }
+void emu_set_ftz(int on) { emu::g.ftz = on != 0; }
 long long emu_checks() { return emu::g.checks; }
 long long emu_bytes(int kind) { return kind < 3 ? emu::g.bytes[kind] : emu::g.dbytes[kind - 3]; }
 void emu_reset_bytes(int distinct)

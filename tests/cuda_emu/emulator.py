@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gspngen.render.cuda import PARAMS
+from gspngen.runtime.cuda_build import FTZ
 
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -50,6 +51,7 @@ class _Lib:
         self.dll.emu_bytes.restype = ctypes.c_longlong
         self.dll.emu_bytes.argtypes = [ctypes.c_int]
         self.dll.emu_reset_bytes.argtypes = [ctypes.c_int]
+        self.dll.emu_set_ftz.argtypes = [ctypes.c_int]
         self.dll.emu_set_ranges.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong),
                                             ctypes.POINTER(ctypes.c_ulonglong)]
         self.index = {n: i for i, n in enumerate(names)}
@@ -73,10 +75,12 @@ class EmuRunner:
     """order: the schedule of threads, warps and blocks (RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM + seed);
     a correct kernel gives bit-identical results under every one (atomics aside)."""
 
-    def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1"):
+    def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1",
+                 ftz: bool = FTZ):
         if CXX is None:
             raise RuntimeError("the CUDA emulator needs a C++ compiler (g++)")
         self.order = order
+        self.ftz = ftz  # fp32 subnormals flushed as the GPU build compiles them (cuda_build.FTZ)
         self.sm_count, self.smem_limit = sm_count, smem_limit
         self.opt = opt
         self._libs: dict[str, list[_Lib]] = {}
@@ -157,6 +161,7 @@ class EmuRunner:
         lib.emu_set_ranges(n, (ctypes.c_ulonglong * n)(*lo), (ctypes.c_ulonglong * n)(*hi))
         self.launches.append((kernel.name, grid, block, smem))
         lib.emu_reset_bytes(int(self.count_distinct))
+        lib.emu_set_ftz(int(self.ftz))
         rc = kernel.fn(grid, block, smem, self.order, arr)
         moved = self.bytes.setdefault(kernel.name, [0] * 6)
         for i in range(6):
