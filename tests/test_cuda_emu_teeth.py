@@ -265,3 +265,29 @@ def test_emulator_flushes_subnormals_like_the_gpu_build(tmp_path):
         assert dll.run(ftz, ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), 4) == 0
         assert torch.equal(b, torch.tensor(want, dtype=torch.float32)), (ftz, b)
         assert (torch.tensor([2.0**-126]) * 0.5).item() == 2.0**-127  # the host's mode is back
+
+
+def test_emulator_contracts_multiply_adds_like_the_gpu_build(tmp_path):
+    """NVRTC builds with -fmad=true: a * b + c is one fma, one rounding. The emulator's build
+    contracts too (where the host has FMA): (1 + 2^-12)^2 - (1 + 2^-11) is 2^-24 fused, 0 apart."""
+    import ctypes
+    import subprocess
+
+    from cuda_emu.emulator import CXX, FMAD, HERE, host_has_fma
+
+    runner = EmuRunner(opt="-O0")
+    if not host_has_fma():
+        pytest.skip("the host has no FMA instructions")
+    assert runner.fma == FMAD
+    src = tmp_path / "fma.cpp"
+    src.write_text('#include "emu.h"\nextern "C" int run(const float* a, float* b)\n'
+                   "{ return emu::launch(1, 32, 0, 0, [=] { if (threadIdx.x == 0) b[0] = a[0] * a[1] + a[2]; }); }\n")
+    a = torch.tensor([1 + 2.0**-12, 1 + 2.0**-12, -(1 + 2.0**-11)], dtype=torch.float32)
+    for fma, want in [(True, 2.0**-24), (False, 0.0)]:
+        runner.fma = fma
+        lib = tmp_path / f"fma{int(fma)}.so"
+        subprocess.run([CXX, "-std=c++17", *runner.flags(), "-shared", "-fPIC", f"-I{HERE}", str(src), "-o", str(lib)],
+                       check=True)
+        b = torch.full((1,), float("nan"))
+        assert ctypes.CDLL(str(lib)).run(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr())) == 0
+        assert b.item() == want, (fma, b.item())

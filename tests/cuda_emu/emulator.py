@@ -21,12 +21,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gspngen.render.cuda import PARAMS
-from gspngen.runtime.cuda_build import FTZ
+from gspngen.runtime.cuda_build import BASE_OPTIONS, FTZ
 
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 _C_TYPES = {"in": "const gs_t*", "out": "gs_t*", "f32": "float*", "vptr": "void*", "i32": "int"}
 _FAMILY = re.compile(r"gspn_(fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step)<")
+
+
+FMAD = "-fmad=true" in BASE_OPTIONS  # the GPU build contracts a * b + c into one rounding
+
+
+def host_has_fma() -> bool:
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
 
 
 class EmuError(AssertionError):
@@ -76,11 +86,14 @@ class EmuRunner:
     a correct kernel gives bit-identical results under every one (atomics aside)."""
 
     def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1",
-                 ftz: bool = FTZ):
+                 ftz: bool = FTZ, fma: bool = FMAD):
         if CXX is None:
             raise RuntimeError("the CUDA emulator needs a C++ compiler (g++)")
         self.order = order
         self.ftz = ftz  # fp32 subnormals flushed as the GPU build compiles them (cuda_build.FTZ)
+        # multiply-adds contracted as the GPU build's -fmad=true does (the same policy, not necessarily the
+        # same pairs as NVCC picks); g++ contracts only with -fexpensive-optimizations, so -O0 becomes -O1
+        self.fma = fma and host_has_fma()
         self.sm_count, self.smem_limit = sm_count, smem_limit
         self.opt = opt
         self._libs: dict[str, list[_Lib]] = {}
@@ -91,12 +104,19 @@ class EmuRunner:
         self.bytes: dict[str, list[int]] = {}
         self.count_distinct = False
 
+    def flags(self) -> list[str]:
+        flags = self.opt.split()
+        if self.fma:
+            flags = [f for f in flags if not f.startswith("-O")]
+            flags += ["-O1", "-fexpensive-optimizations", "-mfma", "-ffp-contract=fast"]
+        return flags
+
     def _paths(self, source: str, names: list[str]) -> tuple[Path, Path]:
-        key = hashlib.sha256((source + "\0" + "\0".join(names)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((source + "\0" + "\0".join(names + self.flags())).encode()).hexdigest()[:16]
         return self._dir / f"k{key}.cpp", self._dir / f"k{key}.so"
 
     def _command(self, src: Path, lib: Path) -> list[str]:
-        return [CXX, "-std=c++17", self.opt, "-shared", "-fPIC", "-w", "-include", str(HERE / "emu.h"),
+        return [CXX, "-std=c++17", *self.flags(), "-shared", "-fPIC", "-w", "-include", str(HERE / "emu.h"),
                 f"-I{HERE}", str(src), "-o", str(lib)]
 
     def build_many(self, jobs: Sequence[tuple[str, Sequence[str]]], parallel: int = 2) -> list[_Lib]:
