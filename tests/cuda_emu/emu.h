@@ -367,7 +367,8 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
     if (g.ftz) { fail("flush-to-zero is emulated on x86 only"); return 1; }
 #endif
     std::vector<unsigned> blocks(grid);
-    for (unsigned b = 0; b < grid; ++b) blocks[b] = (order == ORDER_RR_REV || order == ORDER_AHEAD_LAST) ? grid - 1 - b : b;
+    const bool rev = order == ORDER_RR_REV || order == ORDER_AHEAD_LAST;
+    for (unsigned b = 0; b < grid; ++b) blocks[b] = rev ? grid - 1 - b : b;
     if (order >= ORDER_RANDOM) {
         Rng rng{(uint64_t)order};
         for (unsigned b = grid; b > 1; --b) std::swap(blocks[b - 1], blocks[rng.next() % b]);

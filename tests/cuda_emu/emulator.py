@@ -5,7 +5,10 @@ so the real CUDA backends (planning, argument packing, launch sequence) run
 unchanged on CPU tensors: the rendered source is compiled with g++ together
 with one small C wrapper per kernel instantiation. Every launch registers the
 tensors it was given; any global access outside them, misaligned vector
-access, barrier or warp-operation misuse raises :class:`EmuError`.
+access, barrier or warp-operation misuse, or two blocks storing to one
+element raises :class:`EmuError`. Floating point follows the GPU build
+(flush-to-zero, contracted multiply-adds); the schedule is the runner's
+``order`` (see ORDERS).
 """
 
 from __future__ import annotations

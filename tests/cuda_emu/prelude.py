@@ -39,7 +39,8 @@ def _entries(vectors: bool) -> str:
            "void t_f(const gs_t* a, float* b, int n) { for (int i = 0; i < n; ++i) b[i] = gs_f(a[i]); }",
            "void t_s(const float* a, gs_t* b, int n) { for (int i = 0; i < n; ++i) b[i] = gs_s(a[i]); }"]
     for v in WIDTHS if vectors else ():
-        out += [f"void t_ldv{v}(gs_t* d, const gs_t* p, int nc) {{ nc ? gs_ldv<{v}, true>(d, p) : gs_ldv<{v}, false>(d, p); }}",
+        out += [f"void t_ldv{v}(gs_t* d, const gs_t* p, int nc) "
+                f"{{ nc ? gs_ldv<{v}, true>(d, p) : gs_ldv<{v}, false>(d, p); }}",
                 f"void t_stv{v}(gs_t* p, const gs_t* d) {{ gs_stv<{v}>(p, d); }}",
                 f"void t_ldrun{v}(gs_t* d, const gs_t* p, unsigned m, int vec) "
                 f"{{ vec ? gs_ld_run<{v}, true, true>(d, p, m) : gs_ld_run<{v}, false, false>(d, p, m); }}",
