@@ -5,8 +5,10 @@ differs: the rendered source is compiled with g++ and every CUDA thread is a
 fiber. Global accesses are bounds- and alignment-checked against the tensors
 of each launch, shared memory starts NaN-filled, barriers and warp operations
 are strict, and outputs are NaN-poisoned, so an unwritten element, a wrong
-index, a missing barrier or a race (threads run first-to-last or
-last-to-first) shows as an error or a mismatch with the reference.
+index, a missing barrier or a race (threads run in lockstep first-to-last,
+or the last warp first, ahead of the others, its threads last-to-first)
+shows as an error or a mismatch with the reference. Lines of several warps,
+more schedules and the deliberate bugs they catch: tests/test_cuda_emu_teeth.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuda_emu.emulator import EmuError, EmuRunner
+from cuda_emu.emulator import AHEAD_LAST, RR, EmuError, EmuRunner
 from gspngen.backends.cuda import CudaBackend, CudaPerStepBackend
 from gspngen.backends.reference import ReferenceBackend
 from gspngen.render import cuda as rc
@@ -36,7 +38,10 @@ LIMITS = (2, 227 * 1024)  # the emulated device: 2 multiprocessors (so chunks sp
 
 @pytest.fixture(scope="module")
 def runners():
-    made = {0: EmuRunner(order=0, sm_count=LIMITS[0], opt="-O0"), 1: EmuRunner(order=1, sm_count=LIMITS[0], opt="-O0")}
+    """Key 0: lockstep, first thread to last; key 1: the last warp first, running ahead through its
+    __syncwarp's, its threads last to first (tests/cuda_emu/emu.h, ORDER_*)."""
+    made = {0: EmuRunner(order=RR, sm_count=LIMITS[0], opt="-O0"),
+            1: EmuRunner(order=AHEAD_LAST, sm_count=LIMITS[0], opt="-O0")}
     yield made
     for r in made.values():
         r.close()

@@ -102,6 +102,15 @@ GS_DEV gs_t gs_ld1(const gs_t* p)
 
 GS_DEV void gs_st1(gs_t* p, gs_t v) { *p = v; }
 
+// One fp32 element of a scratch buffer (fp32 whatever the storage type).
+template <bool NC>
+GS_DEV float gs_ld1f(const float* p)
+{
+    return NC ? __ldg(p) : *p;
+}
+
+GS_DEV void gs_st1f(float* p, float v) { *p = v; }
+
 GS_DEV void gs_atomic_add(float* p, float v) { atomicAdd(p, v); }
 
 // Dynamic shared memory, 16-byte aligned.
@@ -1221,7 +1230,7 @@ __global__ void __launch_bounds__(NT) gspn_ps_bwd_out(const gs_t* __restrict__ p
         [[maybe_unused]] float f_gu = 0.0f, f_gs = 0.0f, f_gmd = 0.0f;
         gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_md, f_gho, f_gxo, f_gu, f_gs, f_gmd);
         if (ok) {
-            p_gh[hf] = f_gho;  // same frame order as the saved h, fp32
+            gs_st1f(p_gh + hf, f_gho);  // same frame order as the saved h, fp32
             if (GS_MOD) gs_st1(p_gu + od, gs_s(f_gu));
             if (GS_SKIP) gs_st1(p_gs + od, gs_s(f_gs));
         }
@@ -1233,7 +1242,7 @@ __global__ void __launch_bounds__(NT) gspn_ps_bwd_out(const gs_t* __restrict__ p
             if ((threadIdx.x & 31) == 0) gs_atomic_add(p_gm + d, v);
         }
     }
-    if (ok) p_gx32[gid] = gx_skip;
+    if (ok) gs_st1f(p_gx32 + gid, gx_skip);
 }
 
 template <int DIR, bool WATOM>
@@ -1260,7 +1269,8 @@ GS_DEV void gs_ps_bwd_dir(const gs_t* __restrict__ p_x, const gs_t* __restrict__
     }
     [[maybe_unused]] const float f_x = gs_f(gs_ld1<true>(p_x + b_x + o));
     [[maybe_unused]] const float f_lam = gs_f(gs_ld1<true>(p_lam + b_d + o));
-    const float f_gh = p_gh[b_d + g.frame(C, c, t, i)];  // complete: step t+1 already scattered into it
+    // complete: step t+1 already scattered into it (not read-only: this launch adds into line t-1)
+    const float f_gh = gs_ld1f<false>(p_gh + b_d + g.frame(C, c, t, i));
     float f_glam, f_gxa;
     gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
     gs_st1(p_glam + b_d + o, gs_s(f_glam));

@@ -6,16 +6,23 @@
 // undefined: a __syncthreads that not every live thread reaches, a warp
 // operation whose mask names an exited or absent lane, or lanes of one warp
 // disagreeing on the mask is an error, as is any deadlock. Threads between
-// two synchronisation points run in a chosen order (forward or reverse), so
-// a shared-memory race shows up as results that depend on the order.
+// two synchronisation points run in a chosen schedule (see ORDER_* below:
+// lockstep forward or reverse, one warp running ahead through its warp
+// barriers, or seeded random), so a shared-memory race or a warp barrier
+// standing in for a block barrier shows up as results that depend on it.
 // Global memory goes through the gs_* primitives, which check every access
-// against the launch's registered buffers and the vector alignment.
+// against the launch's registered buffers and the vector alignment, and
+// stores against what other blocks of the launch wrote (blocks are
+// unordered: two writing one element, atomics aside, is an error).
 // Dynamic shared memory is NaN-filled before each block and guarded on both
 // sides. Tests only; never part of gspngen.
 #pragma once
 #define GSPN_EMULATE 1
 
 #include <ucontext.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -55,8 +62,15 @@ struct Fiber {
     uint32_t val = 0, res = 0;
 };
 
+// Which block wrote each 2-byte unit of a buffer in the current launch: blocks of one launch are
+// unordered, so two blocks storing to one element, or one storing where others add atomically, is a
+// race. (Reads are not tracked: a vector load may span steps of a neighbouring block, as the steps
+// mapping's acc reads of y and gx do; the values read there are never used.)
+enum : int { NONE = -1, ATOMIC = -2 };
+
 struct Range {
     uintptr_t lo, hi;
+    std::vector<int> wr;  // per 2-byte unit: the block that stored it, ATOMIC, or NONE
 };
 
 struct Ctx {
@@ -70,6 +84,7 @@ struct Ctx {
     std::vector<Range> ranges;
     std::string err;
     std::function<void()> body;
+    bool ftz = false;  // fp32 subnormals flushed to zero, in and out, as the GPU build (-ftz=true)
     long long checks = 0;
     long long bytes[3] = {0, 0, 0};  // global bytes loaded, stored, atomically added (checked accesses)
     // The same, counting each address once per launch (what DRAM sees when repeats hit in cache, e.g.
@@ -117,6 +132,34 @@ inline uint32_t warp_op(WarpOp op, unsigned mask, int arg, uint32_t val)
     return f->res;
 }
 
+// Record a block's store (kind 1) or atomic add (kind 2) to [a, a + n) of r; false on a race with
+// another block of the launch.
+inline bool across_blocks(Range& r, uintptr_t a, size_t n, int kind)
+{
+    if (kind == 0) return true;
+    const int b = (int)g.bid;
+    for (size_t u = (a - r.lo) / 2, e = (a + n - r.lo + 1) / 2; u < e; ++u) {
+        int& w = r.wr[u];
+        const char* race = nullptr;
+        if (kind == 1) {
+            if (w == ATOMIC) race = "stores where blocks add atomically";
+            else if (w != NONE && w != b) race = "stores where another block stored";
+            w = b;
+        } else {
+            if (w >= 0 && w != b) race = "adds atomically where another block stored";
+            if (w == NONE) w = ATOMIC;
+        }
+        if (race) {
+            char buf[160];
+            std::snprintf(buf, sizeof buf, "cross-block race: a block %s in the same launch, at %#lx", race,
+                          (unsigned long)(r.lo + 2 * u));
+            fail(buf);
+            return false;
+        }
+    }
+    return true;
+}
+
 // Global-memory check: [p, p + n) inside one registered buffer, p aligned.
 inline bool check(const void* p, size_t n, size_t align, const char* what)
 {
@@ -128,12 +171,12 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
         fail(buf);
         return false;
     }
-    for (const Range& r : g.ranges)
+    for (Range& r : g.ranges)
         if (a >= r.lo && a + n <= r.hi) {
             const int kind = what[0] == 'l' ? 0 : what[0] == 's' ? 1 : 2;
             g.bytes[kind] += (long long)n;
             if (g.distinct && g.seen[kind].insert(a).second) g.dbytes[kind] += (long long)n;
-            return true;
+            return across_blocks(r, a, n, kind);
         }
     char buf[128];
     std::snprintf(buf, sizeof buf, "out-of-bounds %s of %zu bytes at %#lx", what, n, (unsigned long)a);
@@ -157,44 +200,91 @@ inline void trampoline()
     swapcontext(&g.cur->ctx, &g.sched);
 }
 
-// Resolve warp operations whose participants have all arrived.
+// Resolve the warp operation of the warp starting at thread w0 if all its participants have arrived.
+inline bool resolve_warp(int w0)
+{
+    const int nt = (int)g.fibers.size();
+    const int wn = std::min(32, nt - w0);
+    int first = -1;
+    for (int l = 0; l < wn; ++l)
+        if (g.fibers[w0 + l].state == WARP) { first = l; break; }
+    if (first < 0) return false;
+    const unsigned mask = g.fibers[w0 + first].mask;
+    const WarpOp op = g.fibers[w0 + first].op;
+    for (int l = 0; l < 32; ++l) {
+        if (!((mask >> l) & 1u)) continue;
+        if (l >= wn) { fail("warp operation names a lane that does not exist"); return false; }
+        const Fiber& f = g.fibers[w0 + l];
+        if (f.state == DONE) { fail("warp operation names an exited lane"); return false; }
+        if (f.state != WARP) return false;
+        if (f.mask != mask || f.op != op) { fail("lanes of a warp disagree on a warp operation"); return false; }
+    }
+    for (int l = 0; l < wn; ++l) {
+        Fiber& f = g.fibers[w0 + l];
+        if (f.state != WARP) continue;
+        if (!((mask >> l) & 1u)) { fail("a lane outside the mask joined a warp operation"); return false; }
+        if (op == OP_XOR) {
+            const int src = l ^ f.arg;
+            if (src >= 32 || !((mask >> src) & 1u)) { fail("shuffle source lane outside the mask"); return false; }
+            f.res = g.fibers[w0 + src].val;
+        }
+    }
+    for (int l = 0; l < wn; ++l)
+        if (g.fibers[w0 + l].state == WARP) g.fibers[w0 + l].state = RUN;
+    return true;
+}
+
 inline bool resolve_warps()
 {
     bool progress = false;
-    const int nt = (int)g.fibers.size();
-    for (int w0 = 0; w0 < nt; w0 += 32) {
-        const int wn = std::min(32, nt - w0);
-        int first = -1;
-        for (int l = 0; l < wn; ++l)
-            if (g.fibers[w0 + l].state == WARP) { first = l; break; }
-        if (first < 0) continue;
-        const unsigned mask = g.fibers[w0 + first].mask;
-        const WarpOp op = g.fibers[w0 + first].op;
-        bool ready = true;
-        for (int l = 0; l < 32; ++l) {
-            if (!((mask >> l) & 1u)) continue;
-            if (l >= wn) { fail("warp operation names a lane that does not exist"); return false; }
-            const Fiber& f = g.fibers[w0 + l];
-            if (f.state == DONE) { fail("warp operation names an exited lane"); return false; }
-            if (f.state != WARP) { ready = false; continue; }
-            if (f.mask != mask || f.op != op) { fail("lanes of a warp disagree on a warp operation"); return false; }
-        }
-        if (!ready) continue;
-        for (int l = 0; l < wn; ++l) {
-            Fiber& f = g.fibers[w0 + l];
-            if (f.state != WARP) continue;
-            if (!((mask >> l) & 1u)) { fail("a lane outside the mask joined a warp operation"); return false; }
-            if (op == OP_XOR) {
-                const int src = l ^ f.arg;
-                if (src >= 32 || !((mask >> src) & 1u)) { fail("shuffle source lane outside the mask"); return false; }
-                f.res = g.fibers[w0 + src].val;
-            }
-        }
-        for (int l = 0; l < wn; ++l)
-            if (g.fibers[w0 + l].state == WARP) g.fibers[w0 + l].state = RUN;
-        progress = true;
-    }
+    for (int w0 = 0; w0 < (int)g.fibers.size() && g.err.empty(); w0 += 32) progress |= resolve_warp(w0);
     return progress;
+}
+
+// Schedules (the `order` of a launch). Only barriers and warp operations order threads on a GPU, so
+// every schedule must give bit-identical results (atomics aside):
+//  ORDER_RR / ORDER_RR_REV: every runnable thread advances to its next yield, first to last (last to
+//    first), then warp operations resolve: all warps move together, as lockstep as it gets.
+//  ORDER_AHEAD / ORDER_AHEAD_LAST: the lowest (highest) warp with a runnable thread runs until it
+//    waits at a block barrier or ends, passing its __syncwarp's alone: a __syncwarp that should have
+//    been a block barrier lets it read what the other warps have not yet written.
+//  >= ORDER_RANDOM: a random runnable warp advances (its threads in a random order), seeded by the
+//    order and the block, so warps drift apart by random amounts; blocks run in a random order.
+enum { ORDER_RR = 0, ORDER_RR_REV = 1, ORDER_AHEAD = 2, ORDER_AHEAD_LAST = 3, ORDER_RANDOM = 16 };
+
+struct Rng {
+    uint64_t s;
+    uint32_t next()
+    {
+        s += 0x9e3779b97f4a7c15ull;  // splitmix64
+        uint64_t z = s;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return (uint32_t)((z ^ (z >> 31)) >> 32);
+    }
+};
+
+inline void run_fiber(int i)
+{
+    g.cur = &g.fibers[i];
+    swapcontext(&g.sched, &g.cur->ctx);
+    g.cur = nullptr;
+}
+
+// Pick the warp the schedule runs next (-1: no thread is runnable).
+inline int pick_warp(int order, Rng& rng)
+{
+    const int nt = (int)g.fibers.size(), nw = (nt + 31) / 32;
+    int cand[32], nc = 0;
+    for (int w = 0; w < nw; ++w) {
+        const int ww = order == ORDER_AHEAD_LAST ? nw - 1 - w : w;
+        bool runnable = false;
+        for (int l = ww * 32; l < std::min(nt, ww * 32 + 32) && !runnable; ++l) runnable = g.fibers[l].state == RUN;
+        if (!runnable) continue;
+        if (order < ORDER_RANDOM) return ww;
+        cand[nc++] = ww;
+    }
+    return nc ? cand[rng.next() % nc] : -1;
 }
 
 inline void run_block(int order)
@@ -213,18 +303,35 @@ inline void run_block(int order)
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, trampoline, 0);
     }
+    Rng rng{(uint64_t)order * 0x100000001b3ull + g.bid};
+    const bool rev = order == ORDER_RR_REV || order == ORDER_AHEAD_LAST;
     while (g.err.empty()) {
         bool ran = false;
-        for (int k = 0; k < nt; ++k) {
-            const int i = order ? nt - 1 - k : k;
-            if (g.fibers[i].state != RUN) continue;
-            g.cur = &g.fibers[i];
-            swapcontext(&g.sched, &g.cur->ctx);
-            g.cur = nullptr;
-            ran = true;
+        if (order <= ORDER_RR_REV) {
+            for (int k = 0; k < nt; ++k) {
+                const int i = rev ? nt - 1 - k : k;
+                if (g.fibers[i].state != RUN) continue;
+                run_fiber(i);
+                ran = true;
+            }
+            if (!g.err.empty()) break;
+            if (resolve_warps()) continue;
+        } else {
+            const int w = pick_warp(order, rng);
+            if (w >= 0) {
+                const int w0 = w * 32, wn = std::min(32, nt - w0);
+                int lanes[32];
+                for (int l = 0; l < wn; ++l) lanes[l] = rev ? wn - 1 - l : l;
+                if (order >= ORDER_RANDOM)
+                    for (int l = wn - 1; l > 0; --l) std::swap(lanes[l], lanes[rng.next() % (l + 1)]);
+                for (int l = 0; l < wn && g.err.empty(); ++l)
+                    if (g.fibers[w0 + lanes[l]].state == RUN) run_fiber(w0 + lanes[l]);
+                if (!g.err.empty()) break;
+                resolve_warp(w0);
+                continue;
+            }
         }
         if (!g.err.empty()) break;
-        if (resolve_warps()) continue;
         int done = 0, bar = 0;
         for (const Fiber& f : g.fibers) {
             done += f.state == DONE;
@@ -252,10 +359,27 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
     g.block = block;
     g.smem_bytes = smem;
     g.body = std::move(body);
+#if defined(__x86_64__) || defined(__i386__)
+    // FTZ | DAZ for the launch (the fibers' contexts, made below, carry it; swapcontext saves MXCSR)
+    const unsigned csr = _mm_getcsr();
+    if (g.ftz) _mm_setcsr(csr | 0x8040u);
+#else
+    if (g.ftz) { fail("flush-to-zero is emulated on x86 only"); return 1; }
+#endif
+    std::vector<unsigned> blocks(grid);
+    const bool rev = order == ORDER_RR_REV || order == ORDER_AHEAD_LAST;
+    for (unsigned b = 0; b < grid; ++b) blocks[b] = rev ? grid - 1 - b : b;
+    if (order >= ORDER_RANDOM) {
+        Rng rng{(uint64_t)order};
+        for (unsigned b = grid; b > 1; --b) std::swap(blocks[b - 1], blocks[rng.next() % b]);
+    }
     for (unsigned b = 0; b < grid && g.err.empty(); ++b) {
-        g.bid = order ? grid - 1 - b : b;
+        g.bid = blocks[b];
         run_block(order);
     }
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(csr);
+#endif
     return g.err.empty() ? 0 : 1;
 }
 
@@ -283,9 +407,13 @@ extern "C" {
 void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long long* hi)
 {
     emu::g.ranges.clear();
-    for (int i = 0; i < n; ++i) emu::g.ranges.push_back({(uintptr_t)lo[i], (uintptr_t)hi[i]});
+    for (int i = 0; i < n; ++i) {
+        const size_t units = (size_t)(hi[i] - lo[i] + 1) / 2;
+        emu::g.ranges.push_back({(uintptr_t)lo[i], (uintptr_t)hi[i], std::vector<int>(units, emu::NONE)});
+    }
 }
 const char* emu_error() { return emu::g.err.c_str(); }
+void emu_set_ftz(int on) { emu::g.ftz = on != 0; }
 long long emu_checks() { return emu::g.checks; }
 long long emu_bytes(int kind) { return kind < 3 ? emu::g.bytes[kind] : emu::g.dbytes[kind - 3]; }
 void emu_reset_bytes(int distinct)

@@ -5,11 +5,15 @@ so the real CUDA backends (planning, argument packing, launch sequence) run
 unchanged on CPU tensors: the rendered source is compiled with g++ together
 with one small C wrapper per kernel instantiation. Every launch registers the
 tensors it was given; any global access outside them, misaligned vector
-access, barrier or warp-operation misuse raises :class:`EmuError`.
+access, barrier or warp-operation misuse, or two blocks storing to one
+element raises :class:`EmuError`. Floating point follows the GPU build
+(flush-to-zero, contracted multiply-adds); the schedule is the runner's
+``order`` (see ORDERS).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import re
@@ -20,11 +24,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gspngen.render.cuda import PARAMS
+from gspngen.runtime.cuda_build import BASE_OPTIONS, FTZ
 
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 _C_TYPES = {"in": "const gs_t*", "out": "gs_t*", "f32": "float*", "vptr": "void*", "i32": "int"}
 _FAMILY = re.compile(r"gspn_(fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step)<")
+
+
+FMAD = "-fmad=true" in BASE_OPTIONS  # the GPU build contracts a * b + c into one rounding
+
+
+def host_has_fma() -> bool:
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
 
 
 class EmuError(AssertionError):
@@ -49,6 +64,7 @@ class _Lib:
         self.dll.emu_bytes.restype = ctypes.c_longlong
         self.dll.emu_bytes.argtypes = [ctypes.c_int]
         self.dll.emu_reset_bytes.argtypes = [ctypes.c_int]
+        self.dll.emu_set_ftz.argtypes = [ctypes.c_int]
         self.dll.emu_set_ranges.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong),
                                             ctypes.POINTER(ctypes.c_ulonglong)]
         self.index = {n: i for i, n in enumerate(names)}
@@ -62,13 +78,25 @@ class EmuKernel:
         self.fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
 
 
-class EmuRunner:
-    """order 0 runs threads and blocks first to last, 1 last to first (races then differ)."""
+# Schedules (emu.h, ORDER_*): lockstep first to last / last to first, the lowest / highest warp
+# running ahead through its __syncwarp's, and seeded random (any order >= RANDOM).
+RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM = 0, 1, 2, 3, 16
+ORDERS = (RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM, RANDOM + 1)
 
-    def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1"):
+
+class EmuRunner:
+    """order: the schedule of threads, warps and blocks (RR, RR_REV, AHEAD, AHEAD_LAST, RANDOM + seed);
+    a correct kernel gives bit-identical results under every one (atomics aside)."""
+
+    def __init__(self, order: int = 0, sm_count: int = 2, smem_limit: int = 227 * 1024, opt: str = "-O1",
+                 ftz: bool = FTZ, fma: bool = FMAD):
         if CXX is None:
             raise RuntimeError("the CUDA emulator needs a C++ compiler (g++)")
         self.order = order
+        self.ftz = ftz  # fp32 subnormals flushed as the GPU build compiles them (cuda_build.FTZ)
+        # multiply-adds contracted as the GPU build's -fmad=true does (the same policy, not necessarily the
+        # same pairs as NVCC picks); g++ contracts only with -fexpensive-optimizations, so -O0 becomes -O1
+        self.fma = fma and host_has_fma()
         self.sm_count, self.smem_limit = sm_count, smem_limit
         self.opt = opt
         self._libs: dict[str, list[_Lib]] = {}
@@ -79,12 +107,19 @@ class EmuRunner:
         self.bytes: dict[str, list[int]] = {}
         self.count_distinct = False
 
+    def flags(self) -> list[str]:
+        flags = self.opt.split()
+        if self.fma:
+            flags = [f for f in flags if not f.startswith("-O")]
+            flags += ["-O1", "-fexpensive-optimizations", "-mfma", "-ffp-contract=fast"]
+        return flags
+
     def _paths(self, source: str, names: list[str]) -> tuple[Path, Path]:
-        key = hashlib.sha256((source + "\0" + "\0".join(names)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((source + "\0" + "\0".join(names + self.flags())).encode()).hexdigest()[:16]
         return self._dir / f"k{key}.cpp", self._dir / f"k{key}.so"
 
     def _command(self, src: Path, lib: Path) -> list[str]:
-        return [CXX, "-std=c++17", self.opt, "-shared", "-fPIC", "-w", "-include", str(HERE / "emu.h"),
+        return [CXX, "-std=c++17", *self.flags(), "-shared", "-fPIC", "-w", "-include", str(HERE / "emu.h"),
                 f"-I{HERE}", str(src), "-o", str(lib)]
 
     def build_many(self, jobs: Sequence[tuple[str, Sequence[str]]], parallel: int = 2) -> list[_Lib]:
@@ -149,6 +184,7 @@ class EmuRunner:
         lib.emu_set_ranges(n, (ctypes.c_ulonglong * n)(*lo), (ctypes.c_ulonglong * n)(*hi))
         self.launches.append((kernel.name, grid, block, smem))
         lib.emu_reset_bytes(int(self.count_distinct))
+        lib.emu_set_ftz(int(self.ftz))
         rc = kernel.fn(grid, block, smem, self.order, arr)
         moved = self.bytes.setdefault(kernel.name, [0] * 6)
         for i in range(6):
@@ -159,8 +195,18 @@ class EmuRunner:
     def limits(self, device) -> tuple[int, int]:
         return self.sm_count, self.smem_limit
 
+    def with_order(self, order: int) -> "EmuRunner":
+        """A runner with another schedule sharing this one's builds (g++ builds dominate the time);
+        closing it leaves the builds to this one."""
+        other = copy.copy(self)
+        other.order = order
+        other.launches, other.bytes = [], {}
+        other._owner = False
+        return other
+
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if getattr(self, "_owner", True):
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __del__(self):  # pragma: no cover
         try:

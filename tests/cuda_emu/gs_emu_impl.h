@@ -59,6 +59,18 @@ GS_DEV void gs_st1(gs_t* p, gs_t v)
     if (emu::check(p, sizeof(gs_t), sizeof(gs_t), "store")) *p = v;
 }
 
+template <bool NC>
+GS_DEV float gs_ld1f(const float* p)
+{
+    if (emu::check(p, 4, 4, "load")) return *p;
+    return std::nanf("");
+}
+
+GS_DEV void gs_st1f(float* p, float v)
+{
+    if (emu::check(p, 4, 4, "store")) *p = v;
+}
+
 GS_DEV void gs_atomic_add(float* p, float v)
 {
     if (emu::check(p, 4, 4, "atomic add")) *p += v;  // fibers run one at a time: a plain add is atomic
