@@ -597,7 +597,9 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
     const F* wl[GS_K];
     for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
 #pragma omp simd
-    for (gs_i j = j0; j < j1; ++j) {
+    for (gs_i i = j0; i < j1; ++i) {
+        // EDGE over [0, 2e): the first e elements and the last e (one call for both ends)
+        const gs_i j = (EDGE && n > 2 * GS_R * V && i >= GS_R * V) ? i + n - 2 * GS_R * V : i;
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
@@ -640,7 +642,9 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
     }
     F gm = 0;
 #pragma omp simd reduction(+ : gm)
-    for (gs_i j = j0; j < j1; ++j) {
+    for (gs_i i = j0; i < j1; ++i) {
+        // EDGE over [0, 2e): the first e elements and the last e (one call for both ends)
+        const gs_i j = (EDGE && n > 2 * GS_R * V && i >= GS_R * V) ? i + n - 2 * GS_R * V : i;
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
@@ -696,11 +700,10 @@ GS_INLINE void gs_line_ranges(gs_i n, gs_i V, Fn fn)
     if (CS || GS_R == 0) {
         fn(0, n, std::false_type(), true);
     } else if (2 * e >= n) {
-        fn(0, n, std::true_type(), true);
+        fn(0, n, std::true_type(), true);  // short line: every element is at an end
     } else {
         fn(0, n, std::false_type(), true);
-        fn(0, e, std::true_type(), false);
-        fn(n - e, n, std::true_type(), false);
+        fn(0, 2 * e, std::true_type(), false);  // both ends (the line function maps [e, 2e) to the end)
     }
 }
 
@@ -775,8 +778,16 @@ template <class T, class F>
 static void gs_store_image(T* dst, gs_i ps, const F* acc, int V, gs_i HW)
 {
     if (ps == V) {
+        gs_i q0 = 0;
+#if defined(__AVX512F__)
+        // written once and read by no one in this pass: non-temporal stores, no read for ownership
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+            for (; q0 < HW * V && ((uintptr_t)(dst + q0) & 63) != 0; ++q0) dst[q0] = acc[q0];
+            for (; q0 + 16 <= HW * V; q0 += 16) _mm512_stream_ps(dst + q0, _mm512_loadu_ps(acc + q0));
+        }
+#endif
 #pragma omp simd
-        for (gs_i q = 0; q < HW * V; ++q) gs_put(dst[q], acc[q]);
+        for (gs_i q = q0; q < HW * V; ++q) gs_put(dst[q], acc[q]);
     } else {
         for (gs_i q = 0; q < HW; ++q)
             for (int cb = 0; cb < V; ++cb) gs_put(dst[q * ps + cb], acc[q * V + cb]);
