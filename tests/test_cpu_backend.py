@@ -163,10 +163,15 @@ def test_features_all_dtypes(i):
 def test_every_candidate_config(i):
     spec = feature_spec(i)
     backend = CpuBackend()
-    keys = backend.candidates(spec, "fp32", "fwd", (1, 4, 35, 33))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        keys = backend.candidates(spec, "fp32", "fwd", (1, 4, 35, 33))
+    finally:
+        torch.set_num_threads(old)
     assert keys[0] == "" and 3 <= len(keys) <= 8  # the default first, by the protocol's name ""
+    assert any("threads=1" in k for k in keys)  # one thread is a candidate where there are more
     assert render_cpu.default_config(spec).key(spec) not in keys  # and not twice
-    assert keys == backend.candidates(spec, "fp32", "bwd", (1, 4, 35, 33))
     for key in keys:
         check_against_reference(spec, 1, 4, 35, 33, dtype=torch.float32, key=key)
 
@@ -177,6 +182,13 @@ def test_nhwc_groups_split_over_items():
     spec = feature_spec(1)
     check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float64, key="cb=4,tile=16")
     check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float32, key="cb=8,tile=32")
+
+
+def test_threads_config_is_a_cap():
+    cfg = render_cpu.parse_config(feature_spec(0), "threads=1,tile=32")
+    assert (cfg.threads, cfg.tile) == (1, 32) and cfg.key(feature_spec(0)) == "threads=1,tile=32"
+    assert cfg.thread_count(8) == 1 and render_cpu.CpuConfig(threads=4).thread_count(2) == 2
+    assert render_cpu.CpuConfig().thread_count(3) == 3  # 0: all of torch.get_num_threads()
 
 
 def test_threads_give_identical_results():
@@ -280,7 +292,7 @@ def test_auto_picks_cpu_and_configs_resolve():
     y.sum().backward()
 
 
-@pytest.mark.parametrize("key", ["tile=7", "cb=3", "bogus=1", "tile=16,tile=16", "tile"])
+@pytest.mark.parametrize("key", ["tile=7", "cb=3", "bogus=1", "tile=16,tile=16", "tile", "threads=3", "threads=0"])
 def test_invalid_config_keys_are_rejected(key):
     with pytest.raises(ValueError, match="backend"):
         CpuBackend().with_config(key, "")

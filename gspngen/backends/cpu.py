@@ -53,7 +53,7 @@ class CpuBackend:
     def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
         if pass_ not in ("fwd", "bwd"):
             raise ValueError(f"pass_: expected 'fwd' or 'bwd', got {pass_!r}")
-        keys = [cfg.key(spec) for cfg in rc.candidate_configs(spec)]
+        keys = [cfg.key(spec) for cfg in rc.candidate_configs(spec, int(torch.get_num_threads()))]
         # the default first, as "" (the protocol's name for it): the tuner's default is then the
         # bare "cpu" that auto runs when nothing is tuned
         return [""] + [k for k in dict.fromkeys(keys[1:]) if k != keys[0]]
@@ -65,10 +65,10 @@ class CpuBackend:
 
         for key in (fwd, bwd):
             for name, value in parse_config_key(key, "backend").items():
-                choices = {"tile": rc.TILES, "cb": rc.CBS}.get(name)
+                choices = rc.CHOICES.get(name)
                 if choices is None or not value.isdigit() or int(value) not in choices:
                     raise ValueError(f"backend: {key!r} is not a cpu config (fields tile in {list(rc.TILES)}, "
-                                     f"cb in {list(rc.CBS)} for nhwc specs)")
+                                     f"threads in {list(rc.THREADS)}, cb in {list(rc.CBS)} for nhwc specs)")
         return CpuBackend(fwd, bwd, self.poison)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -111,7 +111,7 @@ class CpuBackend:
     def _args(self, spec: Spec, x: torch.Tensor, key: str) -> ctypes.Array:
         cfg = rc.parse_config(spec, key, "backend")
         N, C, H, W = _dims(spec, x)
-        threads = max(1, int(torch.get_num_threads()))
+        threads = cfg.thread_count(int(torch.get_num_threads()))
         chunk = int(spec.chunk) if spec.chunk is not None else 0
         return (ctypes.c_int64 * 9)(N, C, spec.groups(C), H, W, chunk, threads, cfg.tile, cfg.cb)
 

@@ -146,18 +146,26 @@ def render_files(spec: Spec) -> dict[str, str]:
 
 TILES = (8, 16, 32, 64, 128, 256)
 CBS = (4, 8, 16, 32)
+THREADS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # caps; 0 (the default): torch.get_num_threads()
 
 
 @dataclass(frozen=True)
 class CpuConfig:
     """One tuning: ``tile`` steps staged per tile; ``cb`` channels per work item (nhwc only;
-    nchw items are one channel plane)."""
+    nchw items are one channel plane); ``threads``: at most this many OpenMP threads (0: all of
+    ``torch.get_num_threads()``; on small images one thread can beat the fork and join)."""
 
     tile: int = 16
     cb: int = 32
+    threads: int = 0
 
     def key(self, spec: Spec) -> str:
-        return f"cb={self.cb},tile={self.tile}" if spec.layout == "nhwc" else f"tile={self.tile}"
+        parts = [f"cb={self.cb}"] if spec.layout == "nhwc" else []
+        parts += [f"threads={self.threads}"] if self.threads else []
+        return ",".join(parts + [f"tile={self.tile}"])
+
+    def thread_count(self, available: int) -> int:
+        return max(1, min(self.threads, available) if self.threads else available)
 
 
 def default_config(spec: Spec) -> CpuConfig:
@@ -173,25 +181,30 @@ def parse_config(spec: Spec, key: str, what: str = "config") -> CpuConfig:
     from ..backends.base import parse_config_key
 
     fields = parse_config_key(key, what)
-    allowed = {"tile", "cb"} if spec.layout == "nhwc" else {"tile"}
+    allowed = {"tile", "cb", "threads"} if spec.layout == "nhwc" else {"tile", "threads"}
     base = default_config(spec)
-    values = {"tile": base.tile, "cb": base.cb}
+    values = {"tile": base.tile, "cb": base.cb, "threads": base.threads}
     for name, value in fields.items():
         if name not in allowed:
             raise ValueError(f"{what}: unknown cpu config field {name!r} in {key!r} (allowed: {sorted(allowed)})")
-        choices = TILES if name == "tile" else CBS
+        choices = CHOICES[name]
         if not value.isdigit() or int(value) not in choices:
             raise ValueError(f"{what}: cpu config {name} must be one of {list(choices)}, got {value!r} in {key!r}")
         values[name] = int(value)
     return CpuConfig(**values)
 
 
-def candidate_configs(spec: Spec) -> list[CpuConfig]:
+CHOICES = {"tile": TILES, "cb": CBS, "threads": THREADS}
+
+
+def candidate_configs(spec: Spec, threads: int = 1) -> list[CpuConfig]:
     """Tunings worth timing, the default first: shorter and longer tiles (longer ones read longer
-    runs of each row for lr/rl in nchw, at the price of more cache), and for nhwc other channel
-    blocks (half, one and two AVX2 vectors)."""
+    runs of each row for lr/rl in nchw, at the price of more cache), for nhwc other channel
+    blocks (half, one and two AVX2 vectors), and one thread where ``threads`` (the caller's
+    torch.get_num_threads()) offers more."""
     base = default_config(spec)
+    one = [CpuConfig(tile=base.tile, cb=base.cb, threads=1)] if threads > 1 else []
     if spec.layout == "nhwc":
         return [base] + [CpuConfig(tile=t, cb=base.cb) for t in (32, 64)] + [CpuConfig(tile=base.tile, cb=c)
-                                                                          for c in (4, 8, 16)]
-    return [base] + [CpuConfig(tile=t) for t in (8, 32, 64, 128)]
+                                                                          for c in (4, 8, 16)] + one
+    return [base] + [CpuConfig(tile=t) for t in (8, 32, 64, 128)] + one
