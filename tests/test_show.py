@@ -78,7 +78,7 @@ def test_lowered_layout_nhwc(capsys, tmp_path):
     code, out, _ = show(capsys, path)
     assert code == 0
     assert "stride_step=C*W  stride_lane=C  stride_channel=1  base_of_step0=0" in out
-    assert "exp(" in out and "Max(" in out and "y = " in out
+    assert "exp2(" in out and "Max(" in out and "y = " in out
 
 
 def fake_renderer(monkeypatch, name, files):
