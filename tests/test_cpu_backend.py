@@ -422,7 +422,7 @@ def test_sanitizer_sweep(tmp_path):
 # --- the math primitives the printed blocks call, on their own ---
 
 def _primitives_library(tmp_path):
-    """gs_bits/gs_exp/gs_floor/gs_pow2 cut from a rendered source, built with array wrappers."""
+    """gs_bits/gs_exp/gs_exp2/gs_floor/gs_pow2 cut from a rendered source, built with array wrappers."""
     import ctypes
     import re
 
@@ -430,12 +430,13 @@ def _primitives_library(tmp_path):
     start = src.index("template <class To, class From> GS_INLINE To gs_bits")
     end = src.index("// Per-pixel math, printed")
     body = src[start:end]
-    assert re.search(r"\bgs_exp\b", body) and "gs_floor" in body and "gs_pow2" in body
+    assert re.search(r"\bgs_exp\b", body) and "gs_exp2" in body and "gs_floor" in body and "gs_pow2" in body
     harness = (
         "#include <cmath>\n#include <cstdint>\n#include <cstring>\n"
         "#define GS_INLINE static inline __attribute__((always_inline))\n" + body +
         'extern "C" void f32(int op, const float* x, float* y, long n) {\n'
-        "  for (long i = 0; i < n; ++i) y[i] = op == 0 ? gs_exp(x[i]) : op == 1 ? gs_floor(x[i]) : gs_pow2(x[i]);\n}\n"
+        "  for (long i = 0; i < n; ++i)\n"
+        "    y[i] = op == 0 ? gs_exp(x[i]) : op == 1 ? gs_floor(x[i]) : op == 2 ? gs_pow2(x[i]) : gs_exp2(x[i]);\n}\n"
         'extern "C" void f64(int op, const double* x, double* y, long n) {\n'
         "  for (long i = 0; i < n; ++i) y[i] = op == 1 ? gs_floor(x[i]) : gs_pow2(x[i]);\n}\n")
     cpp, lib = tmp_path / "prims.cpp", tmp_path / "prims.so"
@@ -477,6 +478,15 @@ def test_math_primitives_at_the_edges(tmp_path):
     n32 = torch.arange(-140, 131, dtype=torch.float32)
     want = torch.where(n32 < -126, 0.0, torch.exp2(n32.double())).where(n32 < 128, float("inf"))
     assert torch.equal(_apply(lib, 2, n32).double(), want)
+    # exp2: within 3e-7 relative over the normal range; the same edges as exp
+    x = torch.linspace(-125.9, 127.4, 200_001, dtype=torch.float32)
+    got, want = _apply(lib, 3, x).double(), torch.exp2(x.double())
+    assert ((got - want).abs() / want).max() <= 3e-7
+    edge = torch.tensor([128.0, 200.0, 1e6, float("inf"), -127.0, -150.0, -1e6, -float("inf"), float("nan"), 0.0])
+    got = _apply(lib, 3, edge)
+    assert got[:4].isinf().all() and (got[:4] > 0).all()
+    assert (got[4:8] == 0).all() and got[8].isnan() and got[9] == 1.0
+    assert torch.equal(_apply(lib, 3, torch.arange(-126.0, 128.0)), torch.exp2(torch.arange(-126.0, 128.0)))
     n64 = torch.arange(-1030, 1030, dtype=torch.float64)
     want = torch.where(n64 < -1022, 0.0, torch.exp2(n64)).where(n64 < 1024, float("inf"))
     assert torch.equal(_apply(lib, 2, n64), want)

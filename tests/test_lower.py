@@ -18,7 +18,7 @@ from gspngen.backends.lowered import compile_block
 from gspngen.backends.reference import normalize_weights
 from gspngen.geometry import neighbour_exists, to_channel_first, to_frame
 from gspngen.lower import C, H, N, W, lower, print_block
-from gspngen.lower.derive import output_blocks, pow2, sigmoid, update_blocks
+from gspngen.lower.derive import exp2, output_blocks, pow2, recip, sigmoid, update_blocks
 from gspngen.testing import rel_error
 
 KS = (1, 3, 5, 7, 9)
@@ -152,14 +152,21 @@ def count_calls(block, fn) -> int:
 def test_each_nonlinearity_is_computed_once(norm):
     for k in KS:
         fwd, adj = update_blocks(k, norm)
-        # one exponential per neighbour and nothing else: stability's per-pixel scale exp(b) is a
-        # power of two (pow2, built from exponent bits), never a further exponential.
+        # one (base-2) exponential per neighbour and nothing else: stability's per-pixel scale 2^n
+        # is a power of two (pow2, built from exponent bits), never a further exponential.
         # k = 1: the only weight normalises to the constant 1.
         want = 0 if k == 1 else k
-        assert count_calls(fwd, sp.exp) == want and count_calls(adj, sp.exp) == want, k
+        assert count_calls(fwd, exp2) == want and count_calls(adj, exp2) == want, k
+        assert count_calls(fwd, sp.exp) == 0 and count_calls(adj, sp.exp) == 0, k
         scale = 1 if k > 1 and norm == "stability" else 0
         assert count_calls(fwd, pow2) == scale and count_calls(adj, pow2) == scale, k
         assert count_calls(fwd, sigmoid) == 0 and count_calls(adj, sigmoid) == 0
+        # divisions: one reciprocal of the weight sum, plus stability's one per neighbour; no other
+        want = 0 if k == 1 else (k + 1 if norm == "stability" else 1)
+        assert count_calls(fwd, recip) == want and count_calls(adj, recip) == want, k
+        for blk in (fwd, adj):
+            pows = [n for _, rhs in blk.assigns for n in sp.preorder_traversal(rhs) if isinstance(n, sp.Pow)]
+            assert all(n.exp > 0 for n in pows), (k, pows)  # no 1/x left for a printer's IEEE divide
 
 
 def test_given_partials_equal_sympy_diff():
@@ -343,7 +350,9 @@ def test_cuda_printer_emits_fp32_c():
             assert not re.search(r"\d\.\d*F\b|\b\d+\.\d+(?![\df])", line), line  # literals are 1.0f
             assert "Piecewise" not in line and "Max(" not in line
     text = "\n".join(print_block(update_blocks(3, "stability")[1], "cuda"))
-    assert "expf(" in text and "(e0 ? " in text and "fmaf(" in text and "1.0f" in text
+    assert "exp2f(fmaf(" in text and "(e0 ? " in text and "fmaf(" in text and "1.0f" in text
+    # divisions only as the fast reciprocal (no IEEE divide, no accurate expf with its range reduction)
+    assert "__fdividef(1.0f, " in text and "/" not in text and "expf(" not in text
 
 
 def test_python_printers():
@@ -355,7 +364,7 @@ def test_python_printers():
             assert "tl." not in line and "math." not in line and "Piecewise" not in line
         compile("\n".join(tri + tor), "<printed>", "exec")  # valid Python
     soft = "\n".join(print_block(update_blocks(5, "softmax")[1], "triton"))
-    assert "tl.where(e0, " in soft and "tl.exp(" in soft and "tl.maximum(" in soft
+    assert "tl.where(e0, " in soft and "tl.exp2(" in soft and "tl.maximum(" in soft
     with pytest.raises(ValueError, match="lang"):
         print_block(update_blocks(3, "none")[0], "fortran")
 

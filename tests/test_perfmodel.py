@@ -24,14 +24,14 @@ PAPER, SMALL = (16, 8, 1024, 1024), (1, 16, 128, 128)
 #        min warps per SM, min CTAs per launch, predicted % of copy)
 PINS = {
     PAPER: {
-        "forward": (1.500, 202, 194, 8256, 8, 128, 64.3),
-        "forward_no_grad": (1.346, 195, 190, 8256, 8, 128, 70.4),
-        "backward": (1.314, 329, 241, 33152, 8, 128, 73.8),
+        "forward": (1.500, 104.4, 193, 8256, 8, 128, 64.6),
+        "forward_no_grad": (1.346, 113.7, 200, 8256, 8, 128, 72.0),
+        "backward": (1.314, 225.1, 244, 33152, 8, 128, 73.8),
     },
     SMALL: {
-        "forward": (1.500, 222, 126, 4352, 16, 4, 1.64),
-        "forward_no_grad": (1.346, 217, 124, 4352, 16, 4, 1.68),
-        "backward": (1.314, 340, 151, 17536, 12, 4, 2.14),
+        "forward": (1.500, 121.4, 122, 4352, 16, 4, 2.91),
+        "forward_no_grad": (1.346, 116.9, 119, 4352, 16, 4, 3.17),
+        "backward": (1.314, 234.7, 158, 17536, 12, 4, 3.19),
     },
 }
 
@@ -205,3 +205,23 @@ def test_cli_gpu_option(tmp_path, capsys):
                "--gpu", "nope", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "--gpu" in err and err.count("\n") == 1
+
+
+# -- issue 13, item 3: instruction targets --------------------------------------------------------
+
+# Target: <= 110 SASS instructions per element forward and <= 200 backward (gspn4 fp32, sm_90). The
+# lanes-mapped kernels (tb, bt) meet it. The steps-mapped ones (lr, rl) do not yet: a runtime
+# modulo per step for the chunk start (~25 instructions), 64-bit addresses per segment and tensor,
+# and, without the h store, a step body the compiler duplicates on the chunk start (both copies
+# count). They are held at what they reach now, so that a regression fails; the gap is the
+# difference between their cap and the target.
+TARGET = {"forward": 110, "forward_no_grad": 110, "backward": 200}
+STEPS_CAP = {"forward": 151, "forward_no_grad": 146, "backward": 281}
+
+
+@pytest.mark.parametrize("shape", list(PINS), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pass_", list(TARGET))
+def test_instructions_per_element_targets(figures, shape, pass_):
+    for k in figures[shape][pass_]["kernels"]:
+        cap = TARGET[pass_] if k["direction"] in ("tb", "bt") else STEPS_CAP[pass_]
+        assert k["instructions_per_element"] <= cap, (shape, pass_, k["direction"], k["instructions_per_element"])

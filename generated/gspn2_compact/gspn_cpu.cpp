@@ -149,6 +149,28 @@ GS_INLINE float gs_exp(float x)
     return p * gs_bits<float>(e);
 }
 
+// 2^x in fp32, branch-free like gs_exp (the lowering's exponentials are base 2: one multiply-add
+// for the argument): x = n + f with n = round(x) by the same magic constant, f = x - n exact and
+// |f| <= 1/2; 2^f = exp(f ln2) by gs_exp's polynomial (|f ln2| <= 0.35); 2^n from its exponent bits.
+// x > 127.5 gives +inf (as gs_exp above 88.4), x <= -127 gives 0 (flushed); NaN stays NaN.
+GS_INLINE float gs_exp2(float x)
+{
+    const float lo = x < -127.0f ? -127.0f : x;
+    const float xc = lo > 128.0f ? 128.0f : lo;
+    const float t = xc + 12582912.0f;
+    const float nf = t - 12582912.0f;                         // round(x), -127 .. 128
+    const float r = (xc - nf) * 0.693147180559945309f;
+    float p = 1.0f / 720.0f;
+    p = std::fmaf(p, r, 1.0f / 120.0f);
+    p = std::fmaf(p, r, 1.0f / 24.0f);
+    p = std::fmaf(p, r, 1.0f / 6.0f);
+    p = std::fmaf(p, r, 0.5f);
+    p = std::fmaf(p, r, 1.0f);
+    p = std::fmaf(p, r, 1.0f);
+    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
+    return p * gs_bits<float>(e);
+}
+
 // floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded
 // up; |x| >= 2^22 is already a whole number (and a NaN stays NaN).
 GS_INLINE float gs_floor(float x)
@@ -186,16 +208,13 @@ GS_INLINE void gs_blk_forward(const float w0, const float w1, const float w2, co
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
-    const float cse3 = -0.6931471805599453f*cse2;
-    const float cse4 = gs_exp(cse3 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse5 = gs_pow2(cse2);
-    const float cse6 = cse4/(fmaf(cse4, cse5, 1.0f));
-    const float cse7 = gs_exp(cse3 + (cse0 > 80.0f ? 80.0f : cse0));
-    const float cse8 = (e0 ? cse7/(fmaf(cse5, cse7, 1.0f)) : 0.0f);
-    const float cse9 = gs_exp(cse3 + (cse1 > 80.0f ? 80.0f : cse1));
-    const float cse10 = (e2 ? cse9/(fmaf(cse5, cse9, 1.0f)) : 0.0f);
-    const float cse11 = (1.0f/(cse10 + cse6 + cse8));
-    const float h = fmaf(cse10, cse11*hp2, fmaf(cse11, cse6*hp1, fmaf(cse11, cse8*hp0, lam*x)));
+    const float cse3 = gs_pow2(cse2);
+    const float cse4 = -cse2;
+    const float cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
+    const float cse6 = (e0 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4)))) : 0.0f);
+    const float cse7 = (e2 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4)))) : 0.0f);
+    const float cse8 = (1.0f/(cse5 + cse6 + cse7));
+    const float h = fmaf(cse5, cse8*hp1, fmaf(cse6, cse8*hp0, fmaf(cse7, cse8*hp2, lam*x)));
     o_h = h;
 }
 
@@ -213,35 +232,24 @@ GS_INLINE void gs_blk_adjoint(const float gh, const float w0, const float w1, co
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
     const float cse3 = gs_pow2(cse2);
-    const float cse4 = -0.6931471805599453f*cse2;
-    const float cse5 = gs_exp(cse4 + (cse0 > 80.0f ? 80.0f : cse0));
-    const float cse6 = cse3*cse5;
-    const float cse7 = (1.0f/(cse6 + 1.0f));
-    const float cse8 = gs_exp(cse4 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse9 = cse3*cse8;
-    const float cse10 = (1.0f/(cse9 + 1.0f));
-    const float cse11 = cse10*cse8;
-    const float cse12 = cse5*cse7;
-    const float cse13 = (e0 ? cse12 : 0.0f);
-    const float cse14 = gs_exp(cse4 + (cse1 > 80.0f ? 80.0f : cse1));
-    const float cse15 = cse14*cse3;
-    const float cse16 = (1.0f/(cse15 + 1.0f));
-    const float cse17 = cse14*cse16;
-    const float cse18 = (e2 ? cse17 : 0.0f);
-    const float cse19 = (1.0f/(cse11 + cse13 + cse18));
-    const float cse20 = cse13*cse19;
-    const float cse21 = cse18*cse19;
-    const float cse22 = fmaf(cse11, cse19*hp1, fmaf(cse20, hp0, cse21*hp2));
-    const float cse23 = cse19*gh;
-    const float cse24 = cse11*cse23;
+    const float cse4 = -cse2;
+    const float cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4))));
+    const float cse6 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
+    const float cse7 = (e0 ? cse5 : 0.0f);
+    const float cse8 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4))));
+    const float cse9 = (e2 ? cse8 : 0.0f);
+    const float cse10 = (1.0f/(cse6 + cse7 + cse9));
+    const float cse11 = -cse10*(fmaf(cse6, hp1, fmaf(cse7, hp0, cse9*hp2)));
+    const float cse12 = cse10*gh;
+    const float cse13 = cse12*cse6;
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse12*(fmaf(-cse6, cse7, 1.0f))*(e0 ? cse23*(-cse22 + hp0) : 0.0f) : 0.0f);
-    const float gw1 = cse24*(-cse22 + hp1)*(fmaf(-cse10, cse9, 1.0f));
-    const float gw2 = (e2 ? cse17*(fmaf(-cse15, cse16, 1.0f))*(e2 ? cse23*(-cse22 + hp2) : 0.0f) : 0.0f);
-    const float ghp0 = cse20*gh;
-    const float ghp1 = cse24;
-    const float ghp2 = cse21*gh;
+    const float gw0 = (e0 ? cse5*(fmaf(-cse3, cse5, 1.0f))*(e0 ? cse12*(cse11 + hp0) : 0.0f) : 0.0f);
+    const float gw1 = cse13*(cse11 + hp1)*(fmaf(-cse3, cse6, 1.0f));
+    const float gw2 = (e2 ? cse8*(fmaf(-cse3, cse8, 1.0f))*(e2 ? cse12*(cse11 + hp2) : 0.0f) : 0.0f);
+    const float ghp0 = cse12*cse7;
+    const float ghp1 = cse13;
+    const float ghp2 = cse12*cse9;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -274,16 +282,13 @@ GS_INLINE void gs_blk_forward(const double w0, const double w1, const double w2,
     const double cse0 = (e0 ? w0 : w1);
     const double cse1 = (e2 ? w2 : w1);
     const double cse2 = gs_floor(1.4426950408889634*(0.0 < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0 : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
-    const double cse3 = -0.6931471805599453*cse2;
-    const double cse4 = exp(cse3 + (w1 > 80.0 ? 80.0 : w1));
-    const double cse5 = gs_pow2(cse2);
-    const double cse6 = cse4/(fma(cse4, cse5, 1.0));
-    const double cse7 = exp(cse3 + (cse0 > 80.0 ? 80.0 : cse0));
-    const double cse8 = (e0 ? cse7/(fma(cse5, cse7, 1.0)) : 0.0);
-    const double cse9 = exp(cse3 + (cse1 > 80.0 ? 80.0 : cse1));
-    const double cse10 = (e2 ? cse9/(fma(cse5, cse9, 1.0)) : 0.0);
-    const double cse11 = (1.0/(cse10 + cse6 + cse8));
-    const double h = fma(cse10, cse11*hp2, fma(cse11, cse6*hp1, fma(cse11, cse8*hp0, lam*x)));
+    const double cse3 = gs_pow2(cse2);
+    const double cse4 = -cse2;
+    const double cse5 = (1.0/(cse3 + exp2(fma(-1.4426950408889634, w1, -cse4))));
+    const double cse6 = (e0 ? (1.0/(cse3 + exp2(fma(-1.4426950408889634, cse0, -cse4)))) : 0.0);
+    const double cse7 = (e2 ? (1.0/(cse3 + exp2(fma(-1.4426950408889634, cse1, -cse4)))) : 0.0);
+    const double cse8 = (1.0/(cse5 + cse6 + cse7));
+    const double h = fma(cse5, cse8*hp1, fma(cse6, cse8*hp0, fma(cse7, cse8*hp2, lam*x)));
     o_h = h;
 }
 
@@ -301,35 +306,24 @@ GS_INLINE void gs_blk_adjoint(const double gh, const double w0, const double w1,
     const double cse1 = (e2 ? w2 : w1);
     const double cse2 = gs_floor(1.4426950408889634*(0.0 < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0 : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
     const double cse3 = gs_pow2(cse2);
-    const double cse4 = -0.6931471805599453*cse2;
-    const double cse5 = exp(cse4 + (cse0 > 80.0 ? 80.0 : cse0));
-    const double cse6 = cse3*cse5;
-    const double cse7 = (1.0/(cse6 + 1.0));
-    const double cse8 = exp(cse4 + (w1 > 80.0 ? 80.0 : w1));
-    const double cse9 = cse3*cse8;
-    const double cse10 = (1.0/(cse9 + 1.0));
-    const double cse11 = cse10*cse8;
-    const double cse12 = cse5*cse7;
-    const double cse13 = (e0 ? cse12 : 0.0);
-    const double cse14 = exp(cse4 + (cse1 > 80.0 ? 80.0 : cse1));
-    const double cse15 = cse14*cse3;
-    const double cse16 = (1.0/(cse15 + 1.0));
-    const double cse17 = cse14*cse16;
-    const double cse18 = (e2 ? cse17 : 0.0);
-    const double cse19 = (1.0/(cse11 + cse13 + cse18));
-    const double cse20 = cse13*cse19;
-    const double cse21 = cse18*cse19;
-    const double cse22 = fma(cse11, cse19*hp1, fma(cse20, hp0, cse21*hp2));
-    const double cse23 = cse19*gh;
-    const double cse24 = cse11*cse23;
+    const double cse4 = -cse2;
+    const double cse5 = (1.0/(cse3 + exp2(fma(-1.4426950408889634, cse0, -cse4))));
+    const double cse6 = (1.0/(cse3 + exp2(fma(-1.4426950408889634, w1, -cse4))));
+    const double cse7 = (e0 ? cse5 : 0.0);
+    const double cse8 = (1.0/(cse3 + exp2(fma(-1.4426950408889634, cse1, -cse4))));
+    const double cse9 = (e2 ? cse8 : 0.0);
+    const double cse10 = (1.0/(cse6 + cse7 + cse9));
+    const double cse11 = -cse10*(fma(cse6, hp1, fma(cse7, hp0, cse9*hp2)));
+    const double cse12 = cse10*gh;
+    const double cse13 = cse12*cse6;
     const double glam = gh*x;
     const double gx = gh*lam;
-    const double gw0 = (e0 ? cse12*(fma(-cse6, cse7, 1.0))*(e0 ? cse23*(-cse22 + hp0) : 0.0) : 0.0);
-    const double gw1 = cse24*(-cse22 + hp1)*(fma(-cse10, cse9, 1.0));
-    const double gw2 = (e2 ? cse17*(fma(-cse15, cse16, 1.0))*(e2 ? cse23*(-cse22 + hp2) : 0.0) : 0.0);
-    const double ghp0 = cse20*gh;
-    const double ghp1 = cse24;
-    const double ghp2 = cse21*gh;
+    const double gw0 = (e0 ? cse5*(fma(-cse3, cse5, 1.0))*(e0 ? cse12*(cse11 + hp0) : 0.0) : 0.0);
+    const double gw1 = cse13*(cse11 + hp1)*(fma(-cse3, cse6, 1.0));
+    const double gw2 = (e2 ? cse8*(fma(-cse3, cse8, 1.0))*(e2 ? cse12*(cse11 + hp2) : 0.0) : 0.0);
+    const double ghp0 = cse12*cse7;
+    const double ghp1 = cse13;
+    const double ghp2 = cse12*cse9;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;

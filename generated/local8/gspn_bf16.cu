@@ -245,16 +245,13 @@ GS_DEV void gs_blk_forward(const float w0, const float w1, const float w2, const
     const float cse0 = (e0 ? w0 : w1);
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = floorf(1.4426950408889634f*fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1))));
-    const float cse3 = -0.6931471805599453f*cse2;
-    const float cse4 = expf(cse3 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse5 = exp2f(cse2);
-    const float cse6 = cse4/(fmaf(cse4, cse5, 1.0f));
-    const float cse7 = expf(cse3 + (cse0 > 80.0f ? 80.0f : cse0));
-    const float cse8 = (e0 ? cse7/(fmaf(cse5, cse7, 1.0f)) : 0.0f);
-    const float cse9 = expf(cse3 + (cse1 > 80.0f ? 80.0f : cse1));
-    const float cse10 = (e2 ? cse9/(fmaf(cse5, cse9, 1.0f)) : 0.0f);
-    const float cse11 = (1.0f/(cse10 + cse6 + cse8));
-    const float h = fmaf(cse10, cse11*hp2, fmaf(cse11, cse6*hp1, fmaf(cse11, cse8*hp0, lam*x)));
+    const float cse3 = exp2f(cse2);
+    const float cse4 = -cse2;
+    const float cse5 = __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, w1, -cse4)));
+    const float cse6 = (e0 ? __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, cse0, -cse4))) : 0.0f);
+    const float cse7 = (e2 ? __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, cse1, -cse4))) : 0.0f);
+    const float cse8 = __fdividef(1.0f, cse5 + cse6 + cse7);
+    const float h = fmaf(cse5, cse8*hp1, fmaf(cse6, cse8*hp0, fmaf(cse7, cse8*hp2, lam*x)));
     o_h = h;
 }
 
@@ -272,35 +269,24 @@ GS_DEV void gs_blk_adjoint(const float gh, const float w0, const float w1, const
     const float cse1 = (e2 ? w2 : w1);
     const float cse2 = floorf(1.4426950408889634f*fminf(0.0f, fmaxf(cse0, fmaxf(cse1, w1))));
     const float cse3 = exp2f(cse2);
-    const float cse4 = -0.6931471805599453f*cse2;
-    const float cse5 = expf(cse4 + (cse0 > 80.0f ? 80.0f : cse0));
-    const float cse6 = cse3*cse5;
-    const float cse7 = (1.0f/(cse6 + 1.0f));
-    const float cse8 = expf(cse4 + (w1 > 80.0f ? 80.0f : w1));
-    const float cse9 = cse3*cse8;
-    const float cse10 = (1.0f/(cse9 + 1.0f));
-    const float cse11 = cse10*cse8;
-    const float cse12 = cse5*cse7;
-    const float cse13 = (e0 ? cse12 : 0.0f);
-    const float cse14 = expf(cse4 + (cse1 > 80.0f ? 80.0f : cse1));
-    const float cse15 = cse14*cse3;
-    const float cse16 = (1.0f/(cse15 + 1.0f));
-    const float cse17 = cse14*cse16;
-    const float cse18 = (e2 ? cse17 : 0.0f);
-    const float cse19 = (1.0f/(cse11 + cse13 + cse18));
-    const float cse20 = cse13*cse19;
-    const float cse21 = cse18*cse19;
-    const float cse22 = fmaf(cse11, cse19*hp1, fmaf(cse20, hp0, cse21*hp2));
-    const float cse23 = cse19*gh;
-    const float cse24 = cse11*cse23;
+    const float cse4 = -cse2;
+    const float cse5 = __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, cse0, -cse4)));
+    const float cse6 = __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, w1, -cse4)));
+    const float cse7 = (e0 ? cse5 : 0.0f);
+    const float cse8 = __fdividef(1.0f, cse3 + exp2f(fmaf(-1.4426950408889634f, cse1, -cse4)));
+    const float cse9 = (e2 ? cse8 : 0.0f);
+    const float cse10 = __fdividef(1.0f, cse6 + cse7 + cse9);
+    const float cse11 = -cse10*(fmaf(cse6, hp1, fmaf(cse7, hp0, cse9*hp2)));
+    const float cse12 = cse10*gh;
+    const float cse13 = cse12*cse6;
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse12*(fmaf(-cse6, cse7, 1.0f))*(e0 ? cse23*(-cse22 + hp0) : 0.0f) : 0.0f);
-    const float gw1 = cse24*(-cse22 + hp1)*(fmaf(-cse10, cse9, 1.0f));
-    const float gw2 = (e2 ? cse17*(fmaf(-cse15, cse16, 1.0f))*(e2 ? cse23*(-cse22 + hp2) : 0.0f) : 0.0f);
-    const float ghp0 = cse20*gh;
-    const float ghp1 = cse24;
-    const float ghp2 = cse21*gh;
+    const float gw0 = (e0 ? cse5*(fmaf(-cse3, cse5, 1.0f))*(e0 ? cse12*(cse11 + hp0) : 0.0f) : 0.0f);
+    const float gw1 = cse13*(cse11 + hp1)*(fmaf(-cse3, cse6, 1.0f));
+    const float gw2 = (e2 ? cse8*(fmaf(-cse3, cse8, 1.0f))*(e2 ? cse12*(cse11 + hp2) : 0.0f) : 0.0f);
+    const float ghp0 = cse12*cse7;
+    const float ghp1 = cse13;
+    const float ghp2 = cse12*cse9;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -651,7 +637,7 @@ struct GsForward {
                 float f_h, f_y;
                 gs_blk_forward(f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_h);
                 gs_blk_output(f_h, f_x, f_u, f_s, f_y);
-                if (acc) f_y += gs_f(tl.y[e]);
+                f_y += gs_f(tl.y[e]);  // 0 unless acc (load()): a branch here would duplicate the step
                 oy[e] = gs_s(f_y);
                 const float hk = (ln < B.L && B.chan(ev) < B.C) ? f_h : 0.0f;
                 if constexpr (BUFS == 2) HL[cur * PLANE + B.slot(sg, ev, 0)] = hk;  // others read the other buffer
@@ -864,7 +850,7 @@ struct GsBackward {
                 const float f_gh = f_gho + gin;
                 gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
                 float gxt = f_gxa + f_gxo;
-                if (acc) gxt += gs_f(tl.gxp[e]);
+                gxt += gs_f(tl.gxp[e]);  // 0 unless acc (load()): a branch here would duplicate the step
                 o.gx[e] = gs_s(gxt);
                 o.glam[e] = gs_s(f_glam);
                 if constexpr (GS_MOD) o.gu[GS_MOD ? e : 0] = gs_s(f_gu);

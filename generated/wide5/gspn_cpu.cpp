@@ -149,6 +149,28 @@ GS_INLINE float gs_exp(float x)
     return p * gs_bits<float>(e);
 }
 
+// 2^x in fp32, branch-free like gs_exp (the lowering's exponentials are base 2: one multiply-add
+// for the argument): x = n + f with n = round(x) by the same magic constant, f = x - n exact and
+// |f| <= 1/2; 2^f = exp(f ln2) by gs_exp's polynomial (|f ln2| <= 0.35); 2^n from its exponent bits.
+// x > 127.5 gives +inf (as gs_exp above 88.4), x <= -127 gives 0 (flushed); NaN stays NaN.
+GS_INLINE float gs_exp2(float x)
+{
+    const float lo = x < -127.0f ? -127.0f : x;
+    const float xc = lo > 128.0f ? 128.0f : lo;
+    const float t = xc + 12582912.0f;
+    const float nf = t - 12582912.0f;                         // round(x), -127 .. 128
+    const float r = (xc - nf) * 0.693147180559945309f;
+    float p = 1.0f / 720.0f;
+    p = std::fmaf(p, r, 1.0f / 120.0f);
+    p = std::fmaf(p, r, 1.0f / 24.0f);
+    p = std::fmaf(p, r, 1.0f / 6.0f);
+    p = std::fmaf(p, r, 0.5f);
+    p = std::fmaf(p, r, 1.0f);
+    p = std::fmaf(p, r, 1.0f);
+    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
+    return p * gs_bits<float>(e);
+}
+
 // floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded
 // up; |x| >= 2^22 is already a whole number (and a NaN stays NaN).
 GS_INLINE float gs_floor(float x)
@@ -188,11 +210,11 @@ GS_INLINE void gs_blk_forward(const float w0, const float w1, const float w2, co
     const float cse2 = (e3 ? w3 : w2);
     const float cse3 = (e4 ? w4 : w2);
     const float cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const float cse5 = gs_exp(cse4 + w2);
-    const float cse6 = (e0 ? gs_exp(cse0 + cse4) : 0.0f);
-    const float cse7 = (e1 ? gs_exp(cse1 + cse4) : 0.0f);
-    const float cse8 = (e3 ? gs_exp(cse2 + cse4) : 0.0f);
-    const float cse9 = (e4 ? gs_exp(cse3 + cse4) : 0.0f);
+    const float cse5 = gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2));
+    const float cse6 = (e0 ? gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4)) : 0.0f);
+    const float cse7 = (e1 ? gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4)) : 0.0f);
+    const float cse8 = (e3 ? gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4)) : 0.0f);
+    const float cse9 = (e4 ? gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4)) : 0.0f);
     const float cse10 = (1.0f/(cse5 + cse6 + cse7 + cse8 + cse9));
     const float h = fmaf(cse10, cse5*hp2, fmaf(cse10, cse6*hp0, fmaf(cse10, cse7*hp1, fmaf(cse10, cse8*hp3, fmaf(cse10, cse9*hp4, lam*x)))));
     o_h = h;
@@ -213,35 +235,31 @@ GS_INLINE void gs_blk_adjoint(const float gh, const float w0, const float w1, co
     const float cse2 = (e3 ? w3 : w2);
     const float cse3 = (e4 ? w4 : w2);
     const float cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const float cse5 = gs_exp(cse4 + w2);
-    const float cse6 = (e0 ? gs_exp(cse0 + cse4) : 0.0f);
-    const float cse7 = (e1 ? gs_exp(cse1 + cse4) : 0.0f);
-    const float cse8 = (e3 ? gs_exp(cse2 + cse4) : 0.0f);
-    const float cse9 = (e4 ? gs_exp(cse3 + cse4) : 0.0f);
-    const float cse10 = (1.0f/(cse5 + cse6 + cse7 + cse8 + cse9));
-    const float cse11 = cse10*cse6;
-    const float cse12 = cse10*cse7;
-    const float cse13 = cse10*cse5;
-    const float cse14 = cse10*cse8;
-    const float cse15 = cse10*cse9;
-    const float cse16 = fmaf(cse11, hp0, fmaf(cse12, hp1, fmaf(cse13, hp2, fmaf(cse14, hp3, cse15*hp4))));
-    const float cse17 = cse11*gh;
-    const float cse18 = cse12*gh;
-    const float cse19 = cse13*gh;
-    const float cse20 = cse14*gh;
-    const float cse21 = cse15*gh;
+    const float cse5 = gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4));
+    const float cse6 = gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2));
+    const float cse7 = (e0 ? cse5 : 0.0f);
+    const float cse8 = gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4));
+    const float cse9 = (e1 ? cse8 : 0.0f);
+    const float cse10 = gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4));
+    const float cse11 = (e3 ? cse10 : 0.0f);
+    const float cse12 = gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4));
+    const float cse13 = (e4 ? cse12 : 0.0f);
+    const float cse14 = (1.0f/(cse11 + cse13 + cse6 + cse7 + cse9));
+    const float cse15 = -cse14*(fmaf(cse11, hp3, fmaf(cse13, hp4, fmaf(cse6, hp2, fmaf(cse7, hp0, cse9*hp1)))));
+    const float cse16 = cse14*gh;
+    const float cse17 = cse16*cse6;
     const float glam = gh*x;
     const float gx = gh*lam;
-    const float gw0 = (e0 ? cse17*(-cse16 + hp0) : 0.0f);
-    const float gw1 = (e1 ? cse18*(-cse16 + hp1) : 0.0f);
-    const float gw2 = cse19*(-cse16 + hp2);
-    const float gw3 = (e3 ? cse20*(-cse16 + hp3) : 0.0f);
-    const float gw4 = (e4 ? cse21*(-cse16 + hp4) : 0.0f);
-    const float ghp0 = cse17;
-    const float ghp1 = cse18;
-    const float ghp2 = cse19;
-    const float ghp3 = cse20;
-    const float ghp4 = cse21;
+    const float gw0 = (e0 ? cse5*(e0 ? cse16*(cse15 + hp0) : 0.0f) : 0.0f);
+    const float gw1 = (e1 ? cse8*(e1 ? cse16*(cse15 + hp1) : 0.0f) : 0.0f);
+    const float gw2 = cse17*(cse15 + hp2);
+    const float gw3 = (e3 ? cse10*(e3 ? cse16*(cse15 + hp3) : 0.0f) : 0.0f);
+    const float gw4 = (e4 ? cse12*(e4 ? cse16*(cse15 + hp4) : 0.0f) : 0.0f);
+    const float ghp0 = cse16*cse7;
+    const float ghp1 = cse16*cse9;
+    const float ghp2 = cse17;
+    const float ghp3 = cse11*cse16;
+    const float ghp4 = cse13*cse16;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -277,11 +295,11 @@ GS_INLINE void gs_blk_forward(const double w0, const double w1, const double w2,
     const double cse2 = (e3 ? w3 : w2);
     const double cse3 = (e4 ? w4 : w2);
     const double cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const double cse5 = exp(cse4 + w2);
-    const double cse6 = (e0 ? exp(cse0 + cse4) : 0.0);
-    const double cse7 = (e1 ? exp(cse1 + cse4) : 0.0);
-    const double cse8 = (e3 ? exp(cse2 + cse4) : 0.0);
-    const double cse9 = (e4 ? exp(cse3 + cse4) : 0.0);
+    const double cse5 = exp2(fma(1.4426950408889634, cse4, 1.4426950408889634*w2));
+    const double cse6 = (e0 ? exp2(fma(1.4426950408889634, cse0, 1.4426950408889634*cse4)) : 0.0);
+    const double cse7 = (e1 ? exp2(fma(1.4426950408889634, cse1, 1.4426950408889634*cse4)) : 0.0);
+    const double cse8 = (e3 ? exp2(fma(1.4426950408889634, cse2, 1.4426950408889634*cse4)) : 0.0);
+    const double cse9 = (e4 ? exp2(fma(1.4426950408889634, cse3, 1.4426950408889634*cse4)) : 0.0);
     const double cse10 = (1.0/(cse5 + cse6 + cse7 + cse8 + cse9));
     const double h = fma(cse10, cse5*hp2, fma(cse10, cse6*hp0, fma(cse10, cse7*hp1, fma(cse10, cse8*hp3, fma(cse10, cse9*hp4, lam*x)))));
     o_h = h;
@@ -302,35 +320,31 @@ GS_INLINE void gs_blk_adjoint(const double gh, const double w0, const double w1,
     const double cse2 = (e3 ? w3 : w2);
     const double cse3 = (e4 ? w4 : w2);
     const double cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const double cse5 = exp(cse4 + w2);
-    const double cse6 = (e0 ? exp(cse0 + cse4) : 0.0);
-    const double cse7 = (e1 ? exp(cse1 + cse4) : 0.0);
-    const double cse8 = (e3 ? exp(cse2 + cse4) : 0.0);
-    const double cse9 = (e4 ? exp(cse3 + cse4) : 0.0);
-    const double cse10 = (1.0/(cse5 + cse6 + cse7 + cse8 + cse9));
-    const double cse11 = cse10*cse6;
-    const double cse12 = cse10*cse7;
-    const double cse13 = cse10*cse5;
-    const double cse14 = cse10*cse8;
-    const double cse15 = cse10*cse9;
-    const double cse16 = fma(cse11, hp0, fma(cse12, hp1, fma(cse13, hp2, fma(cse14, hp3, cse15*hp4))));
-    const double cse17 = cse11*gh;
-    const double cse18 = cse12*gh;
-    const double cse19 = cse13*gh;
-    const double cse20 = cse14*gh;
-    const double cse21 = cse15*gh;
+    const double cse5 = exp2(fma(1.4426950408889634, cse0, 1.4426950408889634*cse4));
+    const double cse6 = exp2(fma(1.4426950408889634, cse4, 1.4426950408889634*w2));
+    const double cse7 = (e0 ? cse5 : 0.0);
+    const double cse8 = exp2(fma(1.4426950408889634, cse1, 1.4426950408889634*cse4));
+    const double cse9 = (e1 ? cse8 : 0.0);
+    const double cse10 = exp2(fma(1.4426950408889634, cse2, 1.4426950408889634*cse4));
+    const double cse11 = (e3 ? cse10 : 0.0);
+    const double cse12 = exp2(fma(1.4426950408889634, cse3, 1.4426950408889634*cse4));
+    const double cse13 = (e4 ? cse12 : 0.0);
+    const double cse14 = (1.0/(cse11 + cse13 + cse6 + cse7 + cse9));
+    const double cse15 = -cse14*(fma(cse11, hp3, fma(cse13, hp4, fma(cse6, hp2, fma(cse7, hp0, cse9*hp1)))));
+    const double cse16 = cse14*gh;
+    const double cse17 = cse16*cse6;
     const double glam = gh*x;
     const double gx = gh*lam;
-    const double gw0 = (e0 ? cse17*(-cse16 + hp0) : 0.0);
-    const double gw1 = (e1 ? cse18*(-cse16 + hp1) : 0.0);
-    const double gw2 = cse19*(-cse16 + hp2);
-    const double gw3 = (e3 ? cse20*(-cse16 + hp3) : 0.0);
-    const double gw4 = (e4 ? cse21*(-cse16 + hp4) : 0.0);
-    const double ghp0 = cse17;
-    const double ghp1 = cse18;
-    const double ghp2 = cse19;
-    const double ghp3 = cse20;
-    const double ghp4 = cse21;
+    const double gw0 = (e0 ? cse5*(e0 ? cse16*(cse15 + hp0) : 0.0) : 0.0);
+    const double gw1 = (e1 ? cse8*(e1 ? cse16*(cse15 + hp1) : 0.0) : 0.0);
+    const double gw2 = cse17*(cse15 + hp2);
+    const double gw3 = (e3 ? cse10*(e3 ? cse16*(cse15 + hp3) : 0.0) : 0.0);
+    const double gw4 = (e4 ? cse12*(e4 ? cse16*(cse15 + hp4) : 0.0) : 0.0);
+    const double ghp0 = cse16*cse7;
+    const double ghp1 = cse16*cse9;
+    const double ghp2 = cse17;
+    const double ghp3 = cse11*cse16;
+    const double ghp4 = cse13*cse16;
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;

@@ -6,7 +6,7 @@ assignments (DESIGN §4)::
     ws_c = select(e_c, w_c, 0)              # sanitise: garbage logits never reach arithmetic
     a_c  = select(e_c, sigmoid(ws_c), 0)    # stability  (softmax: exp(ws_c - mx))
     Z    = a_0 + ... + a_{k-1}
-    wn_c = a_c / Z
+    wn_c = a_c * recip(Z)                   # one reciprocal, k products
     h    = lam*x + wn_0*hp_0 + ... + wn_{k-1}*hp_{k-1}
 
 The adjoint is *derived*, never written by hand: reverse-mode accumulation
@@ -16,6 +16,14 @@ weights, so the normalisation's vector-Jacobian product costs O(k) rather
 than the O(k^2) of differentiating each wn_c as a whole. Finally each block is
 flattened and passed through ``sympy.cse`` so every sigmoid/exp is computed
 once.
+
+The forms are chosen for the GPUs, whose exponential and reciprocal units
+compute 2^x and an approximate 1/x in one instruction: exponentials are base 2
+(``exp2``) with log2(e) folded into the argument's one multiply-add, and every
+division is a ``recip`` of an argument known to lie in [2^-126, 2^126] (or be
++inf), which a fast reciprocal handles within 1 ulp. Each backend prints the
+same forms (gspngen/lower/printers.py): the CPU prints recip as an IEEE
+division.
 
 Softmax subtracts mx = max over the existing logits before exp. The result
 does not depend on mx (it cancels between numerator and Z), so mx is a
@@ -45,27 +53,6 @@ class sigmoid(sp.Function):  # noqa: N801  (printed by name: tl.sigmoid, torch.s
         return s * (1 - s)
 
 
-class clamp_above(sp.Function):  # noqa: N801  (printed by name: (a > c ? c : a), tl.where, torch.where)
-    """min(a, c) that keeps a NaN a NaN (a selection on a > c, where fmin would return c).
-
-    A function rather than a Piecewise so that sympy keeps its argument whole (a Piecewise
-    condition on a selected logit would be folded onto the raw logit). Its only user has a
-    hand-given partial (see ``scaled_sigmoid``); the derivative is 1 below c, 0 above.
-    """
-
-    nargs = 2
-
-    @classmethod
-    def eval(cls, a, c):
-        if a.is_number and c.is_number and a.is_extended_real and c.is_extended_real:
-            return c if bool(a > c) else a
-        return None
-
-    def fdiff(self, argindex=1):
-        a, c = self.args
-        return sp.Piecewise((0, sp.StrictGreaterThan(a, c)), (1, True)) if argindex == 1 else sp.Integer(0)
-
-
 class pow2(sp.Function):  # noqa: N801  (printed by name: exp2f, gs_pow2, tl.exp2, torch.exp2)
     """2**n for an integer-valued n: a power of two, which every backend builds in a few integer
     operations or one instruction (no polynomial); 0 below the smallest normal number (as an
@@ -81,6 +68,41 @@ class pow2(sp.Function):  # noqa: N801  (printed by name: exp2f, gs_pow2, tl.exp
 
     def fdiff(self, argindex=1):
         return sp.log(2) * pow2(self.args[0])
+
+
+class exp2(sp.Function):  # noqa: N801  (printed by name: exp2f, gs_exp2, tl.exp2, torch.exp2, exp2)
+    """2**x for a real x. Base 2 because the GPUs' exponential unit computes 2**x (ex2): exp2f is one
+    instruction when flushing to zero, where expf adds a range reduction around it; the lowering
+    folds log2(e) into the argument's one multiply-add."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return sp.Integer(2) ** x
+        return None
+
+    def fdiff(self, argindex=1):
+        return sp.log(2) * exp2(self.args[0])
+
+
+class recip(sp.Function):  # noqa: N801  (printed by name: a fast reciprocal on GPUs, 1/x elsewhere)
+    """1/x for an x the lowering knows to lie in [2**-126, 2**126] (or be +inf): there a hardware
+    approximate reciprocal (rcp.approx, <= 1 ulp) is exact enough and needs no IEEE slow path.
+    Each use says why its argument is in range. Printed as the GPU's fast reciprocal (CUDA) or
+    a plain division (CPU, whose divider runs beside the FMAs; Triton, torch)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            return 1 / x
+        return None
+
+    def fdiff(self, argindex=1):
+        return -recip(self.args[0]) ** 2
 
 
 def select(flag: sp.Symbol, value: sp.Expr, otherwise: sp.Expr) -> sp.Expr:
@@ -204,51 +226,54 @@ def update_program(k: int, normalization: str) -> tuple[Program, sp.Symbol, Upda
         elif normalization == "stability":
             a = [p.node(f"_a{c}", select(v.e[c], scaled_sigmoid(p, c, ws[c], mx), 0)) for c in range(k)]
         elif normalization == "softmax":
-            # exp(ws - mx) <= 1 and Z >= 1.
-            a = [p.node(f"_a{c}", select(v.e[c], sp.exp(ws[c] - mx), 0)) for c in range(k)]
+            # exp(ws - mx) = 2^(ws log2e - mx log2e) <= 1, so Z >= 1; one multiply-add per neighbour
+            # (mx log2e is shared; its rounding is common to every term and cancels in a_c / Z)
+            mxl = p.node("_mxl", mx * LOG2E, stop_gradient=True)
+            ex = [p.node(f"_x{c}", exp2(ws[c] * LOG2E - mxl), partials={ws[c]: real(f"_x{c}")})
+                  for c in range(k)]
+            a = [p.node(f"_a{c}", select(v.e[c], ex[c], 0)) for c in range(k)]
         else:
             raise ValueError(f"normalization: expected stability, softmax or none, got {normalization!r}")
         z = p.node("_Z", sp.Add(*a))
-        wn = [p.node(f"_wn{c}", a[c] / z) for c in range(k)]
+        # One reciprocal, then k products. Z is in range for recip: stability's largest term is in
+        # [1/2, 2) (see scaled_sigmoid) and every term < 2, softmax's largest is 1, so 1/2 <= Z <= 2k.
+        rz = p.node("_rZ", recip(z))
+        wn = [p.node(f"_wn{c}", a[c] * rz) for c in range(k)]
     h = p.node("_h", v.lam * v.x + sp.Add(*[wn[c] * v.hp[c] for c in range(k)]))
     return p, h, v
 
 
-SIGMOID_SATURATES = 80  # sigmoid(a) == 1 in fp32 and fp64 for a >= 80 (1 - e^-80 = 1 - 1.8e-35)
-LN2 = sp.Float("0.693147180559945309417232121458176568", 40)
 LOG2E = sp.Float("1.44269504088896340735992468100189214", 40)
 
 
 def scaled_sigmoid(p: Program, c: int, a: sp.Symbol, mx: sp.Symbol) -> sp.Symbol:
-    """q_c = sigmoid(a) * exp(-b) with b = ln2 * floor(min(mx, 0) / ln2): the stability weight
-    before normalisation, exact for every finite logit.
+    """q_c = sigmoid(a) / 2^n with n = floor(log2(e) * min(mx, 0)): the stability weight before
+    normalisation, exact for every finite logit.
 
     sigmoid(a) / sum sigmoid(a') underflows to 0/0 once every logit is below about -88 (fp32),
     although the ratio is well defined (it tends to a softmax of the logits). Scaling every
-    term by exp(-b), with b within ln2 below the largest existing logit clamped at 0, cancels in
-    the ratio and keeps the largest term in [1/2, 2]. With a' = min(a, 80) (sigmoid has
-    saturated there):
+    term by 2^-n, n ln2 within ln2 below the largest existing logit clamped at 0, cancels in the
+    ratio and keeps the largest term in [1/2, 2). With t = n - a log2(e) (one multiply-add):
 
-        X = exp(a' - b)  in (0, e^80],   q = X / (1 + X * 2^n),   b = n ln2
+        q = sigmoid(a) / 2^n = 1 / (2^n + 2^n e^-a) = 1 / (2^t + 2^n)
 
-    one exponential per neighbour and one division, no branch. b is a whole number of ln2 so
-    that exp(b) = 2^n (``_eb``) is a power of two, built from its exponent bits rather than a
-    fourth exponential. If 2^n underflows (n < -126), q = X = exp(a - b): exact, since then
-    exp(a) is negligible beside 1. b is a stop-gradient node like softmax's max (the ratio does
-    not depend on it).
+    one base-2 exponential per neighbour and one reciprocal, no branch and no clamp. 2^n
+    (``_eb``) is a power of two, built from its exponent bits rather than a further exponential.
+    The reciprocal's argument is in [1/2, +inf] (recip's range): a <= mx gives t > -1 when
+    mx < 0, and 2^n = 1 when mx >= 0. The limits come out right without a selection: a large a
+    gives 2^t = 0 and q = 2^-n (sigmoid saturated); a far below the others gives 2^t = inf and
+    q = 0 (its weight is below the smallest normal fp32); 2^n = 0 (n < -126) gives q = 2^-t, the
+    softmax limit; a NaN logit stays NaN. n is a stop-gradient node like softmax's max (the ratio
+    does not depend on it).
     """
-    if "_b" not in {sym.name for sym, _ in p.assigns}:
+    if "_nb" not in {sym.name for sym, _ in p.assigns}:
         n = p.node("_nb", sp.floor(sp.Min(mx, 0) * LOG2E), stop_gradient=True)
-        p.node("_b", LN2 * n, stop_gradient=True)
         p.node("_eb", pow2(n), stop_gradient=True)
-    b, eb = real("_b"), real("_eb")
-    # a' = min(a, 80), NaN-preserving (fmin(80, NaN) is 80, which would hide a NaN logit)
-    x = sp.exp(clamp_above(a, SIGMOID_SATURATES) - b)
+    n, eb = real("_nb"), real("_eb")
     q = real(f"_q{c}")
-    # dq/da written with q itself (sigmoid' = sigmoid (1 - sigmoid), scaled): q (1 - q exp(b));
-    # it is 0 where a' is clamped, as sigmoid's derivative is there to fp32/fp64 precision.
+    # dq/da written with q itself (sigmoid' = sigmoid (1 - sigmoid), scaled): q (1 - q 2^n).
     # A test checks it against sympy.diff.
-    return p.node(f"_q{c}", x / (1 + x * eb), partials={a: q * (1 - q * eb)})
+    return p.node(f"_q{c}", recip(exp2(n - a * LOG2E) + eb), partials={a: q * (1 - q * eb)})
 
 
 @lru_cache(maxsize=None)

@@ -3,14 +3,16 @@
 Each printer turns one SSA :class:`CodeBlock` into source lines (no
 indentation) that define every intermediate and output from the block inputs.
 Only a few sympy node types occur in blocks (Add, Mul, integer Pow, Rational,
-exp, sigmoid, Max, Min, floor, pow2, clamp_above, Piecewise on a boolean flag);
-each printer maps those.
+exp2, pow2, recip, Max, Min, floor, Piecewise on a boolean flag); each printer
+maps those.
 
-CUDA uses accurate single-precision libm calls (``expf``, ``fmaxf``): no fast
-intrinsics, because ``__expf``'s error grows with |x| (CUDA C Programming
-Guide, intrinsic functions) and generated kernels must match the reference to
-1e-5. Sums of products become ``fmaf`` chains, which fixes the fused rounding
-whatever the compiler's ``--fmad`` setting is.
+CUDA: ``exp2f`` (one ex2 instruction, as the runtime builds with -ftz; its
+error is 2 ulp whatever the argument, unlike ``__expf``, whose error grows
+with |x|), and ``recip`` as the fast reciprocal ``__fdividef(1.0f, x)``
+(rcp.approx, <= 1 ulp, no IEEE slow path: the lowering only uses recip where
+its argument is in [2^-126, 2^126] or +inf, which __fdividef handles). Sums of
+products become ``fmaf`` chains, which fixes the fused rounding whatever the
+compiler's ``--fmad`` setting is.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class CudaPrinter(C99CodePrinter):
     suffix = "f"  # literal suffix
     exp_fn, fma_fn, max_fn, min_fn = "expf", "fmaf", "fmaxf", "fminf"
     floor_fn, pow2_fn = "floorf", "exp2f"  # exp2f of a whole number is exact (a power of two)
+    exp2_fn = "exp2f"
     type_alias = float32
 
     def __init__(self):
@@ -105,12 +108,15 @@ class CudaPrinter(C99CodePrinter):
     def _print_Min(self, expr):
         return _nested(self.min_fn, [self._print(a) for a in expr.args])
 
-    def _print_clamp_above(self, expr):
-        a, c = (self._print(v) for v in expr.args)
-        return f"({a} > {c} ? {c} : {a})"
-
     def _print_floor(self, expr):
         return f"{self.floor_fn}({self._print(expr.args[0])})"
+
+    def _print_exp2(self, expr):
+        return f"{self.exp2_fn}({self._print(expr.args[0])})"
+
+    def _print_recip(self, expr):
+        # the fast reciprocal: safe for recip's range (module docstring)
+        return f"__fdividef({self._literal(1)}, {self._print(expr.args[0])})"
 
     def _print_pow2(self, expr):
         return f"{self.pow2_fn}({self._print(expr.args[0])})"
@@ -152,10 +158,21 @@ class CpuPrinter(CudaPrinter):
     selections, one vmaxps/vminps each: which operand a NaN yields does not matter in the
     blocks, where every max is a stop-gradient shift and a NaN logit makes its own term NaN."""
 
-    exp_fn, floor_fn, pow2_fn = "gs_exp", "gs_floor", "gs_pow2"
+    exp_fn, floor_fn, pow2_fn, exp2_fn = "gs_exp", "gs_floor", "gs_pow2", "gs_exp2"
 
     def _print_exp(self, expr):
         return f"{self.exp_fn}({self._print(expr.args[0])})"
+
+    # IEEE division (the CPU's divider runs beside the FMAs): a*recip(b) prints as a/b, one rounding
+    def _print_recip(self, expr):
+        return f"({self._literal(1)}/({self._print(expr.args[0])}))"
+
+    def _print_Mul(self, expr):
+        rs = [f for f in expr.args if isinstance(f, sp.Function) and type(f).__name__ == "recip"]
+        if len(rs) != 1:
+            return super()._print_Mul(expr)
+        num = sp.Mul(*[f for f in expr.args if f is not rs[0]])
+        return f"({self.parenthesize(num, PRECEDENCE['Mul'])}/({self._print(rs[0].args[0])}))"
 
     def _select_extremum(self, expr, op: str) -> str:
         out = self._print(expr.args[-1])
@@ -176,7 +193,7 @@ class Cpu64Printer(CpuPrinter):
 
     ctype = "double"
     suffix = ""
-    exp_fn, fma_fn = "exp", "fma"
+    exp_fn, fma_fn, exp2_fn = "exp", "fma", "exp2"
     type_alias = float64
 
 
@@ -210,9 +227,11 @@ class _PyMathPrinter(PythonCodePrinter):
     def _print_Max(self, expr):
         return _nested(f"{self.module}.maximum", [self._print(a) for a in expr.args])
 
-    def _print_clamp_above(self, expr):
-        a, c = (self._print(v) for v in expr.args)
-        return f"{self.module}.where({a} > {c}, {c}, {a})"
+    def _print_exp2(self, expr):
+        return f"{self.module}.exp2({self._print(expr.args[0])})"
+
+    def _print_recip(self, expr):
+        return f"(1.0 / ({self._print(expr.args[0])}))"
 
     def _print_floor(self, expr):
         return f"{self.module}.floor({self._print(expr.args[0])})"

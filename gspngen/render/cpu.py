@@ -35,7 +35,8 @@ FILE_NAME = "gspn_cpu.cpp"
 
 _LINE = re.compile(r"const (float|double|bool) ([a-z][a-z0-9_]*) = ([A-Za-z0-9_ .+\-*/()?:,<>=!&|]+);")
 _CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
-_ALLOWED_CALLS = {"cpu": {"gs_exp", "gs_floor", "gs_pow2", "fmaf"}, "cpu64": {"exp", "gs_floor", "gs_pow2", "fma"}}
+_ALLOWED_CALLS = {"cpu": {"gs_exp", "gs_exp2", "gs_floor", "gs_pow2", "fmaf"},
+                  "cpu64": {"exp", "exp2", "gs_floor", "gs_pow2", "fma"}}
 
 
 def dtypes(spec: Spec) -> tuple[str, ...]:

@@ -86,7 +86,8 @@ _IDENT = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # literals, + - * / ( ) ? : , and a few libm calls. Nothing else may reach the source.
 _LINE = re.compile(r"const (float|bool) ([a-z][a-z0-9_]*) = ([A-Za-z0-9_ .+\-*/()?:,<>=!&|]+);")
 _CALLS = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(")
-_ALLOWED_CALLS = {"expf", "exp2f", "floorf", "fmaf", "fmaxf", "fminf", "logf", "log1pf", "expm1f", "sqrtf", "fabsf"}
+_ALLOWED_CALLS = {"expf", "exp2f", "__fdividef", "floorf", "fmaf", "fmaxf", "fminf", "logf", "log1pf", "expm1f", "sqrtf",
+                  "fabsf"}
 
 
 def _check_ident(name: str, what: str) -> str:

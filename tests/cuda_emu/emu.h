@@ -402,6 +402,9 @@ inline unsigned __float_as_uint(float f)
     std::memcpy(&u, &f, 4);
     return u;
 }
+// div.approx as the GPU computes it: a times the (approximate) reciprocal of b, two roundings
+// (the host's reciprocal is correctly rounded; the GPU's is within 1 ulp)
+inline float __fdividef(float a, float b) { return a * (1.0f / b); }
 
 extern "C" {
 void emu_set_ranges(int n, const unsigned long long* lo, const unsigned long long* hi)
