@@ -47,13 +47,13 @@ CURVE, MARKER = 0.5, 1.0  # pixel values: dashed curves, and the two markers
 
 def _curve(rng: np.random.Generator, size: int, length: int, blocked: np.ndarray, curvature: float):
     """Pixels (length, 2) of a smooth random walk that stays inside and off ``blocked``, or None."""
-    pos = rng.uniform(2, size - 2, 2)
+    y, x = (float(v) for v in rng.uniform(2, size - 2, 2))  # plain floats: numpy per step was most of the time
     angle = rng.uniform(0, 2 * math.pi)
     pts: list[tuple[int, int]] = []
     for _ in range(8 * length):
         angle += rng.normal(0.0, curvature)
-        pos = pos + 0.5 * np.array([math.cos(angle), math.sin(angle)])  # half-pixel steps: 8-connected
-        p = (int(round(pos[0])), int(round(pos[1])))
+        y, x = y + 0.5 * math.cos(angle), x + 0.5 * math.sin(angle)  # half-pixel steps: 8-connected
+        p = (int(round(y)), int(round(x)))
         if not (0 <= p[0] < size and 0 <= p[1] < size) or blocked[p]:
             return None
         if not pts or p != pts[-1]:
@@ -90,10 +90,10 @@ def make_sample(rng: np.random.Generator, size: int = 32, length: int = 24, dist
         ok = True
         for i in range(2 + distractors):
             n = length if i < 2 else max(2, length // 2)
+            blocked = solid > 0  # the same for every attempt at this curve: dilate once
+            for _ in range(clearance):
+                blocked = _dilate(blocked)
             for _ in range(100):
-                blocked = solid > 0
-                for _ in range(clearance):
-                    blocked = _dilate(blocked)
                 pts = _curve(rng, size, n, blocked, curvature)
                 if pts is not None:
                     break
@@ -185,12 +185,13 @@ def accuracy(model, images, labels, batch: int = 256) -> float:
     return hits / len(images)
 
 
-def train(model, data, steps: int, batch: int, lr: float, eval_every: int, seed: int, log=print):
+def train(model, data, steps: int, batch: int, lr: float, eval_every: int, seed: int, log=print,
+          weight_decay: float = 0.05, warmup: float = 0.1):
     """AdamW with a cosine schedule; returns the curve [(step, train loss, test accuracy), ...] and seconds."""
     (xtr, ytr), (xte, yte) = data
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 10)  # linear warm-up, then a cosine decay to zero
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = max(1, round(steps * warmup))  # linear warm-up over this fraction of the steps, then a cosine decay to zero
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     curve, losses, start = [], [], time.perf_counter()
@@ -254,6 +255,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent in linear warm-up")
     p.add_argument("--dims", type=ints, default=(16, 32))
     p.add_argument("--depths", type=ints, default=(2, 2))
     p.add_argument("--patch", type=int, default=2)
@@ -289,7 +292,8 @@ def main(argv=None) -> dict:
         if name not in args.models.split(","):
             continue
         print(f"{name}: {n_params(model):,} parameters")
-        curve, seconds = train(model, data, args.steps, args.batch, args.lr, args.eval_every, args.seed)
+        curve, seconds = train(model, data, args.steps, args.batch, args.lr, args.eval_every, args.seed,
+                               weight_decay=args.wd, warmup=args.warmup)
         results[name] = {"params": n_params(model), "curve": curve, "seconds": seconds, "backend": backend}
     if "GSPN" in results and "conv" in results:
         ratio = results["conv"]["params"] / results["GSPN"]["params"]
