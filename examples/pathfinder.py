@@ -13,9 +13,13 @@ a GSPN scan sees the whole image in every layer (Linsley et al. 2018; Long Range
 The two networks share everything (patch embedding, stages, LayerNorms, MLPs, head: a
 ``gspngen.nn.GSPNBackbone``) except the spatial mixer of each block: the GSPN mixer (``GSPN2d``, four
 directions, k = 3), or a 3x3 convolution to ``h`` channels, GELU, and a 1x1 convolution back, with
-``h`` chosen so the parameter counts agree within 10 %. Same depth, same data, same optimiser and steps.
+``h`` chosen so the parameter counts agree within 10 %. Same depth, same data, same optimiser and steps
+(the learning rate is each model's best of those tried). The head max-pools the last stage's tokens: a
+mean over 64 mostly empty tokens left the images' features nearly equal, and training collapsed them
+to the class prior (README). Ends of one curve lie closer together than ends of two, so the marker
+distance alone beats chance; the table reports that shortcut's accuracy as the bar to beat.
 
-    python examples/pathfinder.py --size 32 --steps 600 --out docs/pathfinder.png --json pathfinder.json
+    python examples/pathfinder.py --threads 2 --out docs/pathfinder.png --json pathfinder.json
 
 prints a markdown table for the README and writes the learning curves (PNG) and the numbers (JSON).
 Use ``--steps``/``--train``/``--size`` for short runs; ``--backend auto`` picks the fastest backend here.
@@ -279,8 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--dash", type=int, default=3, help="pixels drawn per dash")
     p.add_argument("--gap", type=int, default=1, help="pixels left out between dashes (0: solid curves)")
     p.add_argument("--train", type=int, default=4000, help="training samples")
-    p.add_argument("--test", type=int, default=1000, help="test samples")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--test", type=int, default=500, help="test samples")
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the conv's best of 1e-3, 3e-3, 1e-2)")
     p.add_argument("--lr-gspn", type=float, default=3e-3, help="the GSPN model's (trained faster than at 1e-3)")
