@@ -68,3 +68,30 @@ def test_models_match_in_size_and_train(pf, tmp_path):
         assert len(r["curve"]) == 2 and all(np.isfinite(loss) for _, loss, _ in r["curve"])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["results"]["GSPN"]["params"] == results["GSPN"]["params"]
+
+
+def test_distance_baseline(pf):
+    # two bins: close markers are positives, far ones negatives; an unseen bin gets the majority label
+    m = lambda d: np.array([[0, 0], [0, d]])  # noqa: E731
+    tr = np.stack([m(3), m(3), m(20), m(20), m(20)])
+    te = np.stack([m(3), m(20), m(9)])
+    assert pf.distance_baseline(tr, [1, 1, 0, 0, 0], te, [1, 0, 0]) == 1.0
+    x, y, markers = pf.make_dataset(8, 0, with_markers=True, **GEN)
+    assert markers.shape == (8, 2, 2) and torch.equal(x, pf.make_dataset(8, 0, **GEN)[0])
+
+
+@pytest.mark.parametrize("name", ["GSPN", "conv"])
+def test_models_can_overfit_a_few_samples(pf, name):
+    """The sanity check that a training setup must pass before any claim about the task: memorise 16
+    images. The mean-pooled head did not (see the README): the training collapsed to the class prior."""
+    torch.manual_seed(0)
+    x, y = pf.make_dataset(16, 0, **GEN)
+    model = dict(zip(("GSPN", "conv"), pf.build_models(pf.ROOT / "examples" / "gspn4.yaml", (8, 16), (1, 1), 2,
+                                                       "auto", pool="max")))[name]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert pf.accuracy(model, x, y) >= 0.9, loss.item()
