@@ -233,8 +233,8 @@ def test_render_is_deterministic_valid_python_and_free_of_hand_math():
     assert a == b and list(a) == ["triton_kernels.py"]
     src = a["triton_kernels.py"]
     tree = ast.parse(src)
-    kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert kernels == {"gspn_forward", "gspn_backward"}
+    kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    assert kernels == {"gspn_forward", "gspn_backward"}  # (plus private jit helpers)
     # The normalisation's non-linearity appears only inside the printed blocks.
     printed = render_triton.render_context(spec)["blocks"]
     printed_lines = {line for blk in printed.values() for line in blk["lines"]}
