@@ -160,7 +160,7 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
                 cx.update(GX_ATOMIC=D > 1, GW_ATOMIC=tile.gw_atomic)
                 ptrs = _pointer_types(dname, False, D > 1, tile.gw_atomic)
             job = {"kernel": kernel, "ints": dict(zip(_INT_ARGS, tl_._launch_args(C, H, W, G, group, tile))),
-                   "constexprs": cx, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                   "constexprs": cx, "num_warps": tile.num_warps, "num_stages": cfg.num_stages,
                    "ptr_types": ptrs, "arch": arch}
             plans.append((pass_, group, tile, cfg, job))
     facts = compile_facts(spec, [p[-1] for p in plans])
@@ -168,9 +168,9 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
     for (pass_, group, tile, cfg, _), f in zip(plans, facts):
         out[pass_].append({
             "directions": [spec.directions[d] for d in group.directions],
-            "block_c": tile.block_c, "block_l": group.block_l, "num_warps": cfg.num_warps,
+            "block_c": tile.block_c, "block_l": group.block_l, "num_warps": tile.num_warps,
             "num_stages": cfg.num_stages,
-            "elements_per_thread": tile.block_c * group.block_l // (32 * cfg.num_warps),
+            "elements_per_thread": tile.block_c * group.block_l // (32 * tile.num_warps),
             **asdict(f),
         })
     return out

@@ -205,13 +205,17 @@ def test_config_validation(bad):
 
 
 def test_tile_plan_keeps_tiles_inside_weight_groups():
-    cfg = TritonConfig(block_c=16, num_warps=4)
-    assert plan_tile(cfg, C=12, G=12, block_l=64) == triton_launch.TilePlan(16, False, False, 1)
+    cfg = TritonConfig(block_c=16, num_warps=8)
+    assert plan_tile(cfg, C=12, G=12, block_l=64) == triton_launch.TilePlan(16, False, False, 1, 8)
     # C/G = 6: the largest power of two dividing 6 is 2; three blocks share a group -> atomics
-    assert plan_tile(cfg, C=12, G=2, block_l=64) == triton_launch.TilePlan(2, True, True, 6)
-    assert plan_tile(cfg, C=8, G=1, block_l=64) == triton_launch.TilePlan(8, True, False, 1)
-    # register budget: a 1024-lane line over 4 warps leaves one channel per program
-    assert plan_tile(cfg, C=8, G=8, block_l=1024).block_c == 1
+    assert plan_tile(cfg, C=12, G=2, block_l=64) == triton_launch.TilePlan(2, True, True, 6, 8)
+    assert plan_tile(cfg, C=8, G=1, block_l=64) == triton_launch.TilePlan(8, True, False, 1, 8)
+    # register budget: a 1024-lane line leaves one channel per program, and more warps than asked
+    small = TritonConfig(block_c=16, num_warps=4)
+    assert plan_tile(small, C=12, G=12, block_l=64).block_c == 8  # 4 elements per thread
+    for block_l, warps in ((512, 4), (1024, 8), (2048, 16), (8192, 32)):
+        tile = plan_tile(small, C=8, G=8, block_l=block_l)
+        assert (tile.block_c, tile.num_warps) == (1, warps), block_l
     assert triton_launch.DEFAULT_CONFIG in triton_launch.CONFIGS
 
 

@@ -40,7 +40,7 @@ class TritonConfig:
     """Launch meta-parameters. The lane axis is not one: a program always owns a whole line.
 
     block_c: channels per program, an upper bound (see :func:`plan_tile`).
-    num_warps: warps per program (a 1024-lane line wants 8 or more).
+    num_warps: warps per program, a lower bound: :func:`plan_tile` raises it for long lines.
     num_stages: software-pipelining depth of the step loop (loads of later
         steps do not depend on h, so they can be issued ahead).
     """
@@ -67,8 +67,13 @@ CONFIGS: tuple[TritonConfig, ...] = tuple(
     for bc in (1, 2, 4, 8, 16) for nw in (2, 4, 8, 16) for ns in (1, 2, 3)
 )
 # Register budget of one fp32 tile, in elements per thread: block_c is lowered
-# until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps (never below 1).
-MAX_ELEMS_PER_THREAD = 8
+# until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps, and where one
+# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: the
+# backward step holds ~60 live fp32 values per element; at 8 per thread it
+# spilled 1.3 KB per thread at 1024 lanes (sm_90, tests/test_triton_spills.py),
+# at 4 it fits in 255 registers up to a few bytes.
+MAX_ELEMS_PER_THREAD = 4
+MAX_WARPS = 32  # 1024 threads, the most a CTA may have
 
 
 def next_pow2(n: int) -> int:
@@ -81,18 +86,25 @@ class TilePlan:
     group_tile: bool  # the tile is one weight group (C/G > 1)
     gw_atomic: bool  # several channel blocks share a group: gw is summed with atomics
     num_blocks: int  # channel blocks per (batch, direction)
+    num_warps: int  # the config's, raised where one channel of the line exceeds the register budget
+
+
+def _warps_for(block_c: int, block_l: int, num_warps: int) -> int:
+    while block_c * block_l > MAX_ELEMS_PER_THREAD * 32 * num_warps and num_warps < MAX_WARPS:
+        num_warps *= 2
+    return num_warps
 
 
 def plan_tile(config: TritonConfig, C: int, G: int, block_l: int) -> TilePlan:
-    """Channels per program for one launch: the config's bound, the register budget, the groups."""
+    """Channels (and warps) per program for one launch: the config's bound, the register budget, the groups."""
     cap = min(config.block_c, next_pow2(C), max(1, MAX_ELEMS_PER_THREAD * 32 * config.num_warps // block_l))
     per_group = C // G
     if per_group == 1:
-        return TilePlan(cap, False, False, -(-C // cap))
+        return TilePlan(cap, False, False, -(-C // cap), _warps_for(cap, block_l, config.num_warps))
     bc = 1
     while bc * 2 <= cap and per_group % (bc * 2) == 0:
         bc *= 2  # the largest power of two <= cap dividing C/G: a tile never straddles groups
-    return TilePlan(bc, True, bc < per_group, C // bc)
+    return TilePlan(bc, True, bc < per_group, C // bc, _warps_for(bc, block_l, config.num_warps))
 
 
 @dataclass(frozen=True)
@@ -261,7 +273,7 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile, ACCUMULATE=accumulate,
-                SAVE_H=need_saved, num_warps=config.num_warps, num_stages=config.num_stages,
+                SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -293,7 +305,7 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
                 *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile,
                 GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     gx, gw = gx.to(dt), gw.to(dt)
     if gm is not None:
