@@ -40,8 +40,8 @@ class TritonKernelFacts:
     spill_bytes: int  # spill stores + spill loads, bytes per thread
     stack_bytes: int
     shared_bytes: int  # Triton's shared memory (gather exchange, reductions)
-    vector_loads: int  # ld.global.v2/.v4 in the PTX (a 128-bit fp32 load is .v4.b32)
-    scalar_loads: int  # ld.global of one element
+    vector_loads: int  # 128-bit ld.global in the PTX (.v4 of 32-bit words, .v2 of 64-bit)
+    scalar_loads: int  # every other ld.global (one element, or a narrower vector)
 
 
 def _pointer_types(dname: str, accumulate: bool, gx_atomic: bool, gw_atomic: bool) -> dict[str, str]:
@@ -110,7 +110,7 @@ def _compile_here(spec: Spec, job: dict) -> dict:
         raise RuntimeError(f"expected one kernel in the ptxas report, got {list(report)}")
     regs, spill, stack, _ = next(iter(report.values()))
     loads = re.findall(r"\bld\.global\S*", ptx)
-    vec = sum(1 for w in loads if re.search(r"\.v[248]\.", w))
+    vec = sum(1 for w in loads if re.search(r"\.(v4\.[bfsu]32|v2\.[bfsu]64)\b", w))
     return asdict(TritonKernelFacts(regs, spill, stack, int(compiled.metadata.shared), vec, len(loads) - vec))
 
 
@@ -137,9 +137,11 @@ def compile_facts(spec: Spec, jobs: list[dict]) -> list[TritonKernelFacts]:
 
 
 def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], config=None,
-                          bwd_config=None, arch: int = 90) -> dict[str, list[dict]]:
+                          bwd_config=None, arch: int = 90, sms: int = 132,
+                          passes: tuple[str, ...] = ("forward", "backward")) -> dict[str, list[dict]]:
     """Per pass (``forward``, ``backward``), one entry per launch the triton backend makes at ``shape``:
-    the launch's tile (BLOCK_C, BLOCK_L, num_warps, elements per thread) and the compiled kernel's facts."""
+    the launch's tile (BLOCK_C, BLOCK_L, num_warps, elements per thread, DIR) and the compiled kernel's
+    facts. ``sms`` is the GPU's SM count, which decides whether directions share a launch."""
     from .runtime import triton_launch as tl_
 
     N, C, H, W = (int(v) for v in shape)
@@ -149,9 +151,11 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
     D = spec.num_directions
     plans = []
     for pass_, kernel, cfg in (("forward", "gspn_forward", config), ("backward", "gspn_backward", bwd_config)):
-        for group in tl_.launch_groups(spec, H, W):
-            tile = tl_.plan_tile(cfg, C, G, group.block_l)
-            cx: dict[str, Any] = {"BLOCK_C": tile.block_c, "BLOCK_L": group.block_l, "GROUP_TILE": tile.group_tile}
+        if pass_ not in passes:
+            continue
+        for group, tile, dir_ in tl_.plan_launches(spec, N, C, H, W, cfg, sms):
+            cx: dict[str, Any] = {"BLOCK_C": tile.block_c, "BLOCK_L": group.block_l, "DIR": dir_,
+                                  "GROUP_TILE": tile.group_tile}
             if pass_ == "forward":
                 accumulate = spec.merge != "stack" and D > 1
                 cx.update(ACCUMULATE=accumulate, SAVE_H=True)
@@ -162,13 +166,13 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
             job = {"kernel": kernel, "ints": dict(zip(_INT_ARGS, tl_._launch_args(C, H, W, G, group, tile))),
                    "constexprs": cx, "num_warps": tile.num_warps, "num_stages": cfg.num_stages,
                    "ptr_types": ptrs, "arch": arch}
-            plans.append((pass_, group, tile, cfg, job))
+            plans.append((pass_, group, tile, dir_, cfg, job))
     facts = compile_facts(spec, [p[-1] for p in plans])
-    out: dict[str, list[dict]] = {"forward": [], "backward": []}
-    for (pass_, group, tile, cfg, _), f in zip(plans, facts):
+    out: dict[str, list[dict]] = {p: [] for p in passes}
+    for (pass_, group, tile, dir_, cfg, _), f in zip(plans, facts):
         out[pass_].append({
             "directions": [spec.directions[d] for d in group.directions],
-            "block_c": tile.block_c, "block_l": group.block_l, "num_warps": tile.num_warps,
+            "dir": dir_, "block_c": tile.block_c, "block_l": group.block_l, "num_warps": tile.num_warps,
             "num_stages": cfg.num_stages,
             "elements_per_thread": tile.block_c * group.block_l // (32 * tile.num_warps),
             **asdict(f),

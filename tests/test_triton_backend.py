@@ -133,6 +133,26 @@ def test_edge_cases(fields, N, C, H, W, block_c):
     check_against_reference(spec, N, C, H, W, config=TritonConfig(block_c=block_c))
 
 
+@pytest.mark.parametrize("fields,N,C,H,W,block_c", EDGE_CASES[:5])
+def test_one_launch_per_direction(fields, N, C, H, W, block_c, monkeypatch):
+    """Big launches run one direction each (DIR constant); tiny shapes never do on their own."""
+    spec = Spec.from_dict({"name": "edge", **fields})
+    monkeypatch.setattr(triton_launch, "DEFAULT_SMS", 0)
+    launches = triton_launch.plan_launches(spec, N, C, H, W, TritonConfig(block_c=block_c), sms=0)
+    assert all(l.dir >= 0 and l.group.directions == (l.dir,) for l in launches)
+    assert sorted(l.dir for l in launches) == list(range(spec.num_directions))
+    check_against_reference(spec, N, C, H, W, config=TritonConfig(block_c=block_c))
+
+
+def test_directions_share_a_launch_while_it_fits_one_wave():
+    spec = Spec.from_dict({"name": "w"})
+    cfg = TritonConfig()
+    shared = triton_launch.plan_launches(spec, 1, 8, 1024, 1024, cfg, sms=132)  # 4 x 8 programs
+    assert [(l.group.directions, l.dir) for l in shared] == [((0, 1, 2, 3), -1)]
+    split = triton_launch.plan_launches(spec, 16, 8, 1024, 1024, cfg, sms=132)  # 4 x 128 programs
+    assert [(l.group.directions, l.dir) for l in split] == [((d,), d) for d in range(4)]
+
+
 def test_poisoning_catches_unwritten_elements(monkeypatch):
     # Drop one direction from the launch plan: its slice of y and of the stored
     # h stays NaN, and the check must say so.
@@ -302,7 +322,9 @@ def compile_cases_for_gpu() -> None:
     assert not triton_launch.interpreter_enabled()
     for fields, storage, arch, group_tile, ones in COMPILE_CASES:
         mod = triton_launch.kernel_module(Spec.from_dict({"name": "cc", **fields}))
-        base = {"BLOCK_C": 1 if ones else 4, "BLOCK_L": 1 if ones else 64, "GROUP_TILE": group_tile}
+        # DIR: the shared launch (runtime direction) and a single-direction one (constant strides)
+        base = {"BLOCK_C": 1 if ones else 4, "BLOCK_L": 1 if ones else 64, "GROUP_TILE": group_tile,
+                "DIR": 1 if ones else -1}
         if ones:
             base.update(ND=1, C=1, G=1, H=1, NCHUNK=1, NCB=1)
         for fn, extra in ((mod.gspn_forward, {"ACCUMULATE": not ones}),

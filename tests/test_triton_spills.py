@@ -60,3 +60,17 @@ def test_gspn4_fp32_registers_and_spills(gspn4, shape):
 def test_no_spills_goal(gspn4, shape):
     for launches in _figures(gspn4, shape).values():
         assert all(e["spill_bytes"] == 0 for e in launches)
+
+
+def test_tb_bt_loads_are_128_bit_at_the_paper_shape(gspn4):
+    """At (16, 8, 1024, 1024) each direction has its own launch (DIR constant): tb/bt lanes are
+    contiguous and every per-pixel load is one ld.global.v4 per 4 lanes; lr/rl stay scalar (strided)."""
+    launches = triton_static_figures(gspn4, "fp32", (16, 8, 1024, 1024), passes=("forward",))["forward"]
+    by_dir = {e["directions"][0]: e for e in launches}
+    assert sorted(by_dir) == ["bt", "lr", "rl", "tb"] and all(len(e["directions"]) == 1 for e in launches)
+    for name in ("tb", "bt"):
+        e = by_dir[name]
+        print(name, e)
+        # x, lam, u, s and the three weights; the one scalar is the learned merge weight m
+        assert e["vector_loads"] >= 7 and e["scalar_loads"] <= 1, e
+        assert e["spill_bytes"] == 0, e

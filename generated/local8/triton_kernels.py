@@ -21,10 +21,13 @@ Design (why it looks like this):
   value; |o| scans for offset o), in the tile's own layout: no
   global-memory round trip and no tl.gather (see "moving a line by one
   lane" below for why not).
-* Directions. Every direction whose lines round to the same BLOCK_L shares
-  one launch (one for square images, at most two otherwise): the direction is
-  part of the program id and its strides come from a table of branches at
-  the top of each kernel, printed from the IR's index maps.
+* Directions. DIR >= 0: the launch runs that one direction, so its
+  strides are compile-time constants (tb/bt lanes are contiguous: Triton
+  sees it and issues 128-bit loads and stores). DIR = -1: every direction
+  whose lines round to the same BLOCK_L shares one launch, the direction is
+  part of the program id and its strides are runtime values (scalar loads).
+  Either way the strides come from a table of branches at the top of each
+  kernel, printed from the IR's index maps.
 * Merge. stack, and a single direction, store their result directly. For
   sum/mean/learned with several directions, the per-direction contributions
   are added with relaxed fp32 atomics into a zeroed fp32 buffer (the output
@@ -94,7 +97,8 @@ def gspn_forward(
     x_ptr, w_ptr, lam_ptr, u_ptr, s_ptr,
     y_ptr, hs_ptr,
     dmap, ND, C, H, W, G, NCHUNK, NCB,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_TILE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     SAVE_H: tl.constexpr,
 ):
     """y (or its fp32 accumulator when ACCUMULATE) and hs, the stored h of every direction (SAVE_H; not
@@ -106,7 +110,10 @@ def gspn_forward(
     rest = pid // NCHUNK
     cb = rest % NCB
     rest = rest // NCB
-    d = (dmap >> (2 * (rest % ND))) & 3
+    if DIR >= 0:
+        d = DIR  # a constant: the geometry below folds to this direction's strides
+    else:
+        d = (dmap >> (2 * (rest % ND))) & 3
     n = rest // ND
     # int64 sizes: offsets of big tensors must not wrap at 2**31
     z64 = tl.full((), 0, tl.int64)
@@ -254,7 +261,7 @@ def gspn_backward(
     gy_ptr, x_ptr, w_ptr, lam_ptr, u_ptr, s_ptr, hs_ptr,
     gx_ptr, gw_ptr, glam_ptr, gu_ptr, gs_ptr,  # outputs
     dmap, ND, C, H, W, G, NCHUNK, NCB,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_TILE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
     GX_ATOMIC: tl.constexpr, GW_ATOMIC: tl.constexpr,
 ):
     """Gradients of x, w, lam (+u, s, m). gx is an fp32 accumulator when GX_ATOMIC, gw when GW_ATOMIC, gm always."""
@@ -265,7 +272,10 @@ def gspn_backward(
     rest = pid // NCHUNK
     cb = rest % NCB
     rest = rest // NCB
-    d = (dmap >> (2 * (rest % ND))) & 3
+    if DIR >= 0:
+        d = DIR  # a constant: the geometry below folds to this direction's strides
+    else:
+        d = (dmap >> (2 * (rest % ND))) & 3
     n = rest // ND
     # int64 sizes: offsets of big tensors must not wrap at 2**31
     z64 = tl.full((), 0, tl.int64)

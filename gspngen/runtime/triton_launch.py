@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -131,6 +132,40 @@ def launch_groups(spec: Spec, H: int, W: int) -> list[LaunchGroup]:
         chunks = -(-steps // spec.chunk) if spec.chunk else 1
         groups.append(LaunchGroup(tuple(dirs), block_l, chunks))
     return groups
+
+
+# SMs assumed when planning without a device (H100/H200 have 132).
+DEFAULT_SMS = 132
+
+
+class Launch(NamedTuple):
+    group: LaunchGroup  # the directions this launch runs (one when ``dir >= 0``)
+    tile: TilePlan
+    dir: int  # the DIR constexpr: the direction's index, or -1 (taken from the program id)
+
+
+def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConfig,
+                  sms: int = DEFAULT_SMS) -> list[Launch]:
+    """The launches of one pass. Directions sharing a BLOCK_L share a launch (strides are runtime
+    values, loads scalar) unless that launch would need more than one wave of ``sms`` programs anyway:
+    then each direction gets its own launch with constant strides (tb/bt loads vectorise) and the
+    number of waves stays about the same."""
+    G = spec.groups(C)
+    out = []
+    for group in launch_groups(spec, H, W):
+        tile = plan_tile(config, C, G, group.block_l)
+        if len(group.directions) > 1 and N * tile.num_blocks * group.num_chunks * len(group.directions) <= sms:
+            out.append(Launch(group, tile, -1))
+            continue
+        for d in group.directions:
+            steps = frame_extent(spec.directions[d], H, W)[1]
+            chunks = -(-steps // spec.chunk) if spec.chunk else 1
+            out.append(Launch(LaunchGroup((d,), group.block_l, chunks), tile, d))
+    return out
+
+
+def _sms(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else DEFAULT_SMS
 
 
 # --- loading the rendered module ---------------------------------------------
@@ -268,11 +303,11 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
     accumulate = spec.merge != "stack" and D > 1
     y = _accumulator(out_shape, x.device) if accumulate else new_output(out_shape, x.dtype, x.device)
     with _on_device(x):
-        for group in launch_groups(spec, H, W):
-            tile = plan_tile(config, C, G, group.block_l)
+        for group, tile, dir_ in plan_launches(spec, N, C, H, W, config, _sms(x)):
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
-                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile, ACCUMULATE=accumulate,
+                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                ACCUMULATE=accumulate,
                 SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     if y.dtype != x.dtype:
@@ -287,9 +322,9 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     G = spec.groups(C)
     D = spec.num_directions
     dev, dt = x.device, x.dtype
-    groups = [(g, plan_tile(config, C, G, g.block_l)) for g in launch_groups(spec, H, W)]
+    groups = plan_launches(spec, N, C, H, W, config, _sms(x))
     gx_atomic = D > 1  # every direction adds to gx
-    gw_atomic = any(t.gw_atomic for _, t in groups)
+    gw_atomic = any(t.gw_atomic for _, t, _ in groups)
     gx = _accumulator(x.shape, dev) if gx_atomic else new_output(x.shape, dt, dev)
     # One buffer for every direction: fp32 and zeroed if any launch adds into it.
     gw = _accumulator(w.shape, dev) if gw_atomic else new_output(w.shape, dt, dev)
@@ -299,11 +334,11 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     gm = _accumulator(m.shape, dev) if spec.merge == "learned" else None
     grads_out = [t for t in (gu, gs, gm) if t is not None]
     with _on_device(x):
-        for group, tile in groups:
+        for group, tile, dir_ in groups:
             mod.gspn_backward[_grid(N, group, tile)](
                 gy, x, w, lam, *_optional(spec, u, s, m), hs, gx, gw, glam, *grads_out,
                 *_launch_args(C, H, W, G, group, tile),
-                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile,
+                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
                 GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
                 num_warps=tile.num_warps, num_stages=config.num_stages,
             )
