@@ -17,15 +17,17 @@ Design (why it looks like this):
   step. It walks every step of its chunk in one launch, keeping the previous
   line in registers (fp32). Chunks are independent, so they are programs too.
 * Neighbours. The +-r neighbours of the register line come from
-  ``tl.gather`` along the lane axis (Triton >= 3.2; compiled it becomes warp
-  shuffles when a line lies inside a warp, a shared-memory exchange
-  otherwise; the interpreter runs it as numpy): no global-memory round trip.
-  Fallback for a Triton without ``tl.gather``: re-load the neighbours from
-  the h line just stored to ``hs`` after ``tl.debug_barrier()`` (L1 hits).
-* Directions. Every direction whose lines round to the same BLOCK_L shares
-  one launch (one for square images, at most two otherwise): the direction is
-  part of the program id and its strides come from a table of branches at
-  the top of each kernel, printed from the IR's index maps.
+  ``_lane_shift`` (an associative scan that carries the previous lane's
+  value; |o| scans for offset o), in the tile's own layout: no
+  global-memory round trip and no tl.gather (see "moving a line by one
+  lane" below for why not).
+* Directions. DIR >= 0: the launch runs that one direction, so its
+  strides are compile-time constants (tb/bt lanes are contiguous: Triton
+  sees it and issues 128-bit loads and stores). DIR = -1: every direction
+  whose lines round to the same BLOCK_L shares one launch, the direction is
+  part of the program id and its strides are runtime values (scalar loads).
+  Either way the strides come from a table of branches at the top of each
+  kernel, printed from the IR's index maps.
 * Merge. stack, and a single direction, store their result directly. For
   sum/mean/learned with several directions, the per-direction contributions
   are added with relaxed fp32 atomics into a zeroed fp32 buffer (the output
@@ -64,6 +66,30 @@ DIRECTIONS = ("lr", "rl", "tb", "bt",)
 CHUNK = None
 
 
+# --- moving a line by one lane -----------------------------------------------
+# The +-r neighbours come from an associative scan that carries the value one
+# lane behind, not from tl.gather: Triton gives every gather along the fastest
+# axis a warp-local layout (sizePerThread = BLOCK_L/32 on that axis, one
+# shuffle per source register per element: 1024 shuffles per gather at 1024
+# lanes), which spills the backward. A scan keeps the tile's own layout
+# (in-thread, then 5 shuffle rounds, then one shared-memory pass across warps).
+# Pure data movement: exact.
+
+@triton.jit
+def _lane_shift_combine(p0, c0, n0, p1, c1, n1):
+    # (value before the last, last value, min(count, 2)) of a run of lanes
+    return tl.where(n1 >= 2, p1, c0), c1, tl.minimum(n0 + n1, 2)
+
+
+@triton.jit
+def _lane_shift(v, UP: tl.constexpr):
+    """out[.., i] = v[.., i - 1] (UP=False) or v[.., i + 1] (UP=True); the lane that has no such
+    neighbour gets 0 (callers mask it anyway)."""
+    n = tl.full(v.shape, 1, tl.int32)
+    before, _, _ = tl.associative_scan((tl.zeros_like(v), v, n), 1, _lane_shift_combine, reverse=UP)
+    return before
+
+
 # --- forward: one launch for every step of every chunk ----------------------
 
 @triton.jit
@@ -71,7 +97,8 @@ def gspn_forward(
     x_ptr, w_ptr, lam_ptr, u_ptr, s_ptr, m_ptr,
     y_ptr, hs_ptr,
     dmap, ND, C, H, W, G, NCHUNK, NCB,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_TILE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     SAVE_H: tl.constexpr,
 ):
     """y (or its fp32 accumulator when ACCUMULATE) and hs, the stored h of every direction (SAVE_H; not
@@ -83,7 +110,10 @@ def gspn_forward(
     rest = pid // NCHUNK
     cb = rest % NCB
     rest = rest // NCB
-    d = (dmap >> (2 * (rest % ND))) & 3
+    if DIR >= 0:
+        d = DIR  # a constant: the geometry below folds to this direction's strides
+    else:
+        d = (dmap >> (2 * (rest % ND))) & 3
     n = rest // ND
     # int64 sizes: offsets of big tensors must not wrap at 2**31
     z64 = tl.full((), 0, tl.int64)
@@ -165,16 +195,13 @@ def gspn_forward(
         # G == C: channel ch uses weight group ch.
         tile_g = lane * lane_g + ch * chan_g
         valid_g = valid
-    # Neighbour c of lane i is lane i + c - r: its existence flag and the
-    # clamped gather index into the previous line (loop invariant).
+    # Neighbour c of lane i is lane i + c - r: its existence flag (loop invariant).
     j0 = lane + (-1)
     e0 = (j0 >= 0) & (j0 < L)
-    nb0 = tl.broadcast_to(tl.minimum(tl.maximum(j0, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
     j1 = lane + (0)
     e1 = (j1 >= 0) & (j1 < L)
     j2 = lane + (1)
     e2 = (j2 >= 0) & (j2 < L)
-    nb2 = tl.broadcast_to(tl.minimum(tl.maximum(j2, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
 
     # This program's steps: one chunk (the whole scan when global).
     t0 = chunk_id * T
@@ -196,9 +223,9 @@ def gspn_forward(
         w1 = tl.load(w_ptr + w_base + 1 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + w_base + 2 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
 
-        hp0 = tl.where(e0, tl.gather(h_prev, nb0, axis=1), 0.0)
+        hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
         hp1 = h_prev
-        hp2 = tl.where(e2, tl.gather(h_prev, nb2, axis=1), 0.0)
+        hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
 
         # forward: printed by gspngen.lower -> h
         f_cse0 = tl.where(e0, w0, w1)
@@ -232,7 +259,7 @@ def gspn_backward(
     gy_ptr, x_ptr, w_ptr, lam_ptr, u_ptr, s_ptr, m_ptr, hs_ptr,
     gx_ptr, gw_ptr, glam_ptr, gu_ptr, gs_ptr, gm_ptr,  # outputs
     dmap, ND, C, H, W, G, NCHUNK, NCB,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, GROUP_TILE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
     GX_ATOMIC: tl.constexpr, GW_ATOMIC: tl.constexpr,
 ):
     """Gradients of x, w, lam (+u, s, m). gx is an fp32 accumulator when GX_ATOMIC, gw when GW_ATOMIC, gm always."""
@@ -243,7 +270,10 @@ def gspn_backward(
     rest = pid // NCHUNK
     cb = rest % NCB
     rest = rest // NCB
-    d = (dmap >> (2 * (rest % ND))) & 3
+    if DIR >= 0:
+        d = DIR  # a constant: the geometry below folds to this direction's strides
+    else:
+        d = (dmap >> (2 * (rest % ND))) & 3
     n = rest // ND
     # int64 sizes: offsets of big tensors must not wrap at 2**31
     z64 = tl.full((), 0, tl.int64)
@@ -325,25 +355,20 @@ def gspn_backward(
         # G == C: channel ch uses weight group ch.
         tile_g = lane * lane_g + ch * chan_g
         valid_g = valid
-    # Neighbour c of lane i is lane i + c - r: its existence flag and the
-    # clamped gather index into the previous line (loop invariant).
+    # Neighbour c of lane i is lane i + c - r: its existence flag (loop invariant).
     j0 = lane + (-1)
     e0 = (j0 >= 0) & (j0 < L)
-    nb0 = tl.broadcast_to(tl.minimum(tl.maximum(j0, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
     j1 = lane + (0)
     e1 = (j1 >= 0) & (j1 < L)
     j2 = lane + (1)
     e2 = (j2 >= 0) & (j2 < L)
-    nb2 = tl.broadcast_to(tl.minimum(tl.maximum(j2, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
 
-    # the adjoint's ghp0 of lane i belongs to lane i + (-1): gather it from lane j - (-1)
+    # the adjoint's ghp0 of lane i belongs to lane i + (-1): lane j takes it from lane j - (-1)
     rj0 = lane - (-1)
     re0 = (rj0 >= 0) & (rj0 < L)
-    rnb0 = tl.broadcast_to(tl.minimum(tl.maximum(rj0, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
-    # the adjoint's ghp2 of lane i belongs to lane i + (1): gather it from lane j - (1)
+    # the adjoint's ghp2 of lane i belongs to lane i + (1): lane j takes it from lane j - (1)
     rj2 = lane - (1)
     re2 = (rj2 >= 0) & (rj2 < L)
-    rnb2 = tl.broadcast_to(tl.minimum(tl.maximum(rj2, 0), BLOCK_L - 1), (BLOCK_C, BLOCK_L))
     t0 = chunk_id * T
     t1 = tl.minimum(t0 + T, T)
     x_base = n * batch_c
@@ -374,9 +399,9 @@ def gspn_backward(
         # previous line h(t-1); 0 at the chunk start (no predecessor)
         lim = tl.where(t > t0, L, 0)
         h_before = tl.load(hs_ptr + dir_base + off_c - step_c, mask=(lane < lim) & (ch < C), other=0.0).to(tl.float32)
-        hp0 = tl.where(e0, tl.gather(h_before, nb0, axis=1), 0.0)
+        hp0 = tl.where(e0, _lane_shift(h_before, False), 0.0)
         hp1 = h_before
-        hp2 = tl.where(e2, tl.gather(h_before, nb2, axis=1), 0.0)
+        hp2 = tl.where(e2, _lane_shift(h_before, True), 0.0)
 
         h = h_cur
         # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs, gmd
@@ -443,9 +468,9 @@ def gspn_backward(
             tl.store(gw_ptr + w_base + 2 * batch_g + off_g, gwt, mask=valid_g)
         gm_acc += tl.where(valid, gmd, 0.0)
         # gradient into h(t-1): lane j collects ghp_c from lane j - (c - r)
-        carry = tl.where(re0, tl.gather(tl.where(valid, ghp0, 0.0), rnb0, axis=1), 0.0)
+        carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
         carry += tl.where(valid, ghp1, 0.0)
-        carry += tl.where(re2, tl.gather(tl.where(valid, ghp2, 0.0), rnb2, axis=1), 0.0)
+        carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
         carry = tl.where(valid, carry, 0.0)
         h_cur = h_before
     tl.atomic_add(gm_ptr + d, tl.sum(gm_acc), sem="relaxed")

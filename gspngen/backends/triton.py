@@ -69,14 +69,14 @@ class TritonBackend:
         groups = launch.launch_groups(spec, H, W)
 
         def effective(cfg):
-            tiles = tuple(launch.plan_tile(cfg, C, G, g.block_l).block_c for g in groups)
-            return tiles, cfg.num_warps, cfg.num_stages
+            tiles = tuple((t.block_c, t.num_warps) for t in (launch.plan_tile(cfg, C, G, g.block_l) for g in groups))
+            return tiles, cfg.num_stages
 
         seen = {effective(launch.DEFAULT_CONFIG)}
         keys = [""]
         for cfg in launch.CONFIGS:
             eff = effective(cfg)
-            biggest = max(bc * g.block_l for bc, g in zip(eff[0], groups))
+            biggest = max(bc * g.block_l for (bc, _), g in zip(eff[0], groups))
             if eff in seen or 32 * cfg.num_warps > max(biggest, 64):
                 continue
             seen.add(eff)

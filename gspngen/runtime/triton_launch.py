@@ -23,10 +23,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-from ..geometry import frame_extent
+from ..geometry import DIRECTION_TABLE, frame_extent
 from ..spec import Spec
 from .cache_dir import cache_dir as _cache_root
 
@@ -40,7 +41,7 @@ class TritonConfig:
     """Launch meta-parameters. The lane axis is not one: a program always owns a whole line.
 
     block_c: channels per program, an upper bound (see :func:`plan_tile`).
-    num_warps: warps per program (a 1024-lane line wants 8 or more).
+    num_warps: warps per program, a lower bound: :func:`plan_tile` raises it for long lines.
     num_stages: software-pipelining depth of the step loop (loads of later
         steps do not depend on h, so they can be issued ahead).
     """
@@ -67,8 +68,13 @@ CONFIGS: tuple[TritonConfig, ...] = tuple(
     for bc in (1, 2, 4, 8, 16) for nw in (2, 4, 8, 16) for ns in (1, 2, 3)
 )
 # Register budget of one fp32 tile, in elements per thread: block_c is lowered
-# until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps (never below 1).
-MAX_ELEMS_PER_THREAD = 8
+# until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps, and where one
+# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: the
+# backward step holds ~60 live fp32 values per element; at 8 per thread it
+# spilled 1.3 KB per thread at 1024 lanes (sm_90, tests/test_triton_spills.py),
+# at 4 it fits in 255 registers up to a few bytes.
+MAX_ELEMS_PER_THREAD = 4
+MAX_WARPS = 32  # 1024 threads, the most a CTA may have
 
 
 def next_pow2(n: int) -> int:
@@ -81,18 +87,25 @@ class TilePlan:
     group_tile: bool  # the tile is one weight group (C/G > 1)
     gw_atomic: bool  # several channel blocks share a group: gw is summed with atomics
     num_blocks: int  # channel blocks per (batch, direction)
+    num_warps: int  # the config's, raised where one channel of the line exceeds the register budget
+
+
+def _warps_for(block_c: int, block_l: int, num_warps: int) -> int:
+    while block_c * block_l > MAX_ELEMS_PER_THREAD * 32 * num_warps and num_warps < MAX_WARPS:
+        num_warps *= 2
+    return num_warps
 
 
 def plan_tile(config: TritonConfig, C: int, G: int, block_l: int) -> TilePlan:
-    """Channels per program for one launch: the config's bound, the register budget, the groups."""
+    """Channels (and warps) per program for one launch: the config's bound, the register budget, the groups."""
     cap = min(config.block_c, next_pow2(C), max(1, MAX_ELEMS_PER_THREAD * 32 * config.num_warps // block_l))
     per_group = C // G
     if per_group == 1:
-        return TilePlan(cap, False, False, -(-C // cap))
+        return TilePlan(cap, False, False, -(-C // cap), _warps_for(cap, block_l, config.num_warps))
     bc = 1
     while bc * 2 <= cap and per_group % (bc * 2) == 0:
         bc *= 2  # the largest power of two <= cap dividing C/G: a tile never straddles groups
-    return TilePlan(bc, True, bc < per_group, C // bc)
+    return TilePlan(bc, True, bc < per_group, C // bc, _warps_for(bc, block_l, config.num_warps))
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,51 @@ def launch_groups(spec: Spec, H: int, W: int) -> list[LaunchGroup]:
         chunks = -(-steps // spec.chunk) if spec.chunk else 1
         groups.append(LaunchGroup(tuple(dirs), block_l, chunks))
     return groups
+
+
+# SMs assumed when planning without a device (H100/H200 have 132).
+DEFAULT_SMS = 132
+
+
+class Launch(NamedTuple):
+    group: LaunchGroup  # the directions this launch runs (one when ``dir >= 0``)
+    tile: TilePlan
+    dir: int  # the DIR constexpr: the direction's index, or -1 (taken from the program id)
+
+
+def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConfig,
+                  sms: int = DEFAULT_SMS) -> list[Launch]:
+    """The launches of one pass. Directions sharing a BLOCK_L share a launch (the direction comes from
+    the program id, strides are runtime values, loads scalar), except when that launch would need more
+    than one wave of ``sms`` programs anyway: then each direction whose lanes are contiguous (tb/bt in
+    nchw) gets its own launch with constant strides, where its loads become 128-bit. Strided (lr/rl)
+    directions stay shared: constants buy them no vector loads, and their single-direction kernel
+    needs more registers (the backward at 1024 lanes spilled 56 and 312 bytes, against 8 shared)."""
+    G = spec.groups(C)
+    out = []
+    for group in launch_groups(spec, H, W):
+        tile = plan_tile(config, C, G, group.block_l)
+        fits = N * tile.num_blocks * group.num_chunks * len(group.directions) <= sms
+        own = [] if fits else [d for d in group.directions if _contiguous_lanes(spec, d)]
+        for d in own:
+            steps = frame_extent(spec.directions[d], H, W)[1]
+            out.append(Launch(LaunchGroup((d,), group.block_l, -(-steps // spec.chunk) if spec.chunk else 1),
+                              tile, d))
+        rest = tuple(d for d in group.directions if d not in own)
+        if rest:
+            steps = max(frame_extent(spec.directions[d], H, W)[1] for d in rest)
+            out.append(Launch(LaunchGroup(rest, group.block_l, -(-steps // spec.chunk) if spec.chunk else 1),
+                              tile, -1))
+    return out
+
+
+def _contiguous_lanes(spec: Spec, d: int) -> bool:
+    """Lanes adjacent in memory: the scan steps along H, so lanes run along W, in an nchw tensor."""
+    return spec.layout == "nchw" and DIRECTION_TABLE[spec.directions[d]].step_axis == "H"
+
+
+def _sms(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else DEFAULT_SMS
 
 
 # --- loading the rendered module ---------------------------------------------
@@ -256,12 +314,12 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
     accumulate = spec.merge != "stack" and D > 1
     y = _accumulator(out_shape, x.device) if accumulate else new_output(out_shape, x.dtype, x.device)
     with _on_device(x):
-        for group in launch_groups(spec, H, W):
-            tile = plan_tile(config, C, G, group.block_l)
+        for group, tile, dir_ in plan_launches(spec, N, C, H, W, config, _sms(x)):
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
-                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile, ACCUMULATE=accumulate,
-                SAVE_H=need_saved, num_warps=config.num_warps, num_stages=config.num_stages,
+                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                ACCUMULATE=accumulate,
+                SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -275,9 +333,9 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     G = spec.groups(C)
     D = spec.num_directions
     dev, dt = x.device, x.dtype
-    groups = [(g, plan_tile(config, C, G, g.block_l)) for g in launch_groups(spec, H, W)]
+    groups = plan_launches(spec, N, C, H, W, config, _sms(x))
     gx_atomic = D > 1  # every direction adds to gx
-    gw_atomic = any(t.gw_atomic for _, t in groups)
+    gw_atomic = any(t.gw_atomic for _, t, _ in groups)
     gx = _accumulator(x.shape, dev) if gx_atomic else new_output(x.shape, dt, dev)
     # One buffer for every direction: fp32 and zeroed if any launch adds into it.
     gw = _accumulator(w.shape, dev) if gw_atomic else new_output(w.shape, dt, dev)
@@ -287,13 +345,13 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     gm = _accumulator(m.shape, dev) if spec.merge == "learned" else None
     grads_out = [t for t in (gu, gs, gm) if t is not None]
     with _on_device(x):
-        for group, tile in groups:
+        for group, tile, dir_ in groups:
             mod.gspn_backward[_grid(N, group, tile)](
                 gy, x, w, lam, *_optional(spec, u, s, m), hs, gx, gw, glam, *grads_out,
                 *_launch_args(C, H, W, G, group, tile),
-                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, GROUP_TILE=tile.group_tile,
+                BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
                 GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
-                num_warps=config.num_warps, num_stages=config.num_stages,
+                num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     gx, gw = gx.to(dt), gw.to(dt)
     if gm is not None:

@@ -1,0 +1,76 @@
+"""Registers and spills of the compiled Triton kernels, counted offline for sm_90 (no GPU needed).
+
+The launches are planned as the triton backend plans them for gspn4 fp32 at
+1024 and 2048 lanes (shapes only: nothing that size is allocated) and
+compiled with ``triton.compile`` for a CUDA target; ptxas reports the rest.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gspngen.perfmodel_triton import triton_static_figures
+from gspngen.spec import load_spec
+
+pytest.importorskip("triton")
+
+SHAPES = [(1, 8, 1024, 1024), (1, 8, 2048, 2048)]
+
+
+@pytest.fixture(scope="module")
+def gspn4():
+    from pathlib import Path
+
+    return load_spec(Path(__file__).resolve().parents[1] / "examples" / "gspn4.yaml")
+
+
+# Spill bytes per thread (stores + loads) now, sm_90, ptxas of the Triton wheel: ceilings, so a
+# regression fails. The goal is 0 everywhere (issue 13, item 6); see test_no_spills_goal.
+SPILL_CEILING = {
+    (1024, "forward"): 0, (1024, "backward"): 8,
+    (2048, "forward"): 72, (2048, "backward"): 816,
+}
+
+
+def _figures(spec, shape):
+    figures = triton_static_figures(spec, "fp32", shape)
+    for pass_, launches in figures.items():
+        assert launches, pass_
+        for e in launches:
+            print(f"{shape} {pass_} {e['directions']}: BLOCK_C={e['block_c']} BLOCK_L={e['block_l']} "
+                  f"num_warps={e['num_warps']} elems/thread={e['elements_per_thread']} "
+                  f"registers={e['registers']} spill_bytes={e['spill_bytes']} stack={e['stack_bytes']}")
+    return figures
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[-1]}lanes")
+def test_gspn4_fp32_registers_and_spills(gspn4, shape):
+    for pass_, launches in _figures(gspn4, shape).items():
+        for e in launches:
+            assert 0 < e["registers"] <= 255
+            # the launcher's register budget holds (4 fp32 elements per thread)
+            assert e["elements_per_thread"] <= 4, e
+            assert e["spill_bytes"] <= SPILL_CEILING[shape[-1], pass_], (pass_, e)
+
+
+@pytest.mark.xfail(strict=True, reason="the backward still spills a little at 1024 lanes and more at 2048 "
+                   "(a 2048-lane line in one CTA leaves ~32 registers per element); when this passes, "
+                   "drop the xfail")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[-1]}lanes")
+def test_no_spills_goal(gspn4, shape):
+    for launches in _figures(gspn4, shape).values():
+        assert all(e["spill_bytes"] == 0 for e in launches)
+
+
+def test_tb_bt_loads_are_128_bit_at_the_paper_shape(gspn4):
+    """At (16, 8, 1024, 1024) tb and bt get their own launches (DIR constant): their lanes are
+    contiguous and every per-pixel load is one ld.global.v4 per 4 lanes; lr/rl share a launch."""
+    launches = triton_static_figures(gspn4, "fp32", (16, 8, 1024, 1024), passes=("forward",))["forward"]
+    by_dir = {"+".join(e["directions"]): e for e in launches}
+    assert sorted(by_dir) == ["bt", "lr+rl", "tb"], sorted(by_dir)
+    for name in ("tb", "bt"):
+        e = by_dir[name]
+        print(name, e)
+        # x, lam, u, s and the three weights; the one scalar is the learned merge weight m
+        assert e["vector_loads"] >= 7 and e["scalar_loads"] <= 1, e
+        assert e["spill_bytes"] == 0, e
