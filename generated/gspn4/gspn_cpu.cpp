@@ -839,15 +839,20 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 T* yP = GS_STACK ? y + im.off(sh, nd, sh.C, im.c0) : nullptr;
                 const F md = GS_LEARNED ? (F)gs_ld(m[d]) : F(0);
                 std::memset(th, 0, sizeof(F) * (TS + 1) * sh.lsp);  // zero padding, no previous line
+                // tb/bt in nchw with the math type as storage (fp32, fp64): a line is one contiguous row
+                // of every input tensor, read where it lies rather than copied into a tile first
+                const bool direct = !GS_NHWC && std::is_same_v<T, F> && !g.stepw;
                 for (gs_i t0 = 0; t0 < g.T; t0 += TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     const GsLoad ld;
-                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                    for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (!direct) {
+                        gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                        gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                    }
                     for (int q = 0; q < nt; ++q) {
                         const gs_i o = q * sh.nmax, tn = t0 + TS;  // the next tile
                         if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
@@ -857,13 +862,24 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         if (GS_MOD) gs_prefetch(uP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
                         if (GS_SKIP) gs_prefetch(sP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
                         const F* wl[GS_K];
+                        const F *xl = tx + o, *laml = tlam + o, *ul = tu + o, *sl = ts + o;
                         for (int c = 0; c < GS_K; ++c) wl[c] = tw[c] + o;
+                        if constexpr (std::is_same_v<T, F>) {
+                            if (direct) {
+                                const gs_i t = t0 + q, row = (g.rev ? g.T - 1 - t : t) * sh.W;
+                                xl = xP + row;
+                                laml = lamP + row;
+                                for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row;
+                                if (GS_MOD) ul = uP + row;
+                                if (GS_SKIP) sl = sP + row;
+                            }
+                        }
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         F* hcur = th + (q + 1) * sh.lsp + sh.pad;
 #define GS_FWD_RUN(CS_)                                                                              \
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool) {                          \
-        gs_fwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, wl, tx + o, tlam + o, tu + o,    \
-                                                   ts + o, md, hprev, hcur, ty + o);                 \
+        gs_fwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, wl, xl, laml, ul, sl, md, hprev, \
+                                                   hcur, ty + o);                                    \
     })
                         if ((t0 + q) % K == 0) GS_FWD_RUN(true);
                         else GS_FWD_RUN(false);
@@ -962,15 +978,20 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 int cur = 0;  // ghp[cur]: what step t + 1 produced
                 F gmsum = 0;
                 const GsLoad ld;
+                // as in the forward: tb/bt rows of the inputs read where they lie (h stays staged: the
+                // line function reads the previous line's h with its zero padding)
+                const bool direct = !GS_NHWC && std::is_same_v<T, F> && !g.stepw;
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
-                    gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                    gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                    for (int c = 0; c < GS_K; ++c)
-                        if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                    if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                    if (!direct) {
+                        gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
+                        gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                        gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                    }
                     if (GS_BWD_H || GS_BWD_HP) {
                         // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step)
                         if (t0 > 0)
@@ -992,6 +1013,18 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         const F* wl[GS_K];
                         F* gwl[GS_K];
                         for (int c = 0; c < GS_K; ++c) { wl[c] = tw[c] + o; gwl[c] = ogw[c] + o; }
+                        const F *gyl = tgy + o, *xl = tx + o, *laml = tlam + o, *ul = tu + o, *sl = ts + o;
+                        if constexpr (std::is_same_v<T, F>) {
+                            if (direct) {
+                                const gs_i row = (g.rev ? g.T - 1 - t : t) * sh.W;
+                                gyl = gyP + row;
+                                xl = xP + row;
+                                laml = lamP + row;
+                                for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row;
+                                if (GS_MOD) ul = uP + row;
+                                if (GS_SKIP) sl = sP + row;
+                            }
+                        }
                         const F* hl = th + (q + 1) * sh.lsp + sh.pad;
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         const bool cs = t % K == 0;
@@ -1000,8 +1033,8 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         F* const* go = ghp[cur ^ 1];
 #define GS_BWD_RUN(CS_)                                                                               \
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool first) {                      \
-        const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, tgy + o, wl, tx + o,     \
-                                                            tlam + o, tu + o, ts + o, md, hl, hprev,  \
+        const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, gyl, wl, xl,          \
+                                                            laml, ul, sl, md, hl, hprev,              \
                                                             gi, go, ogx + o, oglam + o, ogu + o,      \
                                                             ogs + o, gwl);                            \
         if (first) gmsum += gml;                                                                      \
