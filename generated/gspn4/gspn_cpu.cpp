@@ -122,6 +122,23 @@ template <class To, class From> GS_INLINE To gs_bits(From v)
     return t;
 }
 
+// exp(r) * 2^n, the shared end of gs_exp and gs_exp2: exp(r) for |r| <= ln2/2 by its degree-6
+// Taylor polynomial (relative error < 2e-7 on that range); t = 1.5 * 2^23 + n (n in -127 .. 128,
+// held in t's low mantissa bits) gives 2^n as (bits(t) - bits(1.5 * 2^23) + 127) << 23, the shift
+// dropping the high bits (n = 128 builds +inf, n = -127 builds +0).
+GS_INLINE float gs_exp_finish(float r, float t)
+{
+    float p = 1.0f / 720.0f;
+    p = std::fmaf(p, r, 1.0f / 120.0f);
+    p = std::fmaf(p, r, 1.0f / 24.0f);
+    p = std::fmaf(p, r, 1.0f / 6.0f);
+    p = std::fmaf(p, r, 0.5f);
+    p = std::fmaf(p, r, 1.0f);
+    p = std::fmaf(p, r, 1.0f);
+    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
+    return p * gs_bits<float>(e);
+}
+
 // exp(x) in fp32, branch-free (selects only, so loops calling it vectorise). x = n ln2 + r with
 // |r| <= ln2/2: n by the round-to-nearest magic constant 1.5 * 2^23, whose sum with x/ln2 holds n
 // in its low mantissa bits, read off as an integer (no float-to-int conversion, which a NaN would
@@ -137,16 +154,7 @@ GS_INLINE float gs_exp(float x)
     const float nf = t - 12582912.0f;                         // round(x / ln2), -127 .. 128
     float r = std::fmaf(nf, -0.693145751953125f, xc);         // Cody-Waite: ln2 = hi + lo
     r = std::fmaf(nf, -1.428606765330187e-06f, r);
-    float p = 1.0f / 720.0f;
-    p = std::fmaf(p, r, 1.0f / 120.0f);
-    p = std::fmaf(p, r, 1.0f / 24.0f);
-    p = std::fmaf(p, r, 1.0f / 6.0f);
-    p = std::fmaf(p, r, 0.5f);
-    p = std::fmaf(p, r, 1.0f);
-    p = std::fmaf(p, r, 1.0f);
-    // (bits(t) - bits(1.5 * 2^23) + 127) << 23, the shift dropping the high bits: 2^n as bits
-    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
-    return p * gs_bits<float>(e);
+    return gs_exp_finish(r, t);
 }
 
 // 2^x in fp32, branch-free like gs_exp (the lowering's exponentials are base 2: one multiply-add
@@ -160,15 +168,7 @@ GS_INLINE float gs_exp2(float x)
     const float t = xc + 12582912.0f;
     const float nf = t - 12582912.0f;                         // round(x), -127 .. 128
     const float r = (xc - nf) * 0.693147180559945309f;
-    float p = 1.0f / 720.0f;
-    p = std::fmaf(p, r, 1.0f / 120.0f);
-    p = std::fmaf(p, r, 1.0f / 24.0f);
-    p = std::fmaf(p, r, 1.0f / 6.0f);
-    p = std::fmaf(p, r, 0.5f);
-    p = std::fmaf(p, r, 1.0f);
-    p = std::fmaf(p, r, 1.0f);
-    const uint32_t e = (gs_bits<uint32_t>(t) << 23) + ((127u - 0x4b400000u) << 23);
-    return p * gs_bits<float>(e);
+    return gs_exp_finish(r, t);
 }
 
 // floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded

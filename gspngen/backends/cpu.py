@@ -19,6 +19,7 @@ import torch
 
 from ..geometry import image_dims
 from ..render import cpu as rc
+from ..runtime import host_alloc
 from ..spec import Spec
 from .base import Grads, result_shape
 
@@ -88,9 +89,7 @@ class CpuBackend:
     # -- helpers ---------------------------------------------------------------
     def _out(self, shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         # large outputs on huge pages: first-touch page faults were a third of the backward
-        from ..runtime.host_alloc import empty
-
-        return empty(shape, dtype or like.dtype, fill=float("nan") if self.poison else None)
+        return host_alloc.empty(shape, dtype or like.dtype, fill=float("nan") if self.poison else None)
 
     def _entry(self, spec: Spec, x: torch.Tensor, kind: str):
         if x.device.type != "cpu":
