@@ -27,3 +27,39 @@ def test_small_and_empty_tensors_are_plain():
     assert small.shape == (4, 4) and small.storage_offset() == 0
     assert host_alloc.empty((0, 3), torch.float32).numel() == 0
     assert torch.isnan(host_alloc.empty((2, 2), torch.float64, fill=float("nan"))).all()
+
+
+def test_freed_mapping_is_reused_only_when_no_view_remains(monkeypatch):
+    monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "1024")
+    host_alloc.empty_cache()
+    shape = (2, 1024, 1024)  # 8 MB of fp32: four huge pages
+    a = host_alloc.empty(shape, torch.float32, fill=2.0)
+    ptr = a.data_ptr()
+    alive = a[1]  # a view keeps the mapping in use
+    del a
+    assert host_alloc.cached_bytes() == 0
+    b = host_alloc.empty(shape, torch.float32)
+    assert b.data_ptr() != ptr and (alive == 2.0).all()
+    del alive
+    assert host_alloc.cached_bytes() == 8 << 20
+    c = host_alloc.empty(shape, torch.float32, fill=3.0)  # the same size class comes back, refilled
+    assert c.data_ptr() == ptr and (c == 3.0).all() and host_alloc.cached_bytes() == 0
+    del b, c
+    host_alloc.empty_cache()
+    assert host_alloc.cached_bytes() == 0
+
+
+def test_cache_limit_is_honoured(monkeypatch):
+    host_alloc.empty_cache()
+    monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "0")
+    t = host_alloc.empty((3, 1024, 1024), torch.float32)
+    del t
+    assert host_alloc.cached_bytes() == 0
+    monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "10")
+    ts = [host_alloc.empty((1024, 1024 + 512 * k), torch.float32) for k in range(3)]  # 6, 8, 10 MB classes
+    del ts
+    assert host_alloc.cached_bytes() <= 10 << 20
+    monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="GSPNGEN_HOST_CACHE_MB"):
+        host_alloc.empty((3, 1024, 1024), torch.float32)
+    host_alloc.empty_cache()
