@@ -478,6 +478,8 @@ def test_math_primitives_at_the_edges(tmp_path):
     n32 = torch.arange(-140, 131, dtype=torch.float32)
     want = torch.where(n32 < -126, 0.0, torch.exp2(n32.double())).where(n32 < 128, float("inf"))
     assert torch.equal(_apply(lib, 2, n32).double(), want)
+    far = torch.tensor([float("inf"), 1e10, 2.0**23, 2.0**22 + 2, -(2.0**22) - 2, -(2.0**23), -1e10, -float("inf")])
+    assert torch.equal(_apply(lib, 2, far), torch.tensor([float("inf")] * 4 + [0.0] * 4))
     # exp2: within 3e-7 relative over the normal range; the same edges as exp
     x = torch.linspace(-125.9, 127.4, 200_001, dtype=torch.float32)
     got, want = _apply(lib, 3, x).double(), torch.exp2(x.double())
