@@ -188,6 +188,7 @@ class Launch:
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``."""
     from .backends.cuda import CudaBackend
+    from .render import cuda as rc
 
     N, C, H, W = shape
     be = CudaBackend(runner=object())
@@ -202,7 +203,8 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             p = be.plan(spec, dname, kind, d, shape, [], acc=acc, watom=watom and kind == "bwd", limits=limits,
                         save_h=save_h)
             cfg = be.config(spec, dname, direction, kind, C, H, W, gpu.smem_per_block)
-            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.nseg * cfg.vec,
+            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem,
+                                   cfg.tile_elements(rc.thread_map(spec, direction)),
                                    launch_bytes(spec, kind, d, shape, dname, save_h)))
         out[pass_] = launches
     return out
