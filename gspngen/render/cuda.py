@@ -442,9 +442,11 @@ def default_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
       segments. chan: CT (8..1) channel vectors x LT lanes, at most 512 threads.
     - prefetch 2 (one tile in flight while one is consumed).
     - two line buffers (one barrier per step).
-    - steps mapping, forward, 16-byte vectors: sector tiles (``stage``) when
-      their shared memory fits, else none (a line of ~700+ fp32 lanes).
-    The first tuning in order (widest vector, sector tiles first, deepest prefetch, for chan the
+    - no sector tiles (``stage``): the static model counts +25-35% SASS
+      instructions per element for them (scalar shared-memory exchange) and
+      they do not fit lines of ~700+ lanes; they are a tuning candidate
+      (:func:`candidate_configs`) until a GPU measurement says otherwise.
+    The first tuning in order (widest vector, deepest prefetch, for chan the
     most channel threads, 512 then 256 threads, two then one buffer) whose predicted registers fit the register
     file and whose shared memory fits the GPU; else the one with the fewest
     predicted registers.
@@ -464,9 +466,8 @@ def default_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     for v in vecs:
         # chan: channel threads per block, most first (wider coalesced runs per pixel)
         cts = [ct for ct in (8, 4, 2, 1) if ct <= _pow2_ceil(-(-C // v))] if mapping == CHAN else [None]
-        stages = (True, False) if (mapping == STEPS and kind == "fwd" and v * es == 16) else (False,)
-        for stage, p, ct, max_threads, bufs in itertools.product(stages, (2, 1), cts, (512, 256), (2, 1)):
-            cfg = _replace(_shape_config(mapping, L, C, v, p, bufs, max_threads, ct), stage=stage)
+        for p, ct, max_threads, bufs in itertools.product((2, 1), cts, (512, 256), (2, 1)):
+            cfg = _shape_config(mapping, L, C, v, p, bufs, max_threads, ct)
             if smem_bytes(spec, kind, mapping, cfg, es) > smem_limit:
                 continue
             over = predicted_registers(spec, kind, cfg, mapping) - register_cap(cfg.threads)
@@ -505,7 +506,7 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
                       smem_limit: int = 227 * 1024) -> list[KernelConfig]:
     """Tunings an autotuner may time for one direction and pass; the default comes first.
 
-    Variations: prefetch depth 1..3, vector width halved, one line buffer,
+    Variations: prefetch depth 1..3, vector width halved, one line buffer, sector tiles (lr/rl forward),
     and for nchw lines twice the channels (short lines) or half the threads
     with twice the segments (long lines). Each is valid, fits shared memory
     and is predicted to fit the register file.
@@ -528,8 +529,8 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
     for p in (1, 2, 3):
         add(_replace(base, prefetch=p))
     add(_replace(base, bufs=1))
-    if base.stage:
-        add(_replace(base, stage=False))
+    if mapping == STEPS and kind == "fwd" and base.vec * ELEM_BYTES[dtype] == 16:
+        add(_replace(base, stage=True))  # sector tiles, where their shared memory fits
     if base.vec > 1:
         add(_shape_config(mapping, L, C, base.vec // 2, base.prefetch, base.bufs))
     if mapping != CHAN:
