@@ -26,6 +26,9 @@ described by:
   branch of an IEEE divide; their out-of-line bodies are not in the loop),
   so it is an upper bound on the steady-state per-element cost of a thread.
 - ``ctas`` per launch against the GPU's ``sms``.
+- ``sector_use``: of the 32-byte sectors one warp access to a per-pixel tensor touches, the fraction
+  it uses (:func:`sector_use`; 0.5: each sector is fetched through L1/L2 twice, once per half). Not in
+  the time prediction (DRAM sees each sector once either way); lr/rl without sector tiles are at 0.5.
 
 Prediction (everything here is *predicted*, none of it measured): per launch
 
@@ -181,16 +184,45 @@ class Launch:
     ctas: int
     threads: int
     dynamic_smem: int
-    elements_per_iteration: int  # per thread per tile: segments x vector
+    elements_per_iteration: int  # per thread per tile: segments x vector (x 2 with sector tiles)
+    sector_use: float  # useful bytes / bytes of the 32-byte sectors one warp access to a pixel tensor touches
     bytes: dict
 
 
-def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU) -> dict[str, list[Launch]]:
-    """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``."""
+SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
+
+
+def sector_use(mapping: int, cfg, elem_bytes: int, C: int) -> float:
+    """Of the 32-byte sectors one warp load or store of a per-pixel tensor (x, lam, u, s, y, w, the
+    gradients) touches, the fraction it uses (aligned tensors, a full warp):
+
+    - lanes (tb/bt, nchw): 32 threads read consecutive V-element runs of one row: whole sectors.
+    - steps (lr/rl, nchw): each thread reads a V-element run of its own row, 32 rows per warp load:
+      V x size / 32 of each sector (16-byte vectors: half). Sector tiles (``stage``) load and store
+      2V steps of 16 rows per warp access: whole sectors.
+    - chan (nhwc): CT threads cover a run of CT x V channels of one pixel (the next pixel's run follows
+      when CT x V = C): whole sectors when the run fills them.
+    """
+    from .render import cuda as rc
+
+    if mapping == rc.LANES:
+        run = SECTOR
+    elif mapping == rc.STEPS:
+        run = cfg.vec * elem_bytes * (2 if cfg.stage else 1)
+    else:
+        run = SECTOR if cfg.chan_threads * cfg.vec >= C else cfg.chan_threads * cfg.vec * elem_bytes
+    return min(run, SECTOR) / SECTOR
+
+
+def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
+                  configs=None) -> dict[str, list[Launch]]:
+    """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
+    a tuning chooser as ``CudaBackend`` takes (None: the defaults)."""
     from .backends.cuda import CudaBackend
+    from .render import cuda as rc
 
     N, C, H, W = shape
-    be = CudaBackend(runner=object())
+    be = CudaBackend(runner=object(), configs=configs)
     limits = (gpu.sms, gpu.smem_per_block)
     watom = spec.groups(C) != C
     out: dict[str, list[Launch]] = {}
@@ -202,7 +234,9 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             p = be.plan(spec, dname, kind, d, shape, [], acc=acc, watom=watom and kind == "bwd", limits=limits,
                         save_h=save_h)
             cfg = be.config(spec, dname, direction, kind, C, H, W, gpu.smem_per_block)
-            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.nseg * cfg.vec,
+            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem,
+                                   cfg.tile_elements(rc.thread_map(spec, direction)),
+                                   sector_use(rc.thread_map(spec, direction), cfg, rc.ELEM_BYTES[dname], C),
                                    launch_bytes(spec, kind, d, shape, dname, save_h)))
         out[pass_] = launches
     return out
@@ -417,9 +451,11 @@ def copy_ms(gpu: GPU, nbytes: int) -> float:
     return nbytes / (COPY_EFFICIENCY * gpu.hbm_gbps * 1e9) * 1e3
 
 
-def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU) -> dict:
+def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
+                   configs=None) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
-    ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready."""
+    ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
+    ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings)."""
     from .bench import minimal_bytes
     from .render import cuda as rc
 
@@ -428,7 +464,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g)
+    plans = plan_launches(spec, dname, shape, g, configs)
     names = list(dict.fromkeys(l.name for ls in plans.values() for l in ls))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
     elements = N * C * H * W
@@ -449,6 +485,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
             kernels.append({
                 "direction": l.direction, "kernel": l.name, "instructions_per_element": ipe,
                 "loop_instructions": f.loop_instructions, "elements_per_iteration": l.elements_per_iteration,
+                "sector_use": l.sector_use,
                 "instructions": f.instructions, "bytes_moved": nbytes, "bytes_breakdown": l.bytes,
                 "registers": f.registers, "shared_bytes": smem, "spill_bytes": f.spill_bytes,
                 "stack_bytes": f.stack_bytes, "threads": l.threads, "blocks_per_sm": blocks,
@@ -467,6 +504,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
             "registers": max(k["registers"] for k in kernels),
             "shared_bytes": max(k["shared_bytes"] for k in kernels),
             "spill_bytes": max(k["spill_bytes"] for k in kernels),
+            "sector_use": min(k["sector_use"] for k in kernels),
             "warps_per_sm": min(k["warps_per_sm"] for k in kernels),
             "ctas": min(k["ctas"] for k in kernels),
             "predicted_ms": ms,

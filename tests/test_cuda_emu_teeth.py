@@ -104,6 +104,10 @@ MULTI_WARP = [
     ("chan-96", _variant(GSPN4_NHWC, directions=["lr", "tb"]), "fp32", (1, 8, 40, 96), None),
     ("chan-256-groups", _variant(GSPN4_NHWC, directions=["bt"], weight_groups=2), "fp32", (1, 4, 6, 70),
      forced(64, 1, 2, 2, 4)),
+    ("steps-256-stage", _variant(GSPN4, directions=["lr", "rl"]), "fp32", (1, 2, 200, 16),
+     forced(256, 4, 2, 2, stage=True)),
+    ("steps-64-2seg-stage", _variant(GSPN4, directions=["rl", "lr"], chunk=3), "bf16", (1, 2, 100, 19),
+     forced(64, 8, 3, 1, stage=True)),
     ("paper-fp32", GSPN4, "fp32", (1, 2, 40, 296), paper),
     ("paper-bf16", GSPN4, "bf16", (1, 2, 40, 296), paper),
     ("paper-nhwc", GSPN4_NHWC, "fp32", (1, 8, 12, 40), paper),
@@ -155,13 +159,28 @@ def _broken_source(monkeypatch, old: str, new: str) -> None:
 LINE_SYNC = "if (LINE_THREADS <= 32) gs_sync_warp(); else gs_sync_block();"
 
 
-@pytest.mark.parametrize("case", [MULTI_WARP[1], MULTI_WARP[4], MULTI_WARP[6], MULTI_WARP[7]],
-                         ids=["lanes", "steps", "chan", "paper"])
+@pytest.mark.parametrize("case", [c for c in MULTI_WARP if c[0] in ("lanes-256-v1", "steps-64-2seg", "chan-256-groups",
+                                                                    "paper-fp32", "steps-256-stage")],
+                         ids=["lanes", "steps", "stage", "chan", "paper"])
 def test_bug_syncwarp_for_the_line_barrier_fails(case, emu, monkeypatch):
     """A __syncwarp where a line spans several warps: lockstep schedules cannot see it, a warp
     running ahead reads neighbours that are not written yet."""
     _, spec, dname, shape, chooser = case
     _broken_source(monkeypatch, LINE_SYNC, "gs_sync_warp();")
+    prebuild(emu, spec, dname, [shape], [chooser])
+    with pytest.raises(AssertionError, match="differs from order|{'y'"):
+        check_case(emu, spec, dname, shape, chooser)
+
+
+STAGE_SYNC = "gs_sync_warp();  // the warp's chunks are in SG (a warp exchanges only its own rows)"
+
+
+def test_bug_missing_sector_tile_sync_fails(emu, monkeypatch):
+    """The sector tiles' exchange through shared memory needs its __syncwarp: without it, owners read
+    slots their loaders have not written yet."""
+    _, spec, dname, shape, chooser = next(c for c in MULTI_WARP if c[0] == "steps-256-stage")
+    check_case(emu, spec, dname, shape, chooser, orders=(RR,))
+    _broken_source(monkeypatch, STAGE_SYNC, "")
     prebuild(emu, spec, dname, [shape], [chooser])
     with pytest.raises(AssertionError, match="differs from order|{'y'"):
         check_case(emu, spec, dname, shape, chooser)

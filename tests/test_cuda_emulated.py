@@ -146,8 +146,10 @@ def test_features_match_reference(features, runners):
 
 # -- tunings: segments, prefetch depths, one line buffer, vector widths, several lines per block ----
 
-def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: int | None = None):
-    """A chooser that forces a tiling; lines longer than a segment get several segments."""
+def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: int | None = None,
+           stage: bool = False):
+    """A chooser that forces a tiling; lines longer than a segment get several segments. ``stage``:
+    sector tiles where they apply (the steps mapping's forward)."""
     def choose(spec, dname, direction, kind, C, H, W):
         mapping = rc.thread_map(spec, direction)
         L = H if direction in ("lr", "rl") else W
@@ -157,12 +159,16 @@ def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: 
                 v //= 2
         ct = chan_threads or max(1, 32 // lane_threads)
         lps = lane_threads * (v if mapping == rc.LANES else 1)
-        return rc.KernelConfig(lane_threads, ct, v, -(-L // lps), prefetch, bufs)
-    choose.__name__ = f"lt{lane_threads}-v{vec}-p{prefetch}-b{bufs}"
+        st = stage and mapping == rc.STEPS and kind == "fwd"
+        return rc.KernelConfig(lane_threads, ct, v, -(-L // lps), prefetch, bufs, st)
+    choose.__name__ = f"lt{lane_threads}-v{vec}-p{prefetch}-b{bufs}" + ("-stage" if stage else "")
     return choose
 
 
 TUNINGS = [forced(8, 4, 1, 2), forced(4, 2, 3, 1), forced(32, 1, 2, 2), forced(16, 8, 2, 1), forced(2, 4, 2, 2, 16)]
+# sector tiles (lr/rl forward): several lines per warp, several segments, every prefetch depth, one buffer
+STAGED = [forced(8, 4, 1, 2, stage=True), forced(4, 2, 3, 1, stage=True), forced(32, 1, 2, 2, stage=True),
+          forced(16, 8, 2, 1, stage=True), forced(2, 4, 4, 2, 16, stage=True)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -175,6 +181,24 @@ def test_tunings_match_reference(layout, runners):
     for chooser in TUNINGS:
         be = CudaBackend(runner=runner, configs=chooser, poison=True)
         assert_matches(be, spec, "fp32", shape)
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_sector_tiles_match_reference(dname, runners):
+    """The sector-tiled lr/rl forward at every forced tiling: lines of 13 and 40 lanes (segments, rows of
+    a row group past the line), W = 37 (tiles cut by the image end and by chunks of 6: element-wise
+    masks), both step orders, accumulation into the earlier directions' y, both schedules."""
+    spec = Spec.from_dict({"name": "stg", "connection": 5, "chunk": 6, "directions": ["lr", "tb", "rl"],
+                           "weight_groups": "channel", "precision": [dname]})
+    shapes = [(1, 4, 13, 40), (1, 3, 40, 37)]
+    for order in (0, 1):
+        prebuild(runners[order], spec, dname, shapes, STAGED)
+        for chooser in STAGED:
+            be = CudaBackend(runner=runners[order], configs=chooser, poison=True)
+            names = be.kernel_names(spec, dname, shapes[0], LIMITS)
+            assert any(n.startswith("gspn_fwd<1,") and n.split(", ")[9] == "true" for n in names), names
+            for shape in shapes:
+                assert_matches(be, spec, dname, shape)
 
 
 def test_candidate_configs_match_reference(runners):

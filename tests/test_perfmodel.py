@@ -225,3 +225,57 @@ def test_instructions_per_element_targets(figures, shape, pass_):
     for k in figures[shape][pass_]["kernels"]:
         cap = TARGET[pass_] if k["direction"] in ("tb", "bt") else STEPS_CAP[pass_]
         assert k["instructions_per_element"] <= cap, (shape, pass_, k["direction"], k["instructions_per_element"])
+
+
+# -- issue 13, item 5: lr/rl sector tiles ----------------------------------------------------------
+
+def staged(spec, dname, direction, kind, C, H, W):
+    """The default tuning with sector tiles for the lr/rl forward (an autotuner candidate, not the default)."""
+    from dataclasses import replace
+
+    from gspngen.render import cuda as rc
+
+    if kind != "fwd" or direction not in ("lr", "rl"):
+        return None
+    return replace(rc.default_config(spec, dname, direction, kind, C, H, W), stage=True)
+
+
+# (dtype, pass): per lr/rl kernel (sector use, SASS instructions per element, registers) with sector tiles
+# at 1x16x128x128; without them the same kernels use half of each sector (fp32 and bf16: 16-byte runs)
+# at 133-150 (fp32) / 136-145 (bf16) instructions per element.
+STAGED_PINS = {
+    ("fp32", "forward"): (1.0, 172.9, 135),
+    ("fp32", "forward_no_grad"): (1.0, 167.5, 131),
+    ("bf16", "forward"): (1.0, 191.8, 208),
+    ("bf16", "forward_no_grad"): (1.0, 174.8, 204),
+}
+
+
+def test_sector_use_of_the_default_tunings(figures):
+    """tb/bt use whole sectors; lr/rl without sector tiles half of each (16-byte runs), a quarter in the
+    paper-shape backward (8-byte runs)."""
+    for shape, want_lr in ((SMALL, {"forward": 0.5, "backward": 0.5}), (PAPER, {"forward": 0.5, "backward": 0.25})):
+        for pass_, lr in want_lr.items():
+            for k in figures[shape][pass_]["kernels"]:
+                assert k["sector_use"] == (1.0 if k["direction"] in ("tb", "bt") else lr), (shape, pass_, k)
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_sector_tiles_use_whole_sectors(dname):
+    try:
+        got = pm.static_figures(load_spec("examples/gspn4.yaml"), dname, SMALL, "h100", configs=staged)
+    except pm.ToolMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"static model tools missing in CI: {exc}")
+        pytest.skip(str(exc))
+    for pass_ in ("forward", "forward_no_grad"):
+        use, ipe, regs = STAGED_PINS[(dname, pass_)]
+        for k in got[pass_]["kernels"]:
+            assert k["spill_bytes"] == 0 and k["registers"] <= 255, k
+            if k["direction"] not in ("lr", "rl"):
+                continue
+            assert k["kernel"].split(", ")[9] == "true", k["kernel"]  # the sector-tiled instantiation
+            assert k["sector_use"] == use and k["elements_per_iteration"] == 2 * 4 * (2 if dname == "bf16" else 1)
+            assert k["instructions_per_element"] <= ipe * 1.02, (pass_, k["direction"], k["instructions_per_element"])
+            assert k["registers"] == pytest.approx(regs, abs=8), k
+    assert got["backward"]["sector_use"] == 0.5  # the backward has no sector tiles yet

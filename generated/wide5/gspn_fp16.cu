@@ -348,6 +348,21 @@ GS_DEV void gs_blk_adjoint_output(const float gy, const float h, const float x, 
 // Loads run P-1 tiles ahead of the arithmetic in a register ring: the
 // per-step barrier would otherwise keep the compiler from hoisting them.
 //
+// Sector tiles (STG, steps mapping only): a thread's 16-byte run along its
+// row fills half of a 32-byte sector, so a warp load of GS_STEPS touches 32
+// sectors for 512 useful bytes. With STG a tile is S = 2V steps and a warp
+// loads it row group by row group: for i = 0, 1 thread q reads chunk
+// kq = q / 16 (V steps) of the row of warp thread 16 i + q % 16, so each
+// warp load covers 16 rows x 2V steps = 16 whole sectors. The loaded tile
+// goes through shared memory (SG: [stream][step][col], col = segment x NT +
+// owner thread, rows padded by 4 elements so that neither the loaders'
+// stores nor the owners' reads conflict on banks); every step reads its
+// inputs from there and writes its outputs back in place (an input slot is
+// read once, by its owner, at its step), and the outputs of a tile leave in
+// the same row groups: whole sectors out too. A warp exchanges only the rows
+// of its own threads, so a __syncwarp orders the exchange. The ring holds
+// loaded tiles (P-1 ahead); the tile being computed lives in SG only.
+//
 // Backward, h stored or recomputed (counted bytes per pixel and direction,
 // in storage elements, k weights): a stored h costs 1 write in the forward
 // and 1 read in the backward = 2. Recomputing it needs a forward sweep ahead
@@ -389,13 +404,15 @@ GS_DEV void gs_strides(bool stepw, int H, int W, int Cx, long long& sc, long lon
 // MAP is the thread mapping; REVT the step order of a steps-mapped scan,
 // whose tile walk unrolls over registers (other mappings take the order,
 // and nhwc the step axis, at run time: their tiles are one step).
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, bool VEC>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, bool VEC, bool STG_ = false>
 struct GsBlock {
     static constexpr int MAPPING = MAP;
+    static constexpr bool STG = STG_ && MAP == GS_STEPS;       // sector tiles through shared memory
     static constexpr int NT = LT * CT;                         // threads per block
-    static constexpr int VS = MAP == GS_STEPS ? V : 1;         // steps per tile
+    static constexpr int VS = MAP == GS_STEPS ? (STG ? 2 * V : V) : 1;  // steps per tile
     static constexpr int EPS = MAP == GS_STEPS ? 1 : V;        // elements per segment and step
-    static constexpr int E = NSEG * V;                         // elements per tensor and tile
+    static constexpr int E = NSEG * (STG ? 2 * V : V);         // elements per tensor and tile (STG: as loaded)
+    static constexpr int SP = NSEG * NT + 4;                   // STG: elements per step row of SG (padded)
     static constexpr int CB = MAP == GS_CHAN ? CT * V : CT;    // channels per block
     static constexpr int LINE_THREADS = MAP == GS_CHAN ? NT : LT;  // threads sharing a line
     static constexpr int PADC = MAP == GS_LANES ? (GS_R + V - 1) / V : GS_R;  // pad columns per side
@@ -413,6 +430,10 @@ struct GsBlock {
     long long b_x, b_d, b_w;  // slice offsets: x (n); lam/u/s/h (n, d); w (n, d, c = 0)
     long long eo0, eog0;      // offset (channel + lane) of element 0, segment 0: C-channel tensors, w
     long long sgC, sgG;       // offset from one segment to the next: C-channel tensors, w
+    // STG: the rows this thread loads and stores (row group i, segment 0) and its chunk of them
+    long long eoL[STG ? 2 : 1], eogL[STG ? 2 : 1];
+    int lnL[STG ? 2 : 1], colL[STG ? 2 : 1], kq;
+    bool chL[STG ? 2 : 1];
 
     // Block index -> (n, channel tile, step range). False if the block is
     // outside the problem (the host never launches one). cpb >= 1 and 0 <= d < GS_D
@@ -458,8 +479,36 @@ struct GsBlock {
         constexpr int LPS = MAP == GS_LANES ? LT * V : LT;  // lanes per segment
         sgC = LPS * slC;
         sgG = LPS * slG;
+        if constexpr (STG) {
+            kq = (tid & 31) >> 4;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int o = (tid & ~31) + 16 * i + (tid & 15);  // the owner of the row
+                const int c = cb * CB + o / LT;
+                colL[i] = o;
+                lnL[i] = o % LT;
+                chL[i] = c < C;
+                eoL[i] = c * scC + lnL[i] * slC;
+                eogL[i] = (long long)(c / gpc) * scG + lnL[i] * slG;
+            }
+        }
         return true;
     }
+
+    // STG: valid steps (bit v) of this thread's chunk of row group i, segment sg, tile at p0.
+    GS_DEV unsigned lmask(int i, int sg, int p0) const
+    {
+        if (!chL[i] || sg * LT + lnL[i] >= L) return 0u;
+        unsigned m = 0;
+#pragma unroll
+        for (int v = 0; v < V; ++v) m |= (p0 + kq * V + v < T ? 1u : 0u) << v;
+        return m;
+    }
+    // STG: offsets of that chunk in a per-pixel tensor and in a weight plane (slice bases added by the caller).
+    GS_DEV long long limg(int i, int sg, int p0) const { return eoL[i] + sg * sgC + (long long)(p0 + kq * V) * ssC; }
+    GS_DEV long long limgw(int i, int sg, int p0) const { return eogL[i] + sg * sgG + (long long)(p0 + kq * V) * ssG; }
+    // STG: SG slot of stream s, tile step j, for the owner thread tid (segment sg).
+    static GS_DEV int sgs(int s, int j, int sg, int tid) { return (s * VS + j) * SP + sg * NT + tid; }
 
     GS_DEV int lane0(int sg) const { return MAP == GS_LANES ? (sg * LT + lt) * V : sg * LT + lt; }
     GS_DEV long long eo(int sg) const { return eo0 + sg * sgC; }
@@ -573,13 +622,20 @@ struct GsBlock {
 // ===========================================================================
 // SAVEH: store h for the backward; false when no input needs a gradient (inference, no_grad):
 // a full plane of writes per direction saved, and p_h is never touched.
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
+// STG streams of the forward: x, lam, u, s, y (in: the sum so far; out: with this direction), used weights.
+GS_CX int gs_fs_y() { return 2 + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0); }
+GS_CX int gs_fs_w(int c) { return c <= 0 ? gs_fs_y() + 1 : gs_fs_w(c - 1) + (gs_w_used_fwd(c - 1) ? 1 : 0); }
+
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG_, bool SAVEH>
 struct GsForward {
-    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC>;
+    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, STG_>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
-    static constexpr bool VEC_E = B_t::VEC_E;
+    static constexpr bool VEC_E = B_t::VEC_E, STG = B_t::STG;
     static constexpr int PLANE = B_t::PLANE;
-    static constexpr int SMEM_FLOATS = BUFS * PLANE;
+    static constexpr int S_X = 0, S_LAM = 1, S_U = 2, S_S = 2 + (GS_MOD ? 1 : 0), S_Y = gs_fs_y();
+    static constexpr int NSTR = STG ? gs_fs_w(GS_K) : 0;  // streams in SG
+    static constexpr int STG_FLOATS = (NSTR * VS * B_t::SP * (int)sizeof(gs_t) + 15) / 16 * 4;
+    static constexpr int SMEM_FLOATS = BUFS * PLANE + STG_FLOATS;
     static_assert(BUFS == 1 || BUFS == 2, "line buffers");
     static_assert(P >= 1 && P <= 4, "prefetch depth");
 
@@ -597,12 +653,34 @@ struct GsForward {
     gs_t* __restrict__ py;
     gs_t* __restrict__ ph;
     float* HL;
+    gs_t* SG;  // STG: the tile being computed, [stream][step][col]
     float md;
     long long b_y;
     bool acc;  // add to what the earlier directions wrote
 
     GS_DEV void load(Tile& tl, int p0) const
     {
+        if constexpr (STG) {
+#pragma unroll
+            for (int sg = 0; sg < NSEG; ++sg) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const unsigned mk = B.lmask(i, sg, p0);
+                    const long long o = B.limg(i, sg, p0);
+                    const int a = (sg * 2 + i) * V;
+                    gs_ld_run<V, VEC, true>(tl.x + a, px + B.b_x + o, mk);
+                    gs_ld_run<V, VEC, true>(tl.lam + a, plam + B.b_d + o, mk);
+                    if constexpr (GS_MOD) gs_ld_run<V, VEC, true>(tl.u + a, pu + B.b_d + o, mk);
+                    if constexpr (GS_SKIP) gs_ld_run<V, VEC, true>(tl.s + a, ps + B.b_d + o, mk);
+                    gs_ld_run<V, VEC, false>(tl.y + a, py + b_y + o, acc ? mk : 0u);
+                    const long long ow = B.b_w + B.limgw(i, sg, p0);
+#pragma unroll
+                    for (int c = 0; c < GS_K; ++c)
+                        if (gs_w_used_fwd(c)) gs_ld_run<V, VEC, true>(tl.w[c] + a, pw + ow + c * B.GHW, mk);
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int sg = 0; sg < NSEG; ++sg) {
             const unsigned mk = B.mask(sg, p0);
@@ -616,6 +694,53 @@ struct GsForward {
             for (int c = 0; c < GS_K; ++c)
                 if (gs_w_used_fwd(c)) B.template ld_w<true>(tl.w[c] + sg * V, pw, c, sg, p0, mk);
         }
+    }
+
+    // STG: a loaded tile into SG, each chunk to its owner's column (whole row groups: no bank conflicts).
+    GS_DEV void stage_in(const Tile& tl) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int a = (sg * 2 + i) * V;
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    const int sl = B_t::sgs(0, B.kq * V + v, sg, B.colL[i]), st = VS * B_t::SP;  // slot, stream stride
+                    SG[sl + S_X * st] = tl.x[a + v];
+                    SG[sl + S_LAM * st] = tl.lam[a + v];
+                    if constexpr (GS_MOD) SG[sl + S_U * st] = tl.u[GS_MOD ? a + v : 0];
+                    if constexpr (GS_SKIP) SG[sl + S_S * st] = tl.s[GS_SKIP ? a + v : 0];
+                    SG[sl + S_Y * st] = tl.y[a + v];
+#pragma unroll
+                    for (int c = 0; c < GS_K; ++c)
+                        if (gs_w_used_fwd(c)) SG[sl + gs_fs_w(c) * st] = tl.w[c][a + v];
+                }
+            }
+        }
+    }
+
+    // STG: the tile's y (written by the steps into the y stream) out in row groups, active steps only.
+    GS_DEV void stage_out(int p0, unsigned act) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const unsigned mk = B.lmask(i, sg, p0) & ((act >> (B.kq * V)) & B_t::FULL);
+                gs_t o[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) o[v] = SG[B_t::sgs(S_Y, B.kq * V + v, sg, B.colL[i])];
+                gs_st_run<V, VEC>(py + b_y + B.limg(i, sg, p0), o, mk);
+            }
+        }
+    }
+
+    // Input element e (segment sg, tile step sm) of stream si: from the tile registers, or SG (STG).
+    GS_DEV float in(const gs_t* a, int si, int e, int sg, int sm) const
+    {
+        if constexpr (STG) return gs_f(SG[B_t::sgs(si, sm, sg, threadIdx.x)]);
+        else return gs_f(a[e]);
     }
 
     // One step: every element of this thread, then its h into the line
@@ -638,27 +763,28 @@ struct GsForward {
                 [[maybe_unused]] float f_hp[GS_K];
 #pragma unroll
                 for (int c = 0; c < GS_K; ++c) {
-                    f_w[c] = gs_w_used_fwd(c) ? gs_f(tl.w[c][e]) : 0.0f;
+                    f_w[c] = gs_w_used_fwd(c) ? in(tl.w[c], gs_fs_w(c), e, sg, sm) : 0.0f;
                     f_e[c] = (unsigned)(ln + c - GS_R) < (unsigned)B.L;
                     f_hp[c] = (!cs && f_e[c]) ? HL[prv * PLANE + B.slot(sg, ev, c - GS_R)] : 0.0f;
                 }
-                [[maybe_unused]] const float f_x = gs_f(tl.x[e]);
-                [[maybe_unused]] const float f_lam = gs_f(tl.lam[e]);
-                [[maybe_unused]] const float f_u = GS_MOD ? gs_f(tl.u[GS_MOD ? e : 0]) : 0.0f;
-                [[maybe_unused]] const float f_s = GS_SKIP ? gs_f(tl.s[GS_SKIP ? e : 0]) : 0.0f;
+                [[maybe_unused]] const float f_x = in(tl.x, S_X, e, sg, sm);
+                [[maybe_unused]] const float f_lam = in(tl.lam, S_LAM, e, sg, sm);
+                [[maybe_unused]] const float f_u = GS_MOD ? in(tl.u, S_U, GS_MOD ? e : 0, sg, sm) : 0.0f;
+                [[maybe_unused]] const float f_s = GS_SKIP ? in(tl.s, S_S, GS_SKIP ? e : 0, sg, sm) : 0.0f;
                 [[maybe_unused]] const float f_md = md;
                 float f_h, f_y;
                 gs_blk_forward(f_w[0], f_w[1], f_w[2], f_w[3], f_w[4], f_e[0], f_e[1], f_e[3], f_e[4], f_hp[0], f_hp[1], f_hp[2], f_hp[3], f_hp[4], f_lam, f_x, f_h);
                 gs_blk_output(f_h, f_x, f_u, f_s, f_y);
-                f_y += gs_f(tl.y[e]);  // 0 unless acc (load()): a branch here would duplicate the step
-                oy[e] = gs_s(f_y);
+                f_y += in(tl.y, S_Y, e, sg, sm);  // 0 unless acc (load()): a branch here would duplicate the step
+                if constexpr (STG) SG[B_t::sgs(S_Y, sm, sg, threadIdx.x)] = gs_s(f_y);  // in place of the y read
+                else oy[e] = gs_s(f_y);
                 const float hk = (ln < B.L && B.chan(ev) < B.C) ? f_h : 0.0f;
                 if constexpr (BUFS == 2) HL[cur * PLANE + B.slot(sg, ev, 0)] = hk;  // others read the other buffer
                 else hv[BUFS == 1 ? sg * EPS + ev : 0] = hk;
                 hs[ev] = gs_s(f_h);
             }
             if constexpr (SAVEH) gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
-            if (VS == 1) store_seg(oy, sg, t);  // one-step tiles: store now, fewer live registers
+            if constexpr (VS == 1) store_seg(oy, sg, t);  // one-step tiles: store now, fewer live registers
         }
         if constexpr (BUFS == 1) {
             B_t::sync();  // everyone has read the single buffer
@@ -676,11 +802,12 @@ struct GsForward {
     }
     GS_DEV void store_seg(const gs_t* oy, int sg, int t) const { store_seg(oy, sg, B.pos(t), 1u); }
 
-    GS_DEV void consume(const Tile& tl, int p0) const
+    // The steps of the tile at p0; returns its active steps (bit = position in tile).
+    GS_DEV unsigned consume(const Tile& tl, int p0) const
     {
-        gs_t oy[E];
+        gs_t oy[STG ? 1 : E];  // STG: y goes to SG
 #pragma unroll
-        for (int e = 0; e < E; ++e) oy[e] = (gs_t)0;
+        for (int e = 0; e < (STG ? 1 : E); ++e) oy[e] = (gs_t)0;
         unsigned act = 0;  // active steps of the tile (bit = position in tile)
 #pragma unroll
         for (int sp = 0; sp < VS; ++sp) {
@@ -693,18 +820,43 @@ struct GsForward {
                 B_t::sync();
             }
         }
-        if (VS > 1) {
+        if constexpr (VS > 1 && !STG) {
 #pragma unroll
             for (int sg = 0; sg < NSEG; ++sg) store_seg(oy, sg, p0, act);
         }
+        return act;
     }
 
     // Tiles in walk order through a ring of P register tiles: tile m+P-1 is
-    // requested before tile m is consumed.
+    // requested before tile m is consumed. STG: tile m goes into SG first, so
+    // the ring holds only the P-1 tiles in flight.
     GS_DEV void run()
     {
         int qf, dq, nt;
         B.tiles(true, qf, dq, nt);
+        if constexpr (STG) {
+            constexpr int R = P > 1 ? P - 1 : 1;
+            Tile tl[R];
+#pragma unroll
+            for (int j = 0; j < P - 1; ++j)
+                if (j < nt) load(tl[j], (qf + dq * j) * VS);
+            for (int m = 0; m < nt; ++m) {
+                const int p0 = (qf + dq * m) * VS;
+                if constexpr (P == 1) load(tl[0], p0);
+                stage_in(tl[0]);
+                gs_sync_warp();  // the warp's chunks are in SG (a warp exchanges only its own rows)
+                if constexpr (P > 1) {
+#pragma unroll
+                    for (int j = 0; j + 1 < R; ++j) tl[j] = tl[j + 1];
+                    if (m + P - 1 < nt) load(tl[R - 1], (qf + dq * (m + P - 1)) * VS);
+                }
+                const unsigned act = consume(tl[0], p0);  // reads SG only (tl[0] is not read)
+                // No barrier before the next stage_in: its stores hit the slots this thread's stage_out
+                // read (same chunks), and the owners' reads of SG ended before the last step's barrier.
+                stage_out(p0, act);
+            }
+            return;
+        }
         Tile tl[P];
 #pragma unroll
         for (int j = 0; j < P - 1; ++j)
@@ -718,10 +870,10 @@ struct GsForward {
     }
 };
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, SAVEH>;
+    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>;
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
     if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
@@ -729,6 +881,7 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ 
     if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.py = p_y; f.ph = p_h;
     f.HL = gs_smem();
+    f.SG = static_cast<gs_t*>(static_cast<void*>(f.HL + BUFS * F::PLANE));
     f.md = 1.0f;
     if constexpr (GS_LEARNED) f.md = gs_f(gs_ld1<true>(p_m + d));
     f.b_y = GS_STACK ? f.B.b_d : f.B.b_x;
@@ -1006,9 +1159,10 @@ GS_DEV void gs_block_add(float v, float* red, float* dst)
     }
 }
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool WATOM>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
+    static_assert(!STG, "sector tiles: forward only so far");
     using F = GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>;
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.

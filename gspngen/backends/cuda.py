@@ -192,7 +192,9 @@ class CudaBackend(_CudaBase):
         if cfg.nseg * cfg.lanes_per_segment(mapping) < L:
             raise ValueError(f"config {cfg}: covers {cfg.nseg * cfg.lanes_per_segment(mapping)} lanes, "
                              f"the line has {L}")
-        smem = rc.smem_bytes(spec, kind, mapping, cfg)
+        if cfg.stage and (mapping != rc.STEPS or kind != "fwd"):
+            raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward of the steps mapping only")
+        smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])
         if smem > smem_limit:
             raise ValueError(f"x: the {self.name} backend needs {smem} bytes of shared memory per block for "
                              f"lines of {L} lanes, the GPU offers {smem_limit}; use backend='triton' or 'reference'")

@@ -16,6 +16,7 @@ try, the documented default first.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -282,6 +283,9 @@ class KernelConfig:
     ``vec`` (V) elements per segment along the contiguous axis and ``nseg``
     segments of lanes; loads run ``prefetch`` - 1 tiles ahead; ``bufs`` line
     buffers (2: one barrier per step, 1: half the shared memory, two barriers).
+    ``stage`` (steps mapping, forward): sector tiles of 2 x ``vec`` steps loaded
+    and stored in whole 32-byte sectors through shared memory (see the fused
+    template); costs :func:`stage_bytes` of shared memory.
     """
 
     lane_threads: int
@@ -290,6 +294,7 @@ class KernelConfig:
     nseg: int
     prefetch: int = 2
     bufs: int = 2
+    stage: bool = False
 
     @property
     def threads(self) -> int:
@@ -301,8 +306,14 @@ class KernelConfig:
               and self.bufs in (1, 2) and lt >= 1 and ct >= 1 and self.threads % 32 == 0 and self.threads <= 1024)
         if ok and mapping != CHAN:
             ok = (lt % 32 == 0) if lt >= 32 else (32 % lt == 0)
+        if ok and self.stage:
+            ok = mapping == STEPS and v <= 8
         if not ok:
             raise ValueError(f"invalid CUDA kernel config {self} for the {MAP_NAMES[mapping]} mapping")
+
+    def tile_elements(self, mapping: int) -> int:
+        """Elements one thread computes per tile and tensor (GsBlock::E): segments x vector, x 2 with sector tiles."""
+        return self.nseg * self.vec * (2 if self.stage and mapping == STEPS else 1)
 
     def lanes_per_segment(self, mapping: int) -> int:
         return self.lane_threads * (self.vec if mapping == LANES else 1)
@@ -334,7 +345,7 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
     """
     revt = bool(reverse) and mapping == STEPS
     head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
-            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
+            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}, {_b(cfg.stage and mapping == STEPS)}")
     if kind == "fwd":
         return f"gspn_fwd<{head}, {_b(save_h)}>"
     if kind == "bwd":
@@ -354,12 +365,28 @@ def per_step_names(watom: bool) -> dict[str, str]:
     }
 
 
-def smem_bytes(spec: Spec, kind: str, mapping: int, cfg: KernelConfig) -> int:
-    """Dynamic shared memory of a fused kernel (must match SMEM_FLOATS in the template)."""
+def stage_streams(spec: Spec, kind: str) -> int:
+    """Tensors a sector tile stages (GsForward::NSTR): x, lam, u, s, y and the used weights."""
+    if kind != "fwd":
+        raise ValueError("sector tiles: forward only")
+    return 3 + spec.modulation + spec.skip + sum(host_facts(spec)["w_used_fwd"])
+
+
+def stage_bytes(spec: Spec, dtype_bytes: int, kind: str, mapping: int, cfg: KernelConfig) -> int:
+    """Shared memory of a sector tile (GsForward::STG_FLOATS x 4): streams x 2V steps x padded row."""
+    if not (cfg.stage and mapping == STEPS):
+        return 0
+    sp = cfg.nseg * cfg.threads + 4
+    return -(-(stage_streams(spec, kind) * 2 * cfg.vec * sp * dtype_bytes) // 16) * 16
+
+
+def smem_bytes(spec: Spec, kind: str, mapping: int, cfg: KernelConfig, dtype_bytes: int = 4) -> int:
+    """Dynamic shared memory of a fused kernel (must match SMEM_FLOATS in the template); ``dtype_bytes``:
+    the storage element size (sector tiles stage storage elements)."""
     facts = host_facts(spec)
     plane = cfg.plane_floats(mapping, spec.radius)
     if kind == "fwd":
-        return 4 * cfg.bufs * plane
+        return 4 * cfg.bufs * plane + stage_bytes(spec, dtype_bytes, kind, mapping, cfg)
     needs_h = facts["bwd_needs_h"] or facts["bwd_needs_hp"]
     floats = (2 * plane if needs_h else 0) + cfg.bufs * spec.connection * plane + (32 if spec.merge == "learned" else 0)
     return 4 * floats
@@ -415,6 +442,10 @@ def default_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
       segments. chan: CT (8..1) channel vectors x LT lanes, at most 512 threads.
     - prefetch 2 (one tile in flight while one is consumed).
     - two line buffers (one barrier per step).
+    - no sector tiles (``stage``): the static model counts +25-35% SASS
+      instructions per element for them (scalar shared-memory exchange) and
+      they do not fit lines of ~700+ lanes; they are a tuning candidate
+      (:func:`candidate_configs`) until a GPU measurement says otherwise.
     The first tuning in order (widest vector, deepest prefetch, for chan the
     most channel threads, 512 then 256 threads, two then one buffer) whose predicted registers fit the register
     file and whose shared memory fits the GPU; else the one with the fewest
@@ -431,21 +462,19 @@ def default_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     else:
         vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
     fallback, least = None, None
+    es = ELEM_BYTES[dtype]
     for v in vecs:
         # chan: channel threads per block, most first (wider coalesced runs per pixel)
         cts = [ct for ct in (8, 4, 2, 1) if ct <= _pow2_ceil(-(-C // v))] if mapping == CHAN else [None]
-        for p in (2, 1):
-            for ct in cts:
-                for max_threads in (512, 256):
-                    for bufs in (2, 1):
-                        cfg = _shape_config(mapping, L, C, v, p, bufs, max_threads, ct)
-                        if smem_bytes(spec, kind, mapping, cfg) > smem_limit:
-                            continue
-                        over = predicted_registers(spec, kind, cfg, mapping) - register_cap(cfg.threads)
-                        if over <= 0:
-                            return cfg
-                        if least is None or over < least:
-                            fallback, least = cfg, over
+        for p, ct, max_threads, bufs in itertools.product((2, 1), cts, (512, 256), (2, 1)):
+            cfg = _shape_config(mapping, L, C, v, p, bufs, max_threads, ct)
+            if smem_bytes(spec, kind, mapping, cfg, es) > smem_limit:
+                continue
+            over = predicted_registers(spec, kind, cfg, mapping) - register_cap(cfg.threads)
+            if over <= 0:
+                return cfg
+            if least is None or over < least:
+                fallback, least = cfg, over
     if fallback is None:
         # Even one line buffer of the narrowest tiling does not fit: the line is too long.
         raise ValueError(f"x: an image line of {L} lanes needs more shared memory than the GPU offers "
@@ -477,7 +506,7 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
                       smem_limit: int = 227 * 1024) -> list[KernelConfig]:
     """Tunings an autotuner may time for one direction and pass; the default comes first.
 
-    Variations: prefetch depth 1..3, vector width halved, one line buffer,
+    Variations: prefetch depth 1..3, vector width halved, one line buffer, sector tiles (lr/rl forward),
     and for nchw lines twice the channels (short lines) or half the threads
     with twice the segments (long lines). Each is valid, fits shared memory
     and is predicted to fit the register file.
@@ -492,7 +521,7 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
             cfg.check(mapping)
         except ValueError:
             return
-        fits = (smem_bytes(spec, kind, mapping, cfg) <= smem_limit
+        fits = (smem_bytes(spec, kind, mapping, cfg, ELEM_BYTES[dtype]) <= smem_limit
                 and predicted_registers(spec, kind, cfg, mapping) <= register_cap(cfg.threads))
         if cfg not in out and fits:
             out.append(cfg)
@@ -500,6 +529,8 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
     for p in (1, 2, 3):
         add(_replace(base, prefetch=p))
     add(_replace(base, bufs=1))
+    if mapping == STEPS and kind == "fwd" and base.vec * ELEM_BYTES[dtype] == 16:
+        add(_replace(base, stage=True))  # sector tiles, where their shared memory fits
     if base.vec > 1:
         add(_shape_config(mapping, L, C, base.vec // 2, base.prefetch, base.bufs))
     if mapping != CHAN:
