@@ -607,7 +607,7 @@ static void gs_store_groups(T* gw, gs_i G, const F* tile, gs_i ls, int V, gs_i c
 // turned into gathers.
 // EDGE: elements [j0, j1) may lack neighbours; otherwise every neighbour exists, the flags are
 // constants and the compiler folds the printed block's selections on them away (the interior
-// of a line, all but R*V elements at each end, takes this path).
+// of a line takes this path; see gs_line_ranges).
 template <class F, bool CS, bool EDGE>
 static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl,
                         const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
@@ -616,9 +616,7 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
     const F* wl[GS_K];
     for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
 #pragma omp simd
-    for (gs_i i = j0; i < j1; ++i) {
-        // EDGE over [0, 2e): the first e elements and the last e (one call for both ends)
-        const gs_i j = (EDGE && n > 2 * GS_R * V && i >= GS_R * V) ? i + n - 2 * GS_R * V : i;
+    for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
@@ -661,9 +659,7 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
     }
     F gm = 0;
 #pragma omp simd reduction(+ : gm)
-    for (gs_i i = j0; i < j1; ++i) {
-        // EDGE over [0, 2e): the first e elements and the last e (one call for both ends)
-        const gs_i j = (EDGE && n > 2 * GS_R * V && i >= GS_R * V) ? i + n - 2 * GS_R * V : i;
+    for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];
         [[maybe_unused]] bool f_e[GS_K];
         [[maybe_unused]] F f_hp[GS_K];
@@ -704,25 +700,25 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
     return gm;
 }
 
-// A whole line. fn(j0, j1, edge, first) runs elements [j0, j1). The interior path (edge false:
-// every neighbour exists, the flags are constants, and the compiler folds the printed block's
-// selections on them away) runs over the whole line in full vectors; then the R*V elements at
-// each end, which may lack neighbours, are run again through the EDGE path and overwrite what
-// the interior path wrote there (it read the zero padding and the missing neighbours' logits,
-// and its results there are discarded). first: the call whose line-wide sums count (the merge
-// weight's gradient does not depend on the neighbours, so the interior call's sum is exact).
-// A chunk start has its own constant flags.
+// A whole line. fn(j0, j1, edge) runs elements [j0, j1), each element once. The interior path
+// (edge false: every neighbour exists, the flags are constants, and the compiler folds the
+// printed block's selections on them away) runs the middle; the EDGE path, with the flags, runs
+// a block at each end: the R*V elements that may lack a neighbour, rounded up to whole vectors
+// of 16, so its loads and stores stay contiguous. (One EDGE call over the R*V elements at both
+// ends, mapped onto one range, needed gathers and scatters, slow on AMD: the backward's EDGE
+// loop had 30 gathers and 20 scatters.) A chunk start has its own constant flags.
 template <bool CS, class Fn>
 GS_INLINE void gs_line_ranges(gs_i n, gs_i V, Fn fn)
 {
-    const gs_i e = (gs_i)GS_R * V;
+    const gs_i b = ((gs_i)GS_R * V + 15) / 16 * 16;
     if (CS || GS_R == 0) {
-        fn(0, n, std::false_type(), true);
-    } else if (2 * e >= n) {
-        fn(0, n, std::true_type(), true);  // short line: every element is at an end
+        fn(0, n, std::false_type());
+    } else if (2 * b >= n) {
+        fn(0, n, std::true_type());  // short line: every element is near an end
     } else {
-        fn(0, n, std::false_type(), true);
-        fn(0, 2 * e, std::true_type(), false);  // both ends (the line function maps [e, 2e) to the end)
+        fn(0, b, std::true_type());
+        fn(b, n - b, std::false_type());
+        fn(n - b, n, std::true_type());
     }
 }
 
@@ -904,7 +900,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         F* hcur = th + (q + 1) * sh.lsp + sh.pad;
 #define GS_FWD_RUN(CS_)                                                                              \
-    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool) {                          \
+    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                          \
         gs_fwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, wl, xl, laml, ul, sl, md, hprev, \
                                                    hcur, ty + o);                                    \
     })
@@ -1059,12 +1055,12 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         const F* const* gi = nx ? ghp[cur] : ghp[2];
                         F* const* go = ghp[cur ^ 1];
 #define GS_BWD_RUN(CS_)                                                                               \
-    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge, bool first) {                      \
+    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                      \
         const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, gyl, wl, xl,          \
                                                             laml, ul, sl, md, hl, hprev,              \
                                                             gi, go, ogx + o, oglam + o, ogu + o,      \
                                                             ogs + o, gwl);                            \
-        if (first) gmsum += gml;                                                                      \
+        gmsum += gml;                                                                                 \
     })
                         if (cs) GS_BWD_RUN(true);
                         else GS_BWD_RUN(false);
