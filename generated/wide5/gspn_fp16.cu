@@ -679,20 +679,20 @@ struct GsForward {
                         if (gs_w_used_fwd(c)) gs_ld_run<V, VEC, true>(tl.w[c] + a, pw + ow + c * B.GHW, mk);
                 }
             }
-            return;
-        }
+        } else {  // else, not an early return: NVRTC warns of the unreachable loop otherwise
 #pragma unroll
-        for (int sg = 0; sg < NSEG; ++sg) {
-            const unsigned mk = B.mask(sg, p0);
-            const long long o = B.img(sg, p0);
-            gs_ld_run<V, VEC, true>(tl.x + sg * V, px + B.b_x + o, mk);
-            gs_ld_run<V, VEC, true>(tl.lam + sg * V, plam + B.b_d + o, mk);
-            if constexpr (GS_MOD) gs_ld_run<V, VEC, true>(tl.u + sg * V, pu + B.b_d + o, mk);
-            if constexpr (GS_SKIP) gs_ld_run<V, VEC, true>(tl.s + sg * V, ps + B.b_d + o, mk);
-            gs_ld_run<V, VEC, false>(tl.y + sg * V, py + b_y + o, acc ? mk : 0u);
+            for (int sg = 0; sg < NSEG; ++sg) {
+                const unsigned mk = B.mask(sg, p0);
+                const long long o = B.img(sg, p0);
+                gs_ld_run<V, VEC, true>(tl.x + sg * V, px + B.b_x + o, mk);
+                gs_ld_run<V, VEC, true>(tl.lam + sg * V, plam + B.b_d + o, mk);
+                if constexpr (GS_MOD) gs_ld_run<V, VEC, true>(tl.u + sg * V, pu + B.b_d + o, mk);
+                if constexpr (GS_SKIP) gs_ld_run<V, VEC, true>(tl.s + sg * V, ps + B.b_d + o, mk);
+                gs_ld_run<V, VEC, false>(tl.y + sg * V, py + b_y + o, acc ? mk : 0u);
 #pragma unroll
-            for (int c = 0; c < GS_K; ++c)
-                if (gs_w_used_fwd(c)) B.template ld_w<true>(tl.w[c] + sg * V, pw, c, sg, p0, mk);
+                for (int c = 0; c < GS_K; ++c)
+                    if (gs_w_used_fwd(c)) B.template ld_w<true>(tl.w[c] + sg * V, pw, c, sg, p0, mk);
+            }
         }
     }
 
@@ -855,17 +855,17 @@ struct GsForward {
                 // read (same chunks), and the owners' reads of SG ended before the last step's barrier.
                 stage_out(p0, act);
             }
-            return;
-        }
-        Tile tl[P];
+        } else {
+            Tile tl[P];
 #pragma unroll
-        for (int j = 0; j < P - 1; ++j)
-            if (j < nt) load(tl[j], (qf + dq * j) * VS);
-        for (int m = 0; m < nt; ++m) {
-            if (m + P - 1 < nt) load(tl[P - 1], (qf + dq * (m + P - 1)) * VS);
-            consume(tl[0], (qf + dq * m) * VS);
+            for (int j = 0; j < P - 1; ++j)
+                if (j < nt) load(tl[j], (qf + dq * j) * VS);
+            for (int m = 0; m < nt; ++m) {
+                if (m + P - 1 < nt) load(tl[P - 1], (qf + dq * (m + P - 1)) * VS);
+                consume(tl[0], (qf + dq * m) * VS);
 #pragma unroll
-            for (int j = 0; j < P - 1; ++j) tl[j] = tl[j + 1];
+                for (int j = 0; j < P - 1; ++j) tl[j] = tl[j + 1];
+            }
         }
     }
 };
