@@ -190,6 +190,17 @@ def test_directions_share_a_launch_while_it_fits_one_wave():
     assert [(l.group.directions, l.dir) for l in split] == [((2,), 2), ((3,), 3), ((0, 1), -1)]  # tb, bt alone
 
 
+@pytest.mark.parametrize("fields,N,C,H,W,block_c", [EDGE_CASES[1], EDGE_CASES[3], EDGE_CASES[4]])
+def test_wide_index(fields, N, C, H, W, block_c, monkeypatch):
+    """The int64 element offsets of images with 2**31 elements or more (WIDE_INDEX), forced on a tiny
+    shape; every other test runs the int32 ones."""
+    assert not triton_launch.wide_index(C, H, W) and triton_launch.wide_index(2, 2**15, 2**15)
+    monkeypatch.setattr(triton_launch, "INT32_INDEX_LIMIT", 1)
+    assert triton_launch.wide_index(C, H, W)
+    spec = Spec.from_dict({"name": "edge", **fields})
+    check_against_reference(spec, N, C, H, W, config=TritonConfig(block_c=block_c))
+
+
 def test_poisoning_catches_unwritten_elements(monkeypatch):
     # Drop one direction from the launch plan: its slice of y and of the stored
     # h stays NaN, and the check must say so.
@@ -360,8 +371,10 @@ def compile_cases_for_gpu() -> None:
     for fields, storage, arch, group_tile, ones in COMPILE_CASES:
         mod = triton_launch.kernel_module(Spec.from_dict({"name": "cc", **fields}))
         # DIR: the shared launch (runtime direction) and a single-direction one (constant strides)
+        # WIDE_INDEX: int64 element offsets (images of 2**31 elements or more) in the first case, int32 in
+        # the second
         base = {"BLOCK_C": 1 if ones else 4, "BLOCK_L": 1 if ones else 64, "GROUP_TILE": group_tile,
-                "DIR": 1 if ones else -1}
+                "DIR": 1 if ones else -1, "WIDE_INDEX": not ones}
         if ones:
             base.update(ND=1, C=1, G=1, H=1, NCHUNK=1, NCB=1)
         for fn, extra in ((mod.gspn_forward, {"ACCUMULATE": not ones}),

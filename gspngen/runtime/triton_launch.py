@@ -289,6 +289,16 @@ def _optional(spec: Spec, u, s, m) -> list[torch.Tensor]:
     return [t for t, used in ((u, spec.modulation), (s, spec.skip), (m, spec.merge == "learned")) if used]
 
 
+# Element offsets inside one image are int32 below this size (see "Addresses" in
+# templates/triton/kernels.py.j2); an image of this many elements or more gets int64 (WIDE_INDEX).
+INT32_INDEX_LIMIT = 2**31
+
+
+def wide_index(C: int, H: int, W: int) -> bool:
+    """WIDE_INDEX: some element offset inside one image (C*H*W elements; G <= C) needs int64."""
+    return C * H * W >= INT32_INDEX_LIMIT
+
+
 def _launch_args(C, H, W, G, group: LaunchGroup, tile: TilePlan):
     return (group.dmap, len(group.directions), C, H, W, G, group.num_chunks, tile.num_blocks)
 
@@ -318,6 +328,7 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                WIDE_INDEX=wide_index(C, H, W),
                 ACCUMULATE=accumulate,
                 SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
@@ -350,6 +361,7 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
                 gy, x, w, lam, *_optional(spec, u, s, m), hs, gx, gw, glam, *grads_out,
                 *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                WIDE_INDEX=wide_index(C, H, W),
                 GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
                 num_warps=tile.num_warps, num_stages=config.num_stages,
             )
