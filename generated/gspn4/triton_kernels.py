@@ -25,7 +25,8 @@ Design (why it looks like this):
   load touches: cache hits) and keeps the scans only for the gradient that
   flows to the neighbours: a scan holds three values per element and a
   cross-warp exchange, which at 2048 lanes (4 elements a thread, 128
-  registers) is what spilled.
+  registers) is what spilled. For the same reason it reloads h(t) each step
+  (h(t-1) of the step before: a cache hit) instead of carrying it over.
 * Addresses. Every offset is (int64 scalar: batch, direction, weight
   index, the step's row) + (per-element part inside one image: int32
   unless WIDE_INDEX, i.e. an image of 2**31 elements or more), and the
@@ -413,11 +414,6 @@ def gspn_backward(
     gy_base = x_base
     md = tl.load(m_ptr + d).to(tl.float32)
     gm_acc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # reduced once, after the loop
-    # h of the chunk's last step; then each step loads the line before it.
-    # (lane < lim) masks everything off when this program has no steps.
-    lim = tl.where(t1 > t0, L, 0)
-    h_cur = tl.load(hs_ptr + dir_base + base_c + (t1 - 1) * step_c + tile_c,
-                    mask=(lane < lim) & (ch < C), other=0.0).to(tl.float32)
     carry = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # gradient into h(t) from step t+1
     for tt in range(0, t1 - t0):
         t = t1 - 1 - tt
@@ -446,7 +442,8 @@ def gspn_backward(
         hp1 = h_before
         hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2, other=0.0).to(tl.float32)
 
-        h = h_cur
+        # h(t), reloaded (it was h(t-1) of the step before: a cache hit) rather than kept live across the step
+        h = tl.load(hs_ptr + dir_base + off_c, mask=valid, other=0.0)
         # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs, gmd
         ao_cse0 = gy*md
         gh_out = ao_cse0*u
@@ -515,5 +512,4 @@ def gspn_backward(
         carry += tl.where(valid, ghp1, 0.0)
         carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
         carry = tl.where(valid, carry, 0.0)
-        h_cur = h_before
     tl.atomic_add(gm_ptr + d, tl.sum(gm_acc), sem="relaxed")

@@ -69,10 +69,10 @@ CONFIGS: tuple[TritonConfig, ...] = tuple(
 )
 # Register budget of one fp32 tile, in elements per thread: block_c is lowered
 # until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps, and where one
-# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: the
-# backward step holds ~60 live fp32 values per element; at 8 per thread it
-# spilled 1.3 KB per thread at 1024 lanes (sm_90, tests/test_triton_spills.py),
-# at 4 it fits in 255 registers up to a few bytes.
+# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: at 8
+# per thread the backward spilled 1.3 KB per thread at 1024 lanes; at 4 nothing
+# spills at 1024 lanes (8 warps, up to 255 registers a thread) nor at 2048 (16
+# warps, at most 128), sm_90, tests/test_triton_spills.py.
 MAX_ELEMS_PER_THREAD = 4
 MAX_WARPS = 32  # 1024 threads, the most a CTA may have
 
