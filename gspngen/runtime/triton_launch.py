@@ -150,8 +150,10 @@ def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConf
     the program id, strides are runtime values, loads scalar), except when that launch would need more
     than one wave of ``sms`` programs anyway: then each direction whose lanes are contiguous (tb/bt in
     nchw) gets its own launch with constant strides, where its loads become 128-bit. Strided (lr/rl)
-    directions stay shared: constants buy them no vector loads, and their single-direction kernel
-    needs more registers (the backward at 1024 lanes spilled 56 and 312 bytes, against 8 shared)."""
+    directions stay shared: constants buy them no vector loads. (This was also chosen because their
+    single-direction backward spilled at 1024 lanes, 56 and 312 bytes against 8 shared; since the int32
+    offsets none of them spills at 1024 or 2048 lanes, sm_90, so whether lr/rl alone run faster is open
+    until measured on a GPU.)"""
     G = spec.groups(C)
     out = []
     for group in launch_groups(spec, H, W):
