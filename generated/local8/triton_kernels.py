@@ -435,9 +435,11 @@ def gspn_backward(
         lim = tl.where(t > t0, L, 0)
         has_before = (lane < lim) & (ch < C)
         h_before = tl.load(hs_ptr + (dir_base - step_c) + off_c, mask=has_before, other=0.0).to(tl.float32)
-        hp0 = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off_c, mask=has_before & e0, other=0.0).to(tl.float32)
+        hp0 = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off_c, mask=has_before & e0,
+                      other=0.0).to(tl.float32)
         hp1 = h_before
-        hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2, other=0.0).to(tl.float32)
+        hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2,
+                      other=0.0).to(tl.float32)
 
         # h(t), reloaded (it was h(t-1) of the step before: a cache hit) rather than kept live across the step
         h = tl.load(hs_ptr + dir_base + off_c, mask=valid, other=0.0)
