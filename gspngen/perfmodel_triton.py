@@ -155,7 +155,7 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
             continue
         for group, tile, dir_ in tl_.plan_launches(spec, N, C, H, W, cfg, sms):
             cx: dict[str, Any] = {"BLOCK_C": tile.block_c, "BLOCK_L": group.block_l, "DIR": dir_,
-                                  "GROUP_TILE": tile.group_tile}
+                                  "GROUP_TILE": tile.group_tile, "WIDE_INDEX": tl_.wide_index(C, H, W)}
             if pass_ == "forward":
                 accumulate = spec.merge != "stack" and D > 1
                 cx.update(ACCUMULATE=accumulate, SAVE_H=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -43,16 +44,49 @@ def poisoned_outputs():
         yield
 
 
+def case_inputs(spec: Spec, N: int, C: int, H: int, W: int, dtype, device="cpu", seed: int = 0) -> list:
+    """The inputs (in ARG_NAMES order) that check_against_reference feeds both backends.
+
+    Raw weights (normalization ``none``) are make_inputs' 0.4 * N(0, 1) times sqrt(3 / k). With k
+    weights a row's gain is about 0.4 * sqrt(k) (the rms of the banded step), so unscaled, k = 7
+    grows h by ~1.06 per step and k = 9 by ~1.2: at (1, 4, 96, 130), k = 7, the float64 reference's
+    weight gradient reached 1.9e5, beyond fp16's largest value (65504). No fp16 result can match
+    that (the kernel rounds it to inf, correctly), which is how the H200 run of
+    test_gpu_matches_reference[shape1-dtype2-fields2] failed. Scaled, every k keeps k = 3's gain
+    (~0.69): the scan stays bounded, and k = 3 inputs are unchanged.
+    """
+    inputs = make_inputs(spec, N, C, H, W, dtype=torch.float64, seed=seed)
+    if spec.normalization == "none":
+        inputs["w"] = inputs["w"] * math.sqrt(3 / spec.connection)
+    return [None if inputs[n] is None else inputs[n].to(dtype=dtype, device=device) for n in ARG_NAMES]
+
+
+def upstream_grad(shape, dtype, device="cpu", seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype=dtype, device=device)
+
+
+def assert_representable(dtype, named) -> None:
+    """Every (float64 reference) value fits ``dtype``: otherwise no result of that dtype can match it
+    and the comparison says nothing about the kernel, only that the test's inputs are too large."""
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return
+    biggest = torch.finfo(dtype).max
+    for name, t in named:
+        if t is not None:
+            top = t.detach().abs().max().item()
+            assert top < biggest, (f"test inputs out of range: the float64 reference's {name} reaches {top:.4g}, "
+                                   f"beyond the largest {dtype} ({biggest:.4g})")
+
+
 def check_against_reference(spec: Spec, N: int, C: int, H: int, W: int, dtype=torch.float32, device="cpu",
                             config: TritonConfig | None = None, seed: int = 0) -> None:
     """Forward and all gradients of the triton backend equal the float64 reference within tolerance(dtype)."""
-    inputs = make_inputs(spec, N, C, H, W, dtype=dtype, device=device, seed=seed)
-    args = [inputs[name] for name in ARG_NAMES]
+    args = case_inputs(spec, N, C, H, W, dtype, device, seed)
     backend = TritonBackend(config)
     with poisoned_outputs():
         y, saved = backend.forward(spec, *args)
     assert not saved.isnan().any(), "stored h has unwritten elements"
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype=dtype, device=device)
+    gy = upstream_grad(y.shape, dtype, device, seed)
     with poisoned_outputs():
         grads = backend.backward(spec, gy, *args, saved)
 
@@ -61,6 +95,7 @@ def check_against_reference(spec: Spec, N: int, C: int, H: int, W: int, dtype=to
     args64 = [None if a is None else a.double() for a in args]
     y_ref, _ = ref.forward(spec, *args64)
     grads_ref = ref.backward(spec, gy.double(), *args64, None)
+    assert_representable(dtype, [("y", y_ref), *zip(GRAD_NAMES, grads_ref)])
 
     tol = tolerance(dtype)
 
@@ -155,6 +190,17 @@ def test_directions_share_a_launch_while_it_fits_one_wave():
     assert [(l.group.directions, l.dir) for l in split] == [((2,), 2), ((3,), 3), ((0, 1), -1)]  # tb, bt alone
 
 
+@pytest.mark.parametrize("fields,N,C,H,W,block_c", [EDGE_CASES[1], EDGE_CASES[3], EDGE_CASES[4]])
+def test_wide_index(fields, N, C, H, W, block_c, monkeypatch):
+    """The int64 element offsets of images with 2**31 elements or more (WIDE_INDEX), forced on a tiny
+    shape; every other test runs the int32 ones."""
+    assert not triton_launch.wide_index(C, H, W) and triton_launch.wide_index(2, 2**15, 2**15)
+    monkeypatch.setattr(triton_launch, "INT32_INDEX_LIMIT", 1)
+    assert triton_launch.wide_index(C, H, W)
+    spec = Spec.from_dict({"name": "edge", **fields})
+    check_against_reference(spec, N, C, H, W, config=TritonConfig(block_c=block_c))
+
+
 def test_poisoning_catches_unwritten_elements(monkeypatch):
     # Drop one direction from the launch plan: its slice of y and of the stored
     # h stays NaN, and the check must say so.
@@ -167,6 +213,29 @@ def test_poisoning_catches_unwritten_elements(monkeypatch):
     monkeypatch.setattr(triton_launch, "launch_groups", first_direction_only)
     with pytest.raises(AssertionError, match="unwritten"):
         check_against_reference(spec, 1, 2, 3, 3)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's fp16 store
+def test_fp16_gradient_beyond_range_is_inf_there_only():
+    """What the H200 run of test_gpu_matches_reference[shape1-dtype2-fields2] met, on a tiny shape: raw
+    weights ('none') and inputs large enough that two weight gradients exceed fp16's range. The kernel
+    (fp32 math, fp16 store) gives inf exactly where the float64 reference is beyond 65504 and the
+    right value everywhere else: the inf is the storage dtype's, not a kernel fault."""
+    spec = Spec.from_dict({"name": "gpu", "connection": 7, "normalization": "none", "weight_groups": 2,
+                           "merge": "stack", "directions": ["rl", "tb"]})
+    inp = make_inputs(spec, 1, 4, 5, 6, dtype=torch.float64)
+    inp["x"], inp["lam"] = inp["x"] * 2500, inp["lam"] * 3  # gw: 9.4e4 and 8.0e4, the next 5.4e4
+    args = [None if inp[n] is None else inp[n].half() for n in ARG_NAMES]
+    y, saved = TritonBackend().forward(spec, *args)
+    gy = upstream_grad(y.shape, torch.float16)
+    gw = TritonBackend().backward(spec, gy, *args, saved)[1].double()
+    args64 = [None if a is None else a.double() for a in args]
+    gw_ref = ReferenceBackend().backward(spec, gy.double(), *args64, None)[1]
+    big = torch.finfo(torch.float16).max
+    assert (gw_ref.abs() > 1.01 * big).sum() == 2 and not ((gw_ref.abs() > 0.99 * big) & (gw_ref.abs() < 1.01 * big)).any()
+    assert torch.equal(gw.isinf(), gw_ref.abs() > big)
+    fin = gw.isfinite()
+    assert (gw - gw_ref)[fin].abs().max() <= tolerance(torch.float16) * gw_ref[fin].abs().max()
 
 
 def test_mass_conservation_in_fp32():
@@ -325,8 +394,10 @@ def compile_cases_for_gpu() -> None:
     for fields, storage, arch, group_tile, ones in COMPILE_CASES:
         mod = triton_launch.kernel_module(Spec.from_dict({"name": "cc", **fields}))
         # DIR: the shared launch (runtime direction) and a single-direction one (constant strides)
+        # WIDE_INDEX: int64 element offsets (images of 2**31 elements or more) in the first case, int32 in
+        # the second
         base = {"BLOCK_C": 1 if ones else 4, "BLOCK_L": 1 if ones else 64, "GROUP_TILE": group_tile,
-                "DIR": 1 if ones else -1}
+                "DIR": 1 if ones else -1, "WIDE_INDEX": not ones}
         if ones:
             base.update(ND=1, C=1, G=1, H=1, NCHUNK=1, NCB=1)
         for fn, extra in ((mod.gspn_forward, {"ACCUMULATE": not ones}),
@@ -355,11 +426,28 @@ GPU_SPECS = [
 ]
 
 
+GPU_SHAPES = [(2, 8, 64, 64), (1, 4, 96, 130)]
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("fields", GPU_SPECS)
+def test_gpu_cases_fit_fp16(fields, shape):
+    """CPU, reference only: every value test_gpu_matches_reference compares in fp16 is representable in
+    fp16 (bf16 has fp32's range). Before case_inputs scaled raw weights by sqrt(3/k), the k=7
+    'none' case's gw reached 1.9e5 at (1, 4, 96, 130) and the H200 run failed on it."""
+    spec = Spec.from_dict({"name": "gpu", **fields})
+    args = [None if a is None else a.double() for a in case_inputs(spec, *shape, torch.float16)]
+    ref = ReferenceBackend()
+    y, _ = ref.forward(spec, *args)
+    grads = ref.backward(spec, upstream_grad(y.shape, torch.float16).double(), *args, None)
+    assert_representable(torch.float16, [("y", y), *zip(GRAD_NAMES, grads)])
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("fields", GPU_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 8, 64, 64), (1, 4, 96, 130)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_matches_reference(fields, dtype, shape):
     spec = Spec.from_dict({"name": "gpu", **fields})
     check_against_reference(spec, *shape, dtype=dtype, device="cuda")

@@ -16,11 +16,26 @@ Design (why it looks like this):
   so a line cannot be split between programs without a grid-wide sync per
   step. It walks every step of its chunk in one launch, keeping the previous
   line in registers (fp32). Chunks are independent, so they are programs too.
-* Neighbours. The +-r neighbours of the register line come from
-  ``_lane_shift`` (an associative scan that carries the previous lane's
+* Neighbours. In the forward, the +-r neighbours of the register line come
+  from ``_lane_shift`` (an associative scan that carries the previous lane's
   value; |o| scans for offset o), in the tile's own layout: no
   global-memory round trip and no tl.gather (see "moving a line by one
-  lane" below for why not).
+  lane" below for why not). The backward reads h(t-1) from the stored h
+  anyway, so it reads the neighbours there too (the same lines its centre
+  load touches: cache hits) and keeps the scans only for the gradient that
+  flows to the neighbours: a scan holds three values per element and a
+  cross-warp exchange, which at 2048 lanes (4 elements a thread, 128
+  registers) is what spilled. For the same reason it reloads h(t) each step
+  (h(t-1) of the step before: a cache hit) instead of carrying it over.
+* Addresses. Every offset is (int64 scalar: batch, direction, weight
+  index, the step's row) + (per-element part inside one image: int32
+  unless WIDE_INDEX, i.e. an image of 2**31 elements or more), and the
+  step's row is added to the per-element part in int32. With int64
+  per-element offsets LLVM split "base + (row + tile)" and hoisted
+  "base + tile" out of the step loop: one 64-bit pointer per element and
+  tensor (2 registers x 4 elements x 9 forward / 16 backward streams),
+  live across the whole loop. An int32 add, sign-extended, cannot be split
+  that way, so one int32 offset per element serves every tensor.
 * Directions. DIR >= 0: the launch runs that one direction, so its
   strides are compile-time constants (tb/bt lanes are contiguous: Triton
   sees it and issues 128-bit loads and stores). DIR = -1: every direction
@@ -98,6 +113,7 @@ def gspn_forward(
     y_ptr, hs_ptr,
     dmap, ND, C, H, W, G, NCHUNK, NCB,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SAVE_H: tl.constexpr,
 ):
@@ -184,7 +200,12 @@ def gspn_forward(
     ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
     lane = tl.arange(0, BLOCK_L)[None, :]
     valid = (ch < C) & (lane < L)
+    # Offsets: scalar int64 parts (batch, direction, weight index) go into the
+    # pointer; the per-element part (this tile in one image) is int32 unless
+    # WIDE_INDEX (an image of 2**31 elements or more). See "Addresses".
     tile_c = lane * lane_c + ch * chan_c
+    if not WIDE_INDEX:
+        tile_c = tile_c.to(tl.int32)
     if GROUP_TILE:
         # C/G > 1 and BLOCK_C divides C/G: the whole tile is one weight group,
         # so each weight is one value per lane, loaded once for all channels.
@@ -195,6 +216,8 @@ def gspn_forward(
         # G == C: channel ch uses weight group ch.
         tile_g = lane * lane_g + ch * chan_g
         valid_g = valid
+    if not WIDE_INDEX:
+        tile_g = tile_g.to(tl.int32)
     # Neighbour c of lane i is lane i + c - r: its existence flag (loop invariant).
     j0 = lane + (-1)
     e0 = (j0 >= 0) & (j0 < L)
@@ -213,8 +236,14 @@ def gspn_forward(
     md = tl.load(m_ptr + d).to(tl.float32)
     h_prev = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # a chunk starts from h = 0
     for t in range(t0, t1):
-        off_c = base_c + t * step_c + tile_c
-        off_g = base_g + t * step_g + tile_g
+        # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
+        row_c = base_c + t * step_c
+        row_g = base_g + t * step_g
+        if not WIDE_INDEX:
+            row_c = row_c.to(tl.int32)
+            row_g = row_g.to(tl.int32)
+        off_c = row_c + tile_c
+        off_g = row_g + tile_g
         x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
         lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
@@ -260,6 +289,7 @@ def gspn_backward(
     gx_ptr, gw_ptr, glam_ptr, gu_ptr, gs_ptr, gm_ptr,  # outputs
     dmap, ND, C, H, W, G, NCHUNK, NCB,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
     GX_ATOMIC: tl.constexpr, GW_ATOMIC: tl.constexpr,
 ):
     """Gradients of x, w, lam (+u, s, m). gx is an fp32 accumulator when GX_ATOMIC, gw when GW_ATOMIC, gm always."""
@@ -344,7 +374,12 @@ def gspn_backward(
     ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
     lane = tl.arange(0, BLOCK_L)[None, :]
     valid = (ch < C) & (lane < L)
+    # Offsets: scalar int64 parts (batch, direction, weight index) go into the
+    # pointer; the per-element part (this tile in one image) is int32 unless
+    # WIDE_INDEX (an image of 2**31 elements or more). See "Addresses".
     tile_c = lane * lane_c + ch * chan_c
+    if not WIDE_INDEX:
+        tile_c = tile_c.to(tl.int32)
     if GROUP_TILE:
         # C/G > 1 and BLOCK_C divides C/G: the whole tile is one weight group,
         # so each weight is one value per lane, loaded once for all channels.
@@ -355,6 +390,8 @@ def gspn_backward(
         # G == C: channel ch uses weight group ch.
         tile_g = lane * lane_g + ch * chan_g
         valid_g = valid
+    if not WIDE_INDEX:
+        tile_g = tile_g.to(tl.int32)
     # Neighbour c of lane i is lane i + c - r: its existence flag (loop invariant).
     j0 = lane + (-1)
     e0 = (j0 >= 0) & (j0 < L)
@@ -377,16 +414,17 @@ def gspn_backward(
     gy_base = x_base
     md = tl.load(m_ptr + d).to(tl.float32)
     gm_acc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # reduced once, after the loop
-    # h of the chunk's last step; then each step loads the line before it.
-    # (lane < lim) masks everything off when this program has no steps.
-    lim = tl.where(t1 > t0, L, 0)
-    h_cur = tl.load(hs_ptr + dir_base + base_c + (t1 - 1) * step_c + tile_c,
-                    mask=(lane < lim) & (ch < C), other=0.0).to(tl.float32)
     carry = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # gradient into h(t) from step t+1
     for tt in range(0, t1 - t0):
         t = t1 - 1 - tt
-        off_c = base_c + t * step_c + tile_c
-        off_g = base_g + t * step_g + tile_g
+        # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
+        row_c = base_c + t * step_c
+        row_g = base_g + t * step_g
+        if not WIDE_INDEX:
+            row_c = row_c.to(tl.int32)
+            row_g = row_g.to(tl.int32)
+        off_c = row_c + tile_c
+        off_g = row_g + tile_g
         gy = tl.load(gy_ptr + gy_base + off_c, mask=valid, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
         lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
@@ -398,12 +436,16 @@ def gspn_backward(
 
         # previous line h(t-1); 0 at the chunk start (no predecessor)
         lim = tl.where(t > t0, L, 0)
-        h_before = tl.load(hs_ptr + dir_base + off_c - step_c, mask=(lane < lim) & (ch < C), other=0.0).to(tl.float32)
-        hp0 = tl.where(e0, _lane_shift(h_before, False), 0.0)
+        has_before = (lane < lim) & (ch < C)
+        h_before = tl.load(hs_ptr + (dir_base - step_c) + off_c, mask=has_before, other=0.0).to(tl.float32)
+        hp0 = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off_c, mask=has_before & e0,
+                      other=0.0).to(tl.float32)
         hp1 = h_before
-        hp2 = tl.where(e2, _lane_shift(h_before, True), 0.0)
+        hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2,
+                      other=0.0).to(tl.float32)
 
-        h = h_cur
+        # h(t), reloaded (it was h(t-1) of the step before: a cache hit) rather than kept live across the step
+        h = tl.load(hs_ptr + dir_base + off_c, mask=valid, other=0.0)
         # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs, gmd
         ao_cse0 = gy*md
         gh_out = ao_cse0*u
@@ -472,5 +514,4 @@ def gspn_backward(
         carry += tl.where(valid, ghp1, 0.0)
         carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
         carry = tl.where(valid, carry, 0.0)
-        h_cur = h_before
     tl.atomic_add(gm_ptr + d, tl.sum(gm_acc), sem="relaxed")

@@ -69,10 +69,10 @@ CONFIGS: tuple[TritonConfig, ...] = tuple(
 )
 # Register budget of one fp32 tile, in elements per thread: block_c is lowered
 # until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps, and where one
-# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: the
-# backward step holds ~60 live fp32 values per element; at 8 per thread it
-# spilled 1.3 KB per thread at 1024 lanes (sm_90, tests/test_triton_spills.py),
-# at 4 it fits in 255 registers up to a few bytes.
+# channel still exceeds it, num_warps is raised (up to MAX_WARPS). Why 4: at 8
+# per thread the backward spilled 1.3 KB per thread at 1024 lanes; at 4 nothing
+# spills at 1024 lanes (8 warps, up to 255 registers a thread) nor at 2048 (16
+# warps, at most 128), sm_90, tests/test_triton_spills.py.
 MAX_ELEMS_PER_THREAD = 4
 MAX_WARPS = 32  # 1024 threads, the most a CTA may have
 
@@ -150,8 +150,10 @@ def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConf
     the program id, strides are runtime values, loads scalar), except when that launch would need more
     than one wave of ``sms`` programs anyway: then each direction whose lanes are contiguous (tb/bt in
     nchw) gets its own launch with constant strides, where its loads become 128-bit. Strided (lr/rl)
-    directions stay shared: constants buy them no vector loads, and their single-direction kernel
-    needs more registers (the backward at 1024 lanes spilled 56 and 312 bytes, against 8 shared)."""
+    directions stay shared: constants buy them no vector loads. (This was also chosen because their
+    single-direction backward spilled at 1024 lanes, 56 and 312 bytes against 8 shared; since the int32
+    offsets none of them spills at 1024 or 2048 lanes, sm_90, so whether lr/rl alone run faster is open
+    until measured on a GPU.)"""
     G = spec.groups(C)
     out = []
     for group in launch_groups(spec, H, W):
@@ -289,6 +291,16 @@ def _optional(spec: Spec, u, s, m) -> list[torch.Tensor]:
     return [t for t, used in ((u, spec.modulation), (s, spec.skip), (m, spec.merge == "learned")) if used]
 
 
+# Element offsets inside one image are int32 below this size (see "Addresses" in
+# templates/triton/kernels.py.j2); an image of this many elements or more gets int64 (WIDE_INDEX).
+INT32_INDEX_LIMIT = 2**31
+
+
+def wide_index(C: int, H: int, W: int) -> bool:
+    """WIDE_INDEX: some element offset inside one image (C*H*W elements; G <= C) needs int64."""
+    return C * H * W >= INT32_INDEX_LIMIT
+
+
 def _launch_args(C, H, W, G, group: LaunchGroup, tile: TilePlan):
     return (group.dmap, len(group.directions), C, H, W, G, group.num_chunks, tile.num_blocks)
 
@@ -318,6 +330,7 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                WIDE_INDEX=wide_index(C, H, W),
                 ACCUMULATE=accumulate,
                 SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
@@ -350,6 +363,7 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
                 gy, x, w, lam, *_optional(spec, u, s, m), hs, gx, gw, glam, *grads_out,
                 *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
+                WIDE_INDEX=wide_index(C, H, W),
                 GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
                 num_warps=tile.num_warps, num_stages=config.num_stages,
             )
