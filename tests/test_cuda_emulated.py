@@ -280,10 +280,10 @@ def test_kernel_traps_when_shared_memory_is_short(runners):
 def test_emulator_catches_a_missing_barrier(monkeypatch):
     """Without the per-step barrier, results depend on thread order: the emulator must see it."""
     spec = Spec.from_dict({"name": "race", "directions": ["tb"], "merge": "sum", "precision": ["fp32"]})
-    needle = "                step(tl, oy, sm, t);\n                B_t::sync();\n"
+    needle = "                step(tl, oy, sm, t, p);\n                B_t::sync();\n"
     source = rc.render_source(spec, "fp32")
     assert source.count(needle) == 1
-    broken = source.replace(needle, "                step(tl, oy, sm, t);\n")
+    broken = source.replace(needle, "                step(tl, oy, sm, t, p);\n")
     monkeypatch.setattr(rc, "render_source", lambda sp, dn: broken)  # what the backend now renders
     shape = (1, 2, 6, 64)  # 64 lanes: one line spans two warps, so the block barrier matters
     args = inputs(spec, torch.float32, shape, 0)

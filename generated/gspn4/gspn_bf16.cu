@@ -123,6 +123,14 @@ GS_DEV void gs_trap() { __trap(); }
 GS_DEV void gs_sync_block() { __syncthreads(); }
 GS_DEV void gs_sync_warp() { __syncwarp(); }
 GS_DEV float gs_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+// v, as a value the compiler cannot see through: a per-step flag folded into a bound this way stays a
+// compare, where a plain flag lets NVVM duplicate the whole step body for its two values.
+GS_DEV int gs_opaque(int v)
+{
+    int r;
+    asm("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
+    return r;
+}
 #else
 #include "gs_emu_impl.h"  // tests only: the CPU emulator's checked primitives
 #endif  // GSPN_EMULATE
@@ -506,6 +514,9 @@ struct GsBlock {
     GS_DEV int lane(int sg, int ev) const { return lane0(sg) + (MAP == GS_LANES ? ev : 0); }
     GS_DEV int chan(int ev) const { return c0 + (MAP == GS_CHAN ? ev : 0); }
     GS_DEV int pos(int t) const { return rev ? T - 1 - t : t; }  // step -> image coordinate
+    // Double-buffer parity of step t at image coordinate p = pos(t): alternates from step to step.
+    // Steps mapping: that of p, a constant in the unrolled tile walk (t & 1 depends on T when reversed).
+    GS_DEV int par(int t, int p) const { return (MAP == GS_STEPS ? p : t) & 1; }
 
     // Valid elements of segment sg in the tile at position p0 (bit v).
     GS_DEV unsigned mask(int sg, int p0) const
@@ -646,6 +657,7 @@ struct GsForward {
     float md;
     long long b_y;
     bool acc;  // add to what the earlier directions wrote
+    int kn;    // the next chunk start in step order (run() starts it at tb)
 
     GS_DEV void load(Tile& tl, int p0) const
     {
@@ -734,10 +746,14 @@ struct GsForward {
 
     // One step: every element of this thread, then its h into the line
     // buffer and the saved h. The caller places the barrier.
-    GS_DEV void step(const Tile& tl, gs_t* oy, int sm, int t) const
+    GS_DEV void step(const Tile& tl, gs_t* oy, int sm, int t, int p)
     {
-        const bool cs = (t % B.K) == 0;  // first step of a chunk: no previous line
-        const int cur = BUFS == 2 ? (t & 1) : 0;
+        // First step of a chunk (no previous line): t reaches the next chunk start kn. Steps run
+        // one by one upwards from tb, a chunk start, so a compare and an add replace t % K.
+        const bool cs = t == kn;
+        if (cs) kn += B.K;
+        const int lp = gs_opaque(cs ? 0 : B.L);  // lanes with a previous line (gs_opaque: one step body)
+        const int cur = BUFS == 2 ? B.par(t, p) : 0;
         const int prv = BUFS == 2 ? (cur ^ 1) : 0;
         float hv[BUFS == 1 ? NSEG * EPS : 1];  // single buffer: written after everyone has read it
 #pragma unroll
@@ -754,7 +770,7 @@ struct GsForward {
                 for (int c = 0; c < GS_K; ++c) {
                     f_w[c] = gs_w_used_fwd(c) ? in(tl.w[c], gs_fs_w(c), e, sg, sm) : 0.0f;
                     f_e[c] = (unsigned)(ln + c - GS_R) < (unsigned)B.L;
-                    f_hp[c] = (!cs && f_e[c]) ? HL[prv * PLANE + B.slot(sg, ev, c - GS_R)] : 0.0f;
+                    f_hp[c] = (unsigned)(ln + c - GS_R) < (unsigned)lp ? HL[prv * PLANE + B.slot(sg, ev, c - GS_R)] : 0.0f;
                 }
                 [[maybe_unused]] const float f_x = in(tl.x, S_X, e, sg, sm);
                 [[maybe_unused]] const float f_lam = in(tl.lam, S_LAM, e, sg, sm);
@@ -792,7 +808,7 @@ struct GsForward {
     GS_DEV void store_seg(const gs_t* oy, int sg, int t) const { store_seg(oy, sg, B.pos(t), 1u); }
 
     // The steps of the tile at p0; returns its active steps (bit = position in tile).
-    GS_DEV unsigned consume(const Tile& tl, int p0) const
+    GS_DEV unsigned consume(const Tile& tl, int p0)
     {
         gs_t oy[STG ? 1 : E];  // STG: y goes to SG
 #pragma unroll
@@ -805,7 +821,7 @@ struct GsForward {
             const int t = B.pos(p);
             if (p < B.T && t >= B.tb && t < B.te) {  // block-uniform
                 act |= 1u << sm;
-                step(tl, oy, sm, t);
+                step(tl, oy, sm, t, p);
                 B_t::sync();
             }
         }
@@ -823,6 +839,7 @@ struct GsForward {
     {
         int qf, dq, nt;
         B.tiles(true, qf, dq, nt);
+        kn = B.tb;
         if constexpr (STG) {
             constexpr int R = P > 1 ? P - 1 : 1;
             Tile tl[R];
@@ -886,7 +903,7 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ 
 // iteration sit in shared memory (GP). The previous line h(t-1) comes from
 // the saved h through shared memory too (HL): iteration t writes h(t-2),
 // which iteration t-1 reads as its neighbours, so one barrier per step
-// serves both exchanges; HL[t & 1] also holds this thread's own h(t).
+// serves both exchanges; HL[par(t, pos(t))] also holds this thread's own h(t).
 // ===========================================================================
 template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM>
 struct GsBackward {
@@ -927,6 +944,7 @@ struct GsBackward {
     float md, gmd;
     long long b_gy;
     bool acc;  // add to the gx the earlier directions wrote
+    int kc, ke;  // the chunk of the current step: [kc, ke) (run() starts them at the last chunk)
 
     GS_DEV void load(Tile& tl, int p0) const
     {
@@ -965,9 +983,13 @@ struct GsBackward {
     // and h(t-2) into shared memory. The caller places the barrier.
     GS_DEV void step(const Tile& tl, Out& o, int sm, int t, int p)
     {
-        const bool cs = (t % B.K) == 0;                        // chunk start: no previous line
-        const bool nx = t + 1 < B.te && ((t + 1) % B.K) != 0;  // step t+1 exists and read this line
-        const int cur = t & 1, oth = cur ^ 1;
+        // Steps run one by one downwards from te - 1; kc is the start of the chunk holding t (no t % K).
+        const bool cs = t == kc;         // chunk start: no previous line
+        const bool nx = t + 1 < ke;      // step t+1 exists and read this line (ke: end of t's chunk)
+        // the same as lane bounds the compiler cannot see through (one step body, not one per flag value;
+        // the lanes mapping keeps nx visible: its V-element steps would spill on sm_80 otherwise)
+        const int lp = gs_opaque(cs ? 0 : B.L), ln_nx = MAP == GS_STEPS ? gs_opaque(nx ? B.L : 0) : B.L;
+        const int cur = B.par(t, p), oth = cur ^ 1;
         const int gr = BUFS == 2 ? oth : 0, gwb = BUFS == 2 ? cur : 0;  // ghp planes read / written
         float gq[BUFS == 1 ? NSEG * EPS : 1][GS_K];  // single buffer: written after everyone has read it
 #pragma unroll
@@ -987,9 +1009,9 @@ struct GsBackward {
                 for (int c = 0; c < GS_K; ++c) {
                     f_w[c] = gs_w_used_bwd(c) ? gs_f(tl.w[c][e]) : 0.0f;
                     f_e[c] = (unsigned)(ln + c - GS_R) < (unsigned)B.L;
-                    f_hp[c] = (GS_BWD_HP && !cs && f_e[c]) ? HL[oth * PLANE + B.slot(sg, ev, c - GS_R)] : 0.0f;
+                    f_hp[c] = (GS_BWD_HP && (unsigned)(ln + c - GS_R) < (unsigned)lp) ? HL[oth * PLANE + B.slot(sg, ev, c - GS_R)] : 0.0f;
                     // lane ln - (c - r) sent ghp_c to its neighbour c, which is this lane
-                    if (nx && (unsigned)(ln - (c - GS_R)) < (unsigned)B.L)
+                    if ((MAP == GS_STEPS || nx) && (unsigned)(ln - (c - GS_R)) < (unsigned)ln_nx)
                         gin += GP[(gr * GS_K + c) * PLANE + B.slot(sg, ev, GS_R - c)];
                 }
                 [[maybe_unused]] const float f_h = GS_BWD_H ? HL[cur * PLANE + sl] : 0.0f;
@@ -1038,21 +1060,44 @@ struct GsBackward {
 #pragma unroll
                     for (int c = 0; c < GS_K; ++c) GP[c * PLANE + B.slot(sg, ev, 0)] = gq[BUFS == 1 ? sg * EPS + ev : 0][c];
         }
+        if (cs) {  // the next step (t - 1) ends the chunk before
+            ke = kc;
+            kc -= B.K;
+        }
     }
 
+    // The addresses first, then one decision for the segment: whole vectors (VEC and every element
+    // valid), or element by element under the mask (edge tiles); not one decision per tensor.
     GS_DEV void store_seg(const Out& o, int sg, int p0, unsigned act) const
     {
-        {
-            const unsigned mk = B.mask(sg, p0) & (MAP == GS_STEPS ? act : (act ? B_t::FULL : 0u));
-            const long long off = B.img(sg, p0);
-            gs_st_run<V, VEC>(pgx + B.b_x + off, o.gx + sg * V, mk);
-            gs_st_run<V, VEC>(pglam + B.b_d + off, o.glam + sg * V, mk);
-            if constexpr (GS_MOD) gs_st_run<V, VEC>(pgu + B.b_d + off, o.gu + sg * V, mk);
-            if constexpr (GS_SKIP) gs_st_run<V, VEC>(pgs + B.b_d + off, o.gs + sg * V, mk);
-            if constexpr (!WATOM) {
+        const unsigned mk = B.mask(sg, p0) & (MAP == GS_STEPS ? act : (act ? B_t::FULL : 0u));
+        const long long off = B.img(sg, p0);
+        constexpr int NQ = 4 + (WATOM ? 0 : GS_K);
+        gs_t* dst[NQ] = {pgx + B.b_x + off, pglam + B.b_d + off, GS_MOD ? pgu + B.b_d + off : nullptr,
+                         GS_SKIP ? pgs + B.b_d + off : nullptr};
+        const gs_t* src[NQ] = {o.gx + sg * V, o.glam + sg * V, o.gu + (GS_MOD ? sg * V : 0), o.gs + (GS_SKIP ? sg * V : 0)};
+        const bool use[NQ] = {true, true, GS_MOD, GS_SKIP};
+        constexpr bool wq = MAP != GS_CHAN || GS_WCH;  // weight runs are plain runs (else per-channel groups below)
+        if constexpr (!WATOM) {
 #pragma unroll
-                for (int c = 0; c < GS_K; ++c)
-                    B.st_w(static_cast<gs_t*>(pgw), o.gw[WATOM ? 0 : c] + sg * V, c, sg, p0, mk);
+            for (int c = 0; c < GS_K; ++c) {
+                dst[4 + c] = static_cast<gs_t*>(pgw) + B.b_w + c * B.GHW + B.eog(sg) + (long long)p0 * B.ssG;
+                src[4 + c] = o.gw[WATOM ? 0 : c] + sg * V;
+            }
+        }
+        if (VEC && mk == B_t::FULL) {
+#pragma unroll
+            for (int i = 0; i < NQ; ++i)
+                if (i < 4 ? use[i] : wq) gs_st_run<V, VEC>(dst[i], src[i], B_t::FULL);
+        } else {
+#pragma unroll
+            for (int i = 0; i < NQ; ++i)
+                if (i < 4 ? use[i] : wq) gs_st_run<V, false>(dst[i], src[i], mk);
+        }
+        if constexpr (!WATOM) {
+            if (!wq) {
+#pragma unroll
+                for (int c = 0; c < GS_K; ++c) B.st_w(static_cast<gs_t*>(pgw), o.gw[WATOM ? 0 : c] + sg * V, c, sg, p0, mk);
             }
         }
     }
@@ -1104,8 +1149,8 @@ struct GsBackward {
 #pragma unroll
                 for (int ev = 0; ev < EPS; ++ev) {
                     const int sl = B.slot(sg, ev, 0);
-                    HL[((B.te - 1) & 1) * PLANE + sl] = gs_f(a[ev]);
-                    HL[(B.te & 1) * PLANE + sl] = gs_f(b[ev]);
+                    HL[B.par(B.te - 1, B.pos(B.te - 1)) * PLANE + sl] = gs_f(a[ev]);
+                    HL[(B.par(B.te - 1, B.pos(B.te - 1)) ^ 1) * PLANE + sl] = gs_f(b[ev]);
                 }
             }
         }
@@ -1117,6 +1162,8 @@ struct GsBackward {
         prologue();
         int qf, dq, nt;
         B.tiles(false, qf, dq, nt);
+        kc = (B.te - 1) - (B.te - 1) % B.K;
+        ke = B.te;
         Tile tl[P];
 #pragma unroll
         for (int j = 0; j < P - 1; ++j)

@@ -81,6 +81,7 @@ GS_DEV unsigned gs_dyn_smem_bytes() { return (unsigned)emu::g.smem_bytes; }
 GS_DEV void gs_trap() { emu::trap(); }
 GS_DEV void gs_sync_block() { emu::syncthreads(); }
 GS_DEV void gs_sync_warp() { emu::warp_op(emu::OP_SYNC, 0xffffffffu, 0, 0); }
+GS_DEV int gs_opaque(int v) { return v; }
 GS_DEV float gs_shfl_xor(float v, int m)
 {
     return __uint_as_float(emu::warp_op(emu::OP_XOR, 0xffffffffu, m, __float_as_uint(v)));

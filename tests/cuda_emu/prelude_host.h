@@ -107,5 +107,6 @@ GS_PTX_NARROW(rz, RZ)
 GS_PTX_NARROW(rm, RM)
 GS_PTX_NARROW(rp, RP)
 #undef GS_PTX_NARROW
+inline int mov_b32(int v) { return v; }  // a 32-bit copy (gs_opaque: hides a value from the compiler)
 
 }  // namespace gs_ptx
