@@ -184,6 +184,16 @@ def test_nhwc_groups_split_over_items():
     check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float32, key="cb=8,tile=32")
 
 
+@pytest.mark.parametrize("C,key", [(8, "cb=4"), (40, "")])
+def test_nhwc_channel_weights_over_several_items(C, key):
+    # one weight per channel (G == C) and more channels than an item holds: each item reads its own
+    # channels' weights (every item after the first read the first item's weights before)
+    spec = Spec.from_dict({"name": "nhwcw", "connection": 3, "layout": "nhwc", "weight_groups": "channel",
+                           "precision": ["fp32"]})
+    check_against_reference(spec, 2, C, 5, 6, dtype=torch.float64, key=key)
+    check_against_reference(spec, 1, C, 7, 4, dtype=torch.float32, key=key)
+
+
 def test_threads_config_is_a_cap():
     cfg = render_cpu.parse_config(feature_spec(0), "threads=1,tile=32")
     assert (cfg.threads, cfg.tile) == (1, 32) and cfg.key(feature_spec(0)) == "threads=1,tile=32"
@@ -478,8 +488,10 @@ def test_math_primitives_at_the_edges(tmp_path):
     n32 = torch.arange(-140, 131, dtype=torch.float32)
     want = torch.where(n32 < -126, 0.0, torch.exp2(n32.double())).where(n32 < 128, float("inf"))
     assert torch.equal(_apply(lib, 2, n32).double(), want)
-    far = torch.tensor([float("inf"), 1e10, 2.0**23, 2.0**22 + 2, -(2.0**22) - 2, -(2.0**23), -1e10, -float("inf")])
-    assert torch.equal(_apply(lib, 2, far), torch.tensor([float("inf")] * 4 + [0.0] * 4))
+    # far out, including -2^25 .. -1.5 * 2^23, where the magic constant's sum is a small negative float
+    far = torch.tensor([float("inf"), 1e10, 2.0**23, 2.0**22 + 2, -(2.0**22) - 2, -(2.0**23), -12582913.0,
+                        -(2.0**24), -1.3e7, -2.5e7, -25165820.0, -(2.0**25), -1e10, -float("inf")])
+    assert torch.equal(_apply(lib, 2, far), torch.tensor([float("inf")] * 4 + [0.0] * 10))
     # exp2: within 3e-7 relative over the normal range; the same edges as exp
     x = torch.linspace(-125.9, 127.4, 200_001, dtype=torch.float32)
     got, want = _apply(lib, 3, x).double(), torch.exp2(x.double())

@@ -56,7 +56,7 @@ def test_cache_limit_is_honoured(monkeypatch):
     del t
     assert host_alloc.cached_bytes() == 0
     monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "10")
-    ts = [host_alloc.empty((1024, 1024 + 512 * k), torch.float32) for k in range(3)]  # 6, 8, 10 MB classes
+    ts = [host_alloc.empty((1024, 1024 + 512 * k), torch.float32) for k in range(3)]  # 4, 6, 8 MB classes
     del ts
     assert host_alloc.cached_bytes() <= 10 << 20
     monkeypatch.setenv("GSPNGEN_HOST_CACHE_MB", "lots")

@@ -192,15 +192,16 @@ GS_INLINE float gs_floor(float x)
 GS_INLINE double gs_floor(double x) { return std::floor(x); }
 
 // 2^n for a whole number n from its exponent bits: 0 below the smallest normal (n < -126), +inf
-// above 127, both clamps on integers (the magic constant's bits grow with n beyond 2^22, and
-// -inf/+inf land on the clamps); a NaN builds 0 or +inf by its sign, never read: the lowering's
-// only user adds it to terms a NaN there has already made NaN.
+// above 127 (the upper clamp on integers: the magic constant's bits grow with n beyond 2^22, and
+// +inf lands on it); a NaN builds 0 or +inf by its sign, never read: the lowering's only user
+// adds it to terms a NaN there has already made NaN.
 GS_INLINE float gs_pow2(float n)
 {
-    int32_t k = (int32_t)(gs_bits<uint32_t>(n + GS_MAGIC) - GS_MAGIC_BITS);
-    k = k < -127 ? -127 : k;
-    k = k > 128 ? 128 : k;
-    return gs_bits<float>((uint32_t)(k + 127) << 23);
+    // the float clamp first, as in gs_exp2: between -2^25 and -1.5 * 2^23 the sum with the magic
+    // constant is a small negative float whose bits, read as an integer, are large and positive
+    const float lo = n < -127.0f ? -127.0f : n;  // NaN kept
+    const int32_t k = gs_round_top(lo + GS_MAGIC);
+    return gs_bits<float>((uint32_t)((k < -127 ? -127 : k) + 127) << 23);  // below -127: a negative NaN only
 }
 GS_INLINE double gs_pow2(double n)
 {
@@ -845,8 +846,10 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
             F* ts = tu + (GS_MOD ? tl : 0);
             F* ty = ts + (GS_SKIP ? tl : 0);
             F* th = ty + tl;
-            const gs_i gch = GS_NHWC ? 0 : im.co_g[0];  // nchw: the item's group plane
-            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
+            // weights: nchw, the item's group plane; nhwc with a weight per channel, the item's first
+            // channel; nhwc with groups, channel -> group through cow from the pixel's first group
+            const gs_i gch = (GS_NHWC && sh.G != sh.C) ? 0 : im.co_g[0];
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             for (int d = 0; d < GS_D; ++d) {
@@ -970,8 +973,8 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
             F* ghp[3][GS_K];  // two alternating, one all zero (no step t + 1 in the chunk)
             for (int b = 0; b < 3; ++b)
                 for (int c = 0; c < GS_K; ++c) { ghp[b][c] = p + sh.pad; p += gs_skew(sh.lsp); }
-            const gs_i gch = GS_NHWC ? 0 : im.co_g[0];
-            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;  // nhwc weights: channel -> group
+            const gs_i gch = (GS_NHWC && sh.G != sh.C) ? 0 : im.co_g[0];  // as in gs_forward
+            const gs_i* cow = sh.G == sh.C ? nullptr : im.co_g;
             const gs_i ps = GS_NHWC ? sh.C : 1, psw = GS_NHWC ? sh.G : 1;
             const T* xP = x + im.off(sh, im.n, sh.C, im.c0);
             for (int d = 0; d < GS_D; ++d) {
