@@ -6,7 +6,10 @@ For each suite shape and dtype (fp32, bf16) it tunes forward and backward
 (shape, dtype) so a stage that runs out of time keeps what it finished
 ("complete": false). Shapes run in suite order, fp32 then bf16 per shape.
 
-Usage: python scripts/autotune_suite.py SPEC OUT.json [--budget-s S] [--max-configs K] [--dry-run]
+Usage: python scripts/autotune_suite.py SPEC OUT.json [--budget-s S] [--max-configs K] [--backends B...] [--dry-run]
+
+Each candidate's median is also printed to stderr as it is timed, so a run cut
+short keeps its timings in the log even before OUT.json is first written.
 
 --dry-run: on a machine without a GPU, the suite scaled down for the CPU
 (``bench.cpu_scaled``), to check this script end to end; cuda_per_step is then
@@ -28,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.3)
     parser.add_argument("--max-configs", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="tune only these backends (default: every registered candidate)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
 
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             try:
                 report = tune(spec, run_shape, dname, ("fwd", "bwd"), device, budget_s=args.budget_s,
-                              max_per_backend=args.max_configs,
+                              max_per_backend=args.max_configs, backends=args.backends,
                               progress=lambda e, i: print(f"[autotune] {i}", file=sys.stderr, flush=True)
                               if e == "candidate" else None)
                 for p in ("fwd", "bwd"):

@@ -279,7 +279,7 @@ def tune(spec, shape: Sequence[int], dtype: "str | torch.dtype" = "fp32", passes
     0.25 s on the CPU). ``backends``: only these (default: every candidate of
     the registry). ``store=False`` leaves the cache alone. ``progress(event,
     info)`` is told ``"start"`` (info: total) and ``"candidate"`` (info: pass,
-    id, status) as it goes. Returns a report: for each pass its entry key and
+    id, status, reason, median_ms) as it goes. Returns a report: for each pass its entry key and
     entry (as stored), plus device and shape; never raises for a candidate.
     """
     from ..bench import resolve_device
@@ -349,7 +349,8 @@ def tune(spec, shape: Sequence[int], dtype: "str | torch.dtype" = "fp32", passes
                         _free(device)
                 results[candidate_id(cand.backend, cand.config)] = rec
                 progress("candidate", {"pass": p, "id": candidate_id(cand.backend, cand.config),
-                                       "status": rec["status"], "reason": rec.get("reason")})
+                                       "status": rec["status"], "reason": rec.get("reason"),
+                                       "median_ms": rec.get("median_ms")})
             parts = key_parts(spec, device.type, dname, p, shape)
             keys[p] = entry_key(parts)
             entries[keys[p]] = {"key": parts, "shape": list(shape), "candidates": results, "default": default_id,
