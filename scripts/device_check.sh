@@ -4,13 +4,15 @@
 #   2. compute-sanitizer memcheck on a small case of every kernel (racecheck and
 #      synccheck on a smaller one),
 #   3. gspngen bench --suite paper in fp32 and bf16,
-#   4. the autotuner over the paper suite (forward and backward, fp32 and bf16):
+#   4. every fused launch timed on its own, per direction and tuning, beside the static model
+#      (scripts/gpu_probe.py),
+#   5. the autotuner over the paper suite, CUDA variants (forward and backward, fp32 and bf16):
 #      tuned against the default against cuda_per_step (scripts/autotune_suite.py),
-#   5. the GSPN-vs-attention latency table (benchmarks/attention_latency.py),
+#   6. the GSPN-vs-attention latency table (benchmarks/attention_latency.py),
 #      appended to bench.log,
 # then a report (report.md + report.json) in $OUT (default ./out).
 # Every stage is time-boxed so the script finishes in under 8 minutes (the
-# limits sum to 530 s, and the two GPU-test stages run side by side, so at most 440 s of wall time;
+# limits sum to 567 s, and the two GPU-test stages run side by side, so at most 477 s of wall time;
 # a GPU session has 15 minutes in all, start-up included) and reports what ran, what failed and what ran
 # out of time. $OUT receives exactly 8 files (the device tool returns at most
 # 8): report.md, report.json, gpu_tests_cuda.log, gpu_tests_triton.log,
@@ -143,9 +145,10 @@ sanitize() {
     cat "$WORK/$1.log" >> "$OUT/sanitizer.log"
 }
 if command -v compute-sanitizer > /dev/null 2>&1; then
-    sanitize memcheck 40 memcheck cuda
-    sanitize memcheck_triton 20 memcheck triton
-    sanitize racecheck 15 racecheck small
+    # 2026-12-04 H200 runs: 13, 8-10, 8-9 and 6-8 s
+    sanitize memcheck 30 memcheck cuda
+    sanitize memcheck_triton 15 memcheck triton
+    sanitize racecheck 12 racecheck small
     sanitize synccheck 10 synccheck small
 else
     printf 'memcheck\tnot_available\t-\t0\t-\n' >> "$WORK/stages.tsv"
@@ -189,25 +192,33 @@ sys.exit(1 if any(r["status"] == "error" for r in merged["results"]) else 0)
 EOF
 for dt in fp32 bf16; do
     # fp32 runs first and pays the first-use kernel builds (the 2026-12-04 H200 run stopped at 50 s)
-    stage "bench_$dt" "$([ "$dt" = fp32 ] && echo 80 || echo 60)" "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
+    stage "bench_$dt" "$([ "$dt" = fp32 ] && echo 80 || echo 50)" "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
     cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
-# -- 4. autotune ----------------------------------------------------------------
+# -- 4. per-launch probe --------------------------------------------------------
+# Each fused launch timed on its own (CUDA events around the backend's launches) for the default tunings at
+# three shapes in fp32 and bf16, then every tuning of each shape in fp32, beside the static model's
+# prediction per launch: which direction and tuning hold the time (scripts/gpu_probe.py says why).
+stage probe 110 "$WORK/probe.log" "$PY" scripts/gpu_probe.py "$SPEC" --shapes 16,8,1024,1024 1,16,128,128 \
+    1,128,512,512 --dtypes fp32 bf16 --reps 5 --json "$WORK/probe.json"
+cat "$WORK/probe.log" >> "$OUT/bench.log"
+
+# -- 5. autotune ----------------------------------------------------------------
 # Shapes in suite order, fp32 then bf16 each; autotune.json is rewritten after every (shape, dtype), so a
 # stage that runs out of time keeps what it finished. The tuning cache goes to the work folder (thrown
 # away); the log joins bench.log and the table joins report.md, keeping $OUT at 8 files. CUDA variants only:
 # with Triton's configurations the first shape alone took over 150 s on the 2026-12-04 afternoon H200 run
 # (compiles), and the bench stage already times Triton's default.
-GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 70 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
+GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 30 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
     "$WORK/autotune.json" --budget-s 0.3 --max-configs 4 --backends cuda
 cat "$WORK/autotune.log" >> "$OUT/bench.log"
 
-# -- 5. GSPN vs attention ------------------------------------------------------
+# -- 6. GSPN vs attention ------------------------------------------------------
 # Latency and peak memory from 32² to 512² tokens (C = 64, 1 and 4 heads); a case
 # predicted past 5 s per call is skipped, so the stage fits its limit. The table
 # goes to bench.log (the device tool returns 8 files at most).
-stage attention 40 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
+stage attention 35 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
     --sizes 32,64,128,256,512 --channels 64 --heads 1,4 --budget 5 --max-gb 60 --json "$WORK/attention.json"
 cat "$WORK/attention.log" >> "$OUT/bench.log"
 
@@ -220,7 +231,7 @@ def shown(name, log):
     """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
     if log == "-" or name == "environment":
         return None
-    if name.startswith("bench_") or name in ("autotune", "attention"):
+    if name.startswith("bench_") or name in ("probe", "autotune", "attention"):
         return "bench.log"
     if name.startswith(("memcheck", "racecheck", "synccheck")):
         return "sanitizer.log"
@@ -274,6 +285,20 @@ for dt, b in bench.items():
         lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['status']} | "
                      f"{cell(r, 'forward', 'median_ms')} | {cell(r, 'forward', 'fraction_of_copy', 100)} | "
                      f"{cell(r, 'backward', 'median_ms')} | {cell(r, 'backward', 'fraction_of_copy', 100)} |")
+try:
+    probe = json.load(open(os.path.join(work, "probe.json")))["rows"]
+except (OSError, ValueError, KeyError):
+    probe = []
+report["probe"] = probe
+if probe:
+    lines += ["", "## Per-launch probe (scripts/gpu_probe.py; median of 5 calls, CUDA events around each launch)", "",
+              "| N,C,H,W | dtype | pass | tuning | dir | threads | vec | nseg | P | bufs | stage | ms | us/step | predicted ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in probe:
+        pm = r.get("predicted_ms")
+        lines.append(f"| {','.join(map(str, r['shape']))} | {r['dtype']} | {r['pass']} | {r['variant']} | "
+                     f"{r['direction']} | {r['threads']} | {r['vec']} | {r['nseg']} | {r['prefetch']} | {r['bufs']} | "
+                     f"{r['stage']} | {r['ms']:.3f} | {r['us_per_step']:.2f} | {'-' if pm is None else f'{pm:.3f}'} |")
 tuned = None
 try:
     tuned = json.load(open(os.path.join(work, "autotune.json")))

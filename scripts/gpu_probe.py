@@ -1,0 +1,180 @@
+"""Time every launch of the fused CUDA kernels on their own, per direction and tuning (a device_check stage).
+
+`gspngen bench` times whole passes; the static model (gspngen/perfmodel.py)
+predicts each launch. The two H200 runs of 2026-12-04 measured 21 ms forward
+and 95 ms backward at the paper shape, 3x and 8x the model's bound, with the
+same times in fp32 and bf16 (so bytes are not the limit) and a time per step
+that grows with the lanes a block owns. Which launch (lr/rl with their strided
+rows, or tb/bt) and which tuning holds the time cannot be read from pass
+totals: this script records a CUDA event before and after each launch of a
+pass (the backend's own launches, unchanged), for every tuning the autotuner
+would try (``v=i``), and prints measured ms, ms per scan step and the model's
+prediction for the same launch side by side. Each (shape, dtype) row is
+printed as soon as it is measured, so a stage cut short keeps what it did.
+
+Usage: python scripts/gpu_probe.py [SPEC] [--shapes N,C,H,W ...] [--dtypes fp32 bf16] [--reps 5]
+       [--variants all|default] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(v) for v in text.split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape: expected N,C,H,W of positive integers, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+class _HostEvent:
+    """perf_counter stand-in for torch.cuda.Event (the probe under the CPU emulator, in tests)."""
+
+    def __init__(self, **_):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+class EventRunner:
+    """Wraps the backend's runner: an event pair around every launch, in launch order."""
+
+    def __init__(self, inner, event_type):
+        self.inner = inner
+        self.event_type = event_type
+        self.events = []
+
+    def kernel(self, *a, **k):
+        return self.inner.kernel(*a, **k)
+
+    def limits(self, device):
+        return self.inner.limits(device)
+
+    def launch(self, kernel, device, grid, block, smem, args):
+        start, end = self.event_type(enable_timing=True), self.event_type(enable_timing=True)
+        start.record()
+        self.inner.launch(kernel, device, grid, block, smem, args)
+        end.record()
+        self.events.append((start, end))
+
+
+def probe(spec, shape, dname, variant, pass_, reps, runner, device="cuda"):
+    """The median ms of each launch of one pass (in launch order) over ``reps`` calls after a warm-up call.
+    ``device`` "cpu" with an emulator runner times host work (tests)."""
+    import torch
+
+    from gspngen.backends.cuda import CudaBackend
+    from gspngen.testing import make_inputs
+
+    on_gpu = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
+    inp = make_inputs(spec, *shape, dtype=dtype, device=device)
+    args = [inp[k] for k in ("x", "w", "lam", "u", "s", "m")]
+    er = EventRunner(runner, torch.cuda.Event if on_gpu else _HostEvent)
+    be = CudaBackend(er).with_config(**{pass_: variant})
+    y, saved = be.forward(spec, *args)
+    gy = torch.randn_like(y)
+    per_launch = []
+    for rep in range(reps + 1):
+        er.events.clear()
+        if pass_ == "fwd":
+            be.forward(spec, *args)
+        else:
+            be.backward(spec, gy, *args, saved)
+        sync()
+        if rep:  # the first call builds and warms up
+            per_launch.append([s.elapsed_time(e) for s, e in er.events])
+    del inp, args, y, saved, gy
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return [statistics.median(col) for col in zip(*per_launch)]
+
+
+def main(argv=None, runner=None, device: str = "cuda") -> int:
+    """``runner``/``device``: tests pass the CPU emulator and "cpu"; by default CuPy on the GPU."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", nargs="?", default="examples/gspn4.yaml")
+    ap.add_argument("--shapes", nargs="+", type=parse_shape,
+                    default=[(16, 8, 1024, 1024), (1, 16, 128, 128), (1, 128, 512, 512)])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variants", choices=("all", "default"), default="all",
+                    help="every tuning the autotuner would try (fp32), or the default only")
+    ap.add_argument("--gpu", default="h200", help="the GPU the static model predicts for")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from gspngen.backends.cuda import CudaBackend
+    from gspngen.runtime.cuda_build import default_runner
+    from gspngen.spec import load_spec
+
+    if runner is None and not torch.cuda.is_available():
+        print("gpu_probe: no CUDA device; nothing measured", file=sys.stderr)
+        return 2
+    spec = load_spec(args.spec)
+    runner = runner or default_runner()
+    gpu_name = torch.cuda.get_device_name(0) if device == "cuda" else f"{device} (emulated)"
+    rows = []
+    print("shape            dtype pass variant dir  threads vec nseg P B stage  steps       ms  us/step  predicted_ms")
+    # Defaults first (every shape and dtype), then the other tunings of the first dtype shape by shape, so a
+    # stage cut short has the most telling rows; each tuning set costs one NVRTC build (seconds).
+    jobs = [(shape, dname, "") for shape in args.shapes for dname in args.dtypes]
+    if args.variants == "all":
+        jobs += [(shape, args.dtypes[0], v) for shape in args.shapes
+                 for v in dict.fromkeys(CudaBackend().candidates(spec, args.dtypes[0], "fwd", shape)[1:]
+                                        + CudaBackend().candidates(spec, args.dtypes[0], "bwd", shape)[1:])]
+    for shape, dname, v in jobs:
+        N, C, H, W = shape
+        for p in ("fwd", "bwd"):
+            if v and v not in CudaBackend().candidates(spec, dname, p, shape):
+                continue
+            t0 = time.time()
+            try:
+                ms = probe(spec, shape, dname, v, p, args.reps, runner, device)
+            except Exception as exc:  # out of memory, a tuning that does not fit: say so, go on
+                print(f"{shape} {dname} {p} {v or 'default'}: {type(exc).__name__}: {exc}"[:300], flush=True)
+                continue
+            be = CudaBackend(runner=object()).with_config(**{p: v})
+            try:
+                from gspngen.perfmodel import static_figures
+
+                st = static_figures(spec, dname, shape, args.gpu, configs=be.configs)
+                pred = {k["direction"]: k["predicted_ms"]
+                        for k in st["forward" if p == "fwd" else "backward"]["kernels"]}
+            except Exception:  # no NVRTC or cuobjdump: measured figures only
+                pred = {}
+            smem_limit = runner.limits(torch.device("cuda"))[1]
+            for d, direction in enumerate(spec.directions):
+                cfg = be.config(spec, dname, direction, p, C, H, W, smem_limit)
+                steps = W if direction in ("lr", "rl") else H
+                row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",
+                       "direction": direction, "threads": cfg.threads, "vec": cfg.vec, "nseg": cfg.nseg,
+                       "prefetch": cfg.prefetch, "bufs": cfg.bufs, "stage": cfg.stage, "steps": steps,
+                       "ms": ms[d], "us_per_step": ms[d] * 1e3 / steps, "predicted_ms": pred.get(direction)}
+                rows.append(row)
+                pm = row["predicted_ms"]
+                print(f"{','.join(map(str, shape)):16s} {dname:5s} {p:4s} {row['variant']:7s} {direction:4s} "
+                      f"{cfg.threads:7d} {cfg.vec:3d} {cfg.nseg:4d} {cfg.prefetch} {cfg.bufs} {str(cfg.stage):5s} "
+                      f"{steps:6d} {row['ms']:8.3f} {row['us_per_step']:8.3f}  {'-' if pm is None else f'{pm:.3f}'}",
+                      flush=True)
+            print(f"   ({time.time() - t0:.1f} s with builds)", file=sys.stderr, flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"spec": args.spec, "gpu": gpu_name, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
