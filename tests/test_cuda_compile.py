@@ -167,6 +167,11 @@ def test_candidate_configs_compile_without_spills():
         for kind in ("fwd", "bwd"):
             for cfg in rc.candidate_configs(spec, "fp32", direction, kind, 8, 512, 512)[1:]:  # the default is tested above
                 names.append(rc.fused_name(kind, mapping, False, cfg, cfg.vec > 1, False))
+    # the paper shape's long lines: the default has no tile in flight; a half-width prefetch-2 candidate does
+    lr = rc.candidate_configs(spec, "fp32", "lr", "fwd", 8, 1024, 1024)
+    assert lr[0].prefetch == 1 and any(c.prefetch == 2 and c.vec == lr[0].vec // 2 for c in lr[1:])
+    for cfg in lr[1:]:
+        names.append(rc.fused_name("fwd", rc.STEPS, False, cfg, cfg.vec > 1, False))
     names = list(dict.fromkeys(names))
     assert len(names) >= 8
     _check([(spec, "fp32", names)], ("sm_90",), "candidates")

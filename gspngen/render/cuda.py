@@ -506,7 +506,8 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
                       smem_limit: int = 227 * 1024) -> list[KernelConfig]:
     """Tunings an autotuner may time for one direction and pass; the default comes first.
 
-    Variations: prefetch depth 1..3, vector width halved, one line buffer, sector tiles (lr/rl forward),
+    Variations: prefetch depth 1..3, vector width halved (and, where the default has no tile in flight,
+    halved with a prefetch of 2), one line buffer, sector tiles (lr/rl forward),
     and for nchw lines twice the channels (short lines) or half the threads
     with twice the segments (long lines). Each is valid, fits shared memory
     and is predicted to fit the register file.
@@ -533,6 +534,11 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
         add(_replace(base, stage=True))  # sector tiles, where their shared memory fits
     if base.vec > 1:
         add(_shape_config(mapping, L, C, base.vec // 2, base.prefetch, base.bufs))
+        if base.prefetch == 1:
+            # Long lines leave room for one register tile only; half-width vectors buy a tile in flight
+            # (a load ahead of the arithmetic) at the cost of narrower loads: which wins is measured.
+            for threads in (512, 256):
+                add(_shape_config(mapping, L, C, base.vec // 2, 2, base.bufs, threads))
     if mapping != CHAN:
         if base.lane_threads <= 32:
             add(_replace(base, chan_threads=base.chan_threads * 2))
