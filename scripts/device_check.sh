@@ -5,7 +5,7 @@
 #      synccheck on a smaller one),
 #   3. gspngen bench --suite paper in fp32 and bf16,
 #   4. every fused launch timed on its own, per direction and tuning, beside the static model
-#      (scripts/gpu_probe.py),
+#      (scripts/gpu_probe.py), and the defaults once more without weight normalisation,
 #   5. the autotuner over the paper suite, CUDA variants (forward and backward, fp32 and bf16):
 #      tuned against the default against cuda_per_step (scripts/autotune_suite.py),
 #   6. the GSPN-vs-attention latency table (benchmarks/attention_latency.py),
@@ -192,7 +192,7 @@ sys.exit(1 if any(r["status"] == "error" for r in merged["results"]) else 0)
 EOF
 for dt in fp32 bf16; do
     # fp32 runs first and pays the first-use kernel builds (the 2026-12-04 H200 run stopped at 50 s)
-    stage "bench_$dt" "$([ "$dt" = fp32 ] && echo 80 || echo 50)" "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
+    stage "bench_$dt" "$([ "$dt" = fp32 ] && echo 80 || echo 45)" "$WORK/bench_$dt.log" "$PY" "$WORK/bench_suite.py" "$SPEC" "$dt" "$OUT/bench_$dt.json"
     cat "$WORK/bench_$dt.log" >> "$OUT/bench.log"
 done
 
@@ -200,9 +200,15 @@ done
 # Each fused launch timed on its own (CUDA events around the backend's launches) for the default tunings at
 # three shapes in fp32 and bf16, then every tuning of each shape in fp32, beside the static model's
 # prediction per launch: which direction and tuning hold the time (scripts/gpu_probe.py says why).
-stage probe 110 "$WORK/probe.log" "$PY" scripts/gpu_probe.py "$SPEC" --shapes 16,8,1024,1024 1,16,128,128 \
+stage probe 100 "$WORK/probe.log" "$PY" scripts/gpu_probe.py "$SPEC" --shapes 16,8,1024,1024 1,16,128,128 \
     1,128,512,512 --dtypes fp32 bf16 --reps 5 --json "$WORK/probe.json"
 cat "$WORK/probe.log" >> "$OUT/bench.log"
+# The same spec without weight normalisation (no exponentials or reciprocals in a step), defaults only: if
+# the per-step time falls with them, the normalisation's latency chain is what a step waits on.
+sed 's/^normalization: .*/normalization: none/; s/^name: .*/name: probe_none/' "$SPEC" > "$WORK/probe_none.yaml"
+stage probe_none 30 "$WORK/probe_none.log" "$PY" scripts/gpu_probe.py "$WORK/probe_none.yaml" --shapes \
+    16,8,1024,1024 1,32,128,128 --dtypes fp32 --variants default --reps 5 --json "$WORK/probe_none.json"
+cat "$WORK/probe_none.log" >> "$OUT/bench.log"
 
 # -- 5. autotune ----------------------------------------------------------------
 # Shapes in suite order, fp32 then bf16 each; autotune.json is rewritten after every (shape, dtype), so a
@@ -210,7 +216,7 @@ cat "$WORK/probe.log" >> "$OUT/bench.log"
 # away); the log joins bench.log and the table joins report.md, keeping $OUT at 8 files. CUDA variants only:
 # with Triton's configurations the first shape alone took over 150 s on the 2026-12-04 afternoon H200 run
 # (compiles), and the bench stage already times Triton's default.
-GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 30 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
+GSPNGEN_CACHE_DIR="$WORK/cache" stage autotune 25 "$WORK/autotune.log" "$PY" scripts/autotune_suite.py "$SPEC" \
     "$WORK/autotune.json" --budget-s 0.3 --max-configs 4 --backends cuda
 cat "$WORK/autotune.log" >> "$OUT/bench.log"
 
@@ -218,7 +224,7 @@ cat "$WORK/autotune.log" >> "$OUT/bench.log"
 # Latency and peak memory from 32² to 512² tokens (C = 64, 1 and 4 heads); a case
 # predicted past 5 s per call is skipped, so the stage fits its limit. The table
 # goes to bench.log (the device tool returns 8 files at most).
-stage attention 35 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
+stage attention 25 "$WORK/attention.log" "$PY" benchmarks/attention_latency.py --device cuda \
     --sizes 32,64,128,256,512 --channels 64 --heads 1,4 --budget 5 --max-gb 60 --json "$WORK/attention.json"
 cat "$WORK/attention.log" >> "$OUT/bench.log"
 
@@ -231,7 +237,7 @@ def shown(name, log):
     """The $OUT file that holds a stage's log (sanitizer and bench stages append theirs to one file)."""
     if log == "-" or name == "environment":
         return None
-    if name.startswith("bench_") or name in ("probe", "autotune", "attention"):
+    if name.startswith(("bench_", "probe")) or name in ("autotune", "attention"):
         return "bench.log"
     if name.startswith(("memcheck", "racecheck", "synccheck")):
         return "sanitizer.log"
@@ -285,13 +291,18 @@ for dt, b in bench.items():
         lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['status']} | "
                      f"{cell(r, 'forward', 'median_ms')} | {cell(r, 'forward', 'fraction_of_copy', 100)} | "
                      f"{cell(r, 'backward', 'median_ms')} | {cell(r, 'backward', 'fraction_of_copy', 100)} |")
-try:
-    probe = json.load(open(os.path.join(work, "probe.json")))["rows"]
-except (OSError, ValueError, KeyError):
-    probe = []
-report["probe"] = probe
-if probe:
-    lines += ["", "## Per-launch probe (scripts/gpu_probe.py; median of 5 calls, CUDA events around each launch)", "",
+report["probe"] = {}
+for pname in ("probe", "probe_none"):
+    try:
+        pj = json.load(open(os.path.join(work, f"{pname}.json")))
+    except (OSError, ValueError):
+        continue
+    probe = pj.get("rows", [])
+    report["probe"][pname] = pj
+    if not probe:
+        continue
+    lines += ["", f"## Per-launch probe, {pname} (scripts/gpu_probe.py {pj.get('spec')}; median of 5 calls, CUDA events "
+              "around each launch)", "",
               "| N,C,H,W | dtype | pass | tuning | dir | threads | vec | nseg | P | bufs | stage | ms | us/step | predicted ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in probe:
