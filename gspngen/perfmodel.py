@@ -48,8 +48,9 @@ resident warps and no prefetch can leave bandwidth unused), L2 hits across
 launches, tail waves and clocks below boost, so it errs on the fast side.
 
 How far, measured (H200, 2026-12-04, benchmarks/results/device_check_2026-12-04_h200_pm): at the paper
-shape the forward took 21.1 ms against 7.17 predicted and the backward 95.5 against 12.3, the same in
-bf16 (half the bytes) and before and after a 10-20 % cut in instructions per element. The missing term
+shape the forward took 21.1 ms against 5.0 predicted for an H200 (7.2 for an H100) and the backward 95.5
+against 8.6 (12.3), the same in bf16 (half the bytes) and before and after a 10-20 % cut in instructions
+per element. The missing term
 is the serial work of one step inside one block (one CTA of 8 warps per SM owns a whole line); until
 it is modelled, read predicted times as a lower bound. scripts/gpu_probe.py times each launch.
 """

@@ -2,7 +2,8 @@
 
 `gspngen bench` times whole passes; the static model (gspngen/perfmodel.py)
 predicts each launch. The two H200 runs of 2026-12-04 measured 21 ms forward
-and 95 ms backward at the paper shape, 3x and 8x the model's bound, with the
+and 95 ms backward at the paper shape, about 4x and 11x the model's bound
+for an H200 (5.0 / 8.6 ms; bench.log quotes the H100 model: 7.2 / 12.3), with the
 same times in fp32 and bf16 (so bytes are not the limit) and a time per step
 that grows with the lanes a block owns. Which launch (lr/rl with their strided
 rows, or tb/bt) and which tuning holds the time cannot be read from pass
@@ -12,8 +13,8 @@ would try (``v=i``), and prints measured ms, ms per scan step and the model's
 prediction for the same launch side by side. Each (shape, dtype) row is
 printed as soon as it is measured, so a stage cut short keeps what it did.
 
-Usage: python scripts/gpu_probe.py [SPEC] [--shapes N,C,H,W ...] [--dtypes fp32 bf16] [--reps 5]
-       [--variants all|default] [--json OUT]
+Usage (repository root, PYTHONPATH=.): python scripts/gpu_probe.py [SPEC] [--shapes N,C,H,W ...] [--dtypes fp32 bf16] [--reps 5]
+       [--variants all|default] [--no-static] [--json OUT]
 """
 
 from __future__ import annotations
@@ -67,36 +68,45 @@ class EventRunner:
         self.events.append((start, end))
 
 
-def probe(spec, shape, dname, variant, pass_, reps, runner, device="cuda"):
+def make_args(spec, shape, dname, device):
+    """The call's inputs and an output gradient on the device, built as the autotuner builds them (one small
+    tile drawn on the host, repeated on the device: drawing billions of values on the host takes minutes)."""
+    import torch
+
+    from gspngen.tune.timing import _prepare_copies, base_inputs
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
+    copies, gys = _prepare_copies(spec, shape, dtype, torch.device(device), base_inputs(spec, shape), 1, 0)
+    return [copies[0][k] for k in ("x", "w", "lam", "u", "s", "m")], gys[0]
+
+
+def probe(spec, args, gy, variant, pass_, reps, runner):
     """The median ms of each launch of one pass (in launch order) over ``reps`` calls after a warm-up call.
-    ``device`` "cpu" with an emulator runner times host work (tests)."""
+    On a GPU each call is queued behind a short spin kernel, so the events time the kernels, not the
+    host's launch work; on the CPU (an emulator runner, in tests) the host clock is used."""
     import torch
 
     from gspngen.backends.cuda import CudaBackend
-    from gspngen.testing import make_inputs
 
-    on_gpu = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dname]
-    inp = make_inputs(spec, *shape, dtype=dtype, device=device)
-    args = [inp[k] for k in ("x", "w", "lam", "u", "s", "m")]
+    on_gpu = args[0].is_cuda
     er = EventRunner(runner, torch.cuda.Event if on_gpu else _HostEvent)
     be = CudaBackend(er).with_config(**{pass_: variant})
-    y, saved = be.forward(spec, *args)
-    gy = torch.randn_like(y)
+    saved = be.forward(spec, *args)[1] if pass_ == "bwd" else None
     per_launch = []
     for rep in range(reps + 1):
         er.events.clear()
+        if on_gpu and rep:
+            from gspngen.tune.timing import _queue_ahead
+
+            _queue_ahead(args[0].device, 2.0)
         if pass_ == "fwd":
             be.forward(spec, *args)
         else:
             be.backward(spec, gy, *args, saved)
-        sync()
+        if on_gpu:
+            torch.cuda.synchronize()
         if rep:  # the first call builds and warms up
             per_launch.append([s.elapsed_time(e) for s, e in er.events])
-    del inp, args, y, saved, gy
-    if on_gpu:
-        torch.cuda.empty_cache()
     return [statistics.median(col) for col in zip(*per_launch)]
 
 
@@ -111,12 +121,17 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
     ap.add_argument("--variants", choices=("all", "default"), default="all",
                     help="every tuning the autotuner would try (fp32), or the default only")
     ap.add_argument("--gpu", default="h200", help="the GPU the static model predicts for")
+    ap.add_argument("--no-static", action="store_true",
+                    help="leave the static model out (it builds every kernel again for ptxas and cuobjdump)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps: expected at least 1 timed call, got {args.reps}")
 
     import torch
 
     from gspngen.backends.cuda import CudaBackend
+    from gspngen.atomic import write_file_atomically
     from gspngen.runtime.cuda_build import default_runner
     from gspngen.spec import load_spec
 
@@ -135,26 +150,35 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
         jobs += [(shape, args.dtypes[0], v) for shape in args.shapes
                  for v in dict.fromkeys(CudaBackend().candidates(spec, args.dtypes[0], "fwd", shape)[1:]
                                         + CudaBackend().candidates(spec, args.dtypes[0], "bwd", shape)[1:])]
+    inputs_for = {}
     for shape, dname, v in jobs:
         N, C, H, W = shape
+        if (shape, dname) not in inputs_for:
+            inputs_for.clear()  # one shape's inputs at a time on the device
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            inputs_for[(shape, dname)] = make_args(spec, shape, dname, device)
+        call_args, gy = inputs_for[(shape, dname)]
         for p in ("fwd", "bwd"):
             if v and v not in CudaBackend().candidates(spec, dname, p, shape):
                 continue
             t0 = time.time()
             try:
-                ms = probe(spec, shape, dname, v, p, args.reps, runner, device)
+                ms = probe(spec, call_args, gy, v, p, args.reps, runner)
             except Exception as exc:  # out of memory, a tuning that does not fit: say so, go on
                 print(f"{shape} {dname} {p} {v or 'default'}: {type(exc).__name__}: {exc}"[:300], flush=True)
                 continue
             be = CudaBackend(runner=object()).with_config(**{p: v})
-            try:
-                from gspngen.perfmodel import static_figures
+            pred = {}
+            if not args.no_static:
+                try:
+                    from gspngen.perfmodel import static_figures
 
-                st = static_figures(spec, dname, shape, args.gpu, configs=be.configs)
-                pred = {k["direction"]: k["predicted_ms"]
-                        for k in st["forward" if p == "fwd" else "backward"]["kernels"]}
-            except Exception:  # no NVRTC or cuobjdump: measured figures only
-                pred = {}
+                    st = static_figures(spec, dname, shape, args.gpu, configs=be.configs)
+                    pred = {k["direction"]: k["predicted_ms"]
+                            for k in st["forward" if p == "fwd" else "backward"]["kernels"]}
+                except Exception:  # no NVRTC or cuobjdump: measured figures only
+                    pass
             smem_limit = runner.limits(torch.device("cuda"))[1]
             for d, direction in enumerate(spec.directions):
                 cfg = be.config(spec, dname, direction, p, C, H, W, smem_limit)
@@ -170,9 +194,9 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                       f"{steps:6d} {row['ms']:8.3f} {row['us_per_step']:8.3f}  {'-' if pm is None else f'{pm:.3f}'}",
                       flush=True)
             print(f"   ({time.time() - t0:.1f} s with builds)", file=sys.stderr, flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"spec": args.spec, "gpu": gpu_name, "rows": rows}, f, indent=1)
+            if args.json:  # atomically: the stage's time limit may stop the script at any point
+                write_file_atomically(args.json, (json.dumps({"spec": args.spec, "gpu": gpu_name, "rows": rows},
+                                                             indent=1) + "\n").encode())
     return 0
 
 

@@ -165,7 +165,10 @@ def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: 
     return choose
 
 
-TUNINGS = [forced(8, 4, 1, 2), forced(4, 2, 3, 1), forced(32, 1, 2, 2), forced(16, 8, 2, 1), forced(2, 4, 2, 2, 16)]
+# forced(4, 2, 2, 2): half-width vectors with a tile in flight over several segments, the long-line
+# candidate of render.cuda.candidate_configs (the paper shape's lr/rl forward)
+TUNINGS = [forced(8, 4, 1, 2), forced(4, 2, 3, 1), forced(32, 1, 2, 2), forced(16, 8, 2, 1), forced(2, 4, 2, 2, 16),
+           forced(4, 2, 2, 2)]
 # sector tiles (lr/rl forward): several lines per warp, several segments, every prefetch depth, one buffer
 STAGED = [forced(8, 4, 1, 2, stage=True), forced(4, 2, 3, 1, stage=True), forced(32, 1, 2, 2, stage=True),
           forced(16, 8, 2, 1, stage=True), forced(2, 4, 4, 2, 16, stage=True)]

@@ -36,10 +36,16 @@ def test_probe_times_every_launch(runner, pass_):
     shape = (1, 2, 8, 8)
     variants = CudaBackend().candidates(spec, "fp32", pass_, shape)
     assert variants[0] == "" and len(variants) > 1
+    args, gy = probe.make_args(spec, shape, "fp32", "cpu")
     for v in (variants[0], variants[-1]):
-        ms = probe.probe(spec, shape, "fp32", v, pass_, 1, runner, device="cpu")
+        ms = probe.probe(spec, args, gy, v, pass_, 1, runner)
         assert len(ms) == spec.num_directions  # one timed launch per direction
         assert all(t > 0 for t in ms)
+
+
+def test_probe_rejects_zero_reps(runner):
+    with pytest.raises(SystemExit):
+        _load_probe().main([str(ROOT / "examples" / "gspn4.yaml"), "--reps", "0"], runner=runner, device="cpu")
 
 
 def test_probe_needs_a_gpu(capsys):
