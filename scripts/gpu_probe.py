@@ -81,7 +81,8 @@ def make_args(spec, shape, dname, device):
 
 
 def probe(spec, args, gy, variant, pass_, reps, runner):
-    """The median ms of each launch of one pass (in launch order) over ``reps`` calls after a warm-up call.
+    """The median ms of each launch of one pass (in launch order), then of the whole pass, over ``reps``
+    calls after a warm-up call.
     On a GPU each call is queued behind a short spin kernel, so the events time the kernels, not the
     host's launch work; on the CPU (an emulator runner, in tests) the host clock is used."""
     import torch
@@ -93,20 +94,24 @@ def probe(spec, args, gy, variant, pass_, reps, runner):
     be = CudaBackend(er).with_config(**{pass_: variant})
     saved = be.forward(spec, *args)[1] if pass_ == "bwd" else None
     per_launch = []
+    event = torch.cuda.Event if on_gpu else _HostEvent
     for rep in range(reps + 1):
         er.events.clear()
         if on_gpu and rep:
             from gspngen.tune.timing import _queue_ahead
 
             _queue_ahead(args[0].device, 2.0)
+        start, end = event(enable_timing=True), event(enable_timing=True)
+        start.record()
         if pass_ == "fwd":
             be.forward(spec, *args)
         else:
             be.backward(spec, gy, *args, saved)
+        end.record()  # the whole pass on the caller's stream (launches on side streams included: cc=1)
         if on_gpu:
             torch.cuda.synchronize()
         if rep:  # the first call builds and warms up
-            per_launch.append([s.elapsed_time(e) for s, e in er.events])
+            per_launch.append([s.elapsed_time(e) for s, e in er.events] + [start.elapsed_time(end)])
     return [statistics.median(col) for col in zip(*per_launch)]
 
 
@@ -175,22 +180,26 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                     from gspngen.perfmodel import static_figures
 
                     st = static_figures(spec, dname, shape, args.gpu, configs=be.configs)
-                    pred = {k["direction"]: k["predicted_ms"]
-                            for k in st["forward" if p == "fwd" else "backward"]["kernels"]}
+                    sp = st["forward" if p == "fwd" else "backward"]
+                    pred = {k["direction"]: k["predicted_ms"] for k in sp["kernels"]}
+                    pred["all"] = sp["predicted_ms"]
                 except Exception:  # no NVRTC or cuobjdump: measured figures only
                     pass
             smem_limit = runner.limits(torch.device("cuda"))[1]
-            for d, direction in enumerate(spec.directions):
-                cfg = be.config(spec, dname, direction, p, C, H, W, smem_limit)
-                steps = W if direction in ("lr", "rl") else H
+            for d, direction in enumerate(list(spec.directions) + ["all"]):
+                # "all": the whole pass on the caller's stream (with cc=1 its launches overlap)
+                cfg = None if direction == "all" else be.config(spec, dname, direction, p, C, H, W, smem_limit)
+                steps = max(H, W) if cfg is None else W if direction in ("lr", "rl") else H
                 row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",
-                       "direction": direction, "threads": cfg.threads, "vec": cfg.vec, "nseg": cfg.nseg,
-                       "prefetch": cfg.prefetch, "bufs": cfg.bufs, "stage": cfg.stage, "steps": steps,
-                       "ms": ms[d], "us_per_step": ms[d] * 1e3 / steps, "predicted_ms": pred.get(direction)}
+                       "direction": direction, "steps": steps, "ms": ms[d], "us_per_step": ms[d] * 1e3 / steps,
+                       "predicted_ms": pred.get(direction)}
+                for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage"):
+                    row[k] = None if cfg is None else getattr(cfg, k)
                 rows.append(row)
                 pm = row["predicted_ms"]
-                print(f"{','.join(map(str, shape)):16s} {dname:5s} {p:4s} {row['variant']:7s} {direction:4s} "
-                      f"{cfg.threads:7d} {cfg.vec:3d} {cfg.nseg:4d} {cfg.prefetch} {cfg.bufs} {str(cfg.stage):5s} "
+                geo = ("      -   -    - - - -    " if cfg is None else
+                       f"{cfg.threads:7d} {cfg.vec:3d} {cfg.nseg:4d} {cfg.prefetch} {cfg.bufs} {str(cfg.stage):5s}")
+                print(f"{','.join(map(str, shape)):16s} {dname:5s} {p:4s} {row['variant']:7s} {direction:4s} {geo} "
                       f"{steps:6d} {row['ms']:8.3f} {row['us_per_step']:8.3f}  {'-' if pm is None else f'{pm:.3f}'}",
                       flush=True)
             print(f"   ({time.time() - t0:.1f} s with builds)", file=sys.stderr, flush=True)

@@ -144,6 +144,41 @@ def test_features_match_reference(features, runners):
             assert_matches(be, spec, dname, shape, seed=j)
 
 
+# -- concurrent directions (key cc=1): each direction into its own slice, summed ------------------
+
+@pytest.mark.parametrize("features", [None, FEATURE_SPECS[0], FEATURE_SPECS[2], FEATURE_SPECS[3]],
+                         ids=["gspn4", "nhwc-chunk-stack", "nhwc-groups-mean", "shared-chunk1-learned"])
+def test_concurrent_directions_match_reference(features, runners):
+    """Forward and backward with the directions run concurrently match the reference, in fp32 and bf16
+    (sums in fp32), with learned, mean and stack merges and weight-gradient atomics; the outputs are
+    poisoned, so a direction slice left unwritten or a missing sum shows."""
+    spec = (load_spec(ROOT / "examples" / "gspn4.yaml") if features is None
+            else Spec.from_dict({"name": "cc", "precision": ["fp32", "bf16"], **features}))
+    shapes = [(2, 4, 6, 8), (1, 8, 11, 17)]
+    prebuild_all(runners, [(0, spec, "fp32", shapes), (1, spec, "bf16", shapes)])
+    for dname, order in (("fp32", 0), ("bf16", 1)):
+        be = CudaBackend(runner=runners[order], poison=True).with_config("cc=1", "cc=1")
+        assert be.concurrent == ("fwd", "bwd")
+        for j, shape in enumerate(shapes):
+            assert_matches(be, spec, dname, shape, seed=j)
+
+
+def test_concurrent_key():
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    be = CudaBackend()
+    assert be.candidates(spec, "fp32", "fwd", (1, 8, 16, 16))[:2] == ["", "cc=1"]
+    one = Spec.from_dict({"name": "one", "directions": ["tb"]})
+    assert "cc=1" not in be.candidates(one, "fp32", "fwd", (1, 8, 16, 16))
+    stack = Spec.from_dict({"name": "st", "merge": "stack"})
+    assert "cc=1" not in be.candidates(stack, "fp32", "fwd", (1, 8, 16, 16))
+    assert "cc=1" in be.candidates(stack, "fp32", "bwd", (1, 8, 16, 16))
+    tuned = be.with_config("v=2,cc=1", "")
+    assert tuned.concurrent == ("fwd",) and tuned.configs is not None
+    for bad in ("cc=2", "w=1", "v=x,cc=1"):
+        with pytest.raises(ValueError, match="cc=1"):
+            be.with_config(bad, "")
+
+
 # -- tunings: segments, prefetch depths, one line buffer, vector widths, several lines per block ----
 
 def forced(lane_threads: int, vec: int, prefetch: int, bufs: int, chan_threads: int | None = None,

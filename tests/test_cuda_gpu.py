@@ -111,6 +111,24 @@ def test_candidate_configs():
         assert_matches(be, spec, "fp32", shape)
 
 
+def test_concurrent_directions():
+    """cc=1: the directions on side streams into slices of a temporary, summed on the caller's stream.
+    Each pass is issued on a non-default stream behind a long spin kernel, so a missing fork (a side
+    stream starting before its inputs exist) or join (the sum or the caller reading before a direction
+    finished) would read garbage; every example, fp32 and bf16, against the reference."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for path in EXAMPLES:
+            spec = load_spec(path)
+            be = CudaBackend(poison=True).with_config("cc=1", "cc=1")
+            for dname in ("fp32", "bf16"):
+                if dname in spec.precision:
+                    torch.cuda._sleep(50_000_000)  # the inputs below are written while this spins
+                    assert_matches(be, spec, dname, SMALL)
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def test_public_op_autograd_and_streams():
     """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")

@@ -39,7 +39,7 @@ def test_probe_times_every_launch(runner, pass_):
     args, gy = probe.make_args(spec, shape, "fp32", "cpu")
     for v in (variants[0], variants[-1]):
         ms = probe.probe(spec, args, gy, v, pass_, 1, runner)
-        assert len(ms) == spec.num_directions  # one timed launch per direction
+        assert len(ms) == spec.num_directions + 1  # one timed launch per direction, then the whole pass
         assert all(t > 0 for t in ms)
 
 
@@ -66,6 +66,6 @@ def test_probe_main_writes_rows(runner, tmp_path):
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["pass"], r["direction"]) for r in rows] == [(p, d) for p in ("fwd", "bwd")
-                                                          for d in ("lr", "rl", "tb", "bt")]
+                                                          for d in ("lr", "rl", "tb", "bt", "all")]
     assert all(r["ms"] > 0 and r["steps"] == 8 for r in rows)
     assert all(isinstance(r["predicted_ms"], float) for r in rows)  # the static model ran beside

@@ -70,6 +70,50 @@ class FusedLaunch:
     tail: tuple[tuple[str, int], ...]  # the run-time arguments after the shape: cpb, d, rev, stepw, acc
 
 
+_SIDE_STREAMS: dict[int, list] = {}
+
+
+class _directions:
+    """Context for one pass's launches: ``on_stream(d)`` puts direction d's launch on its own CUDA
+    stream when ``concurrent`` (forked from and joined back into the current stream, so the caller's
+    ordering, CUDA-graph capture and the caching allocator see one stream); otherwise, and on the CPU
+    (the emulator), the current stream."""
+
+    def __init__(self, device: torch.device, n: int, concurrent: bool):
+        self.on = concurrent and device.type == "cuda"
+        self.device = device
+        self.n = n
+
+    def __enter__(self):
+        import contextlib
+
+        if not self.on:
+            return lambda d: contextlib.nullcontext()
+        idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pool = _SIDE_STREAMS.setdefault(idx, [])
+        while len(pool) < self.n:
+            pool.append(torch.cuda.Stream(device=self.device))
+        self.main = torch.cuda.current_stream(self.device)
+        self.streams = pool[:self.n]
+        for st in self.streams:
+            st.wait_stream(self.main)  # inputs and outputs are ready
+        return lambda d: torch.cuda.stream(self.streams[d])
+
+    def __exit__(self, *exc):
+        if self.on:
+            for st in self.streams:
+                self.main.wait_stream(st)  # everything later on the caller's stream sees the results
+        return False
+
+
+def _sum_into(out: torch.Tensor, parts: torch.Tensor) -> None:
+    """out = the sum of parts over its first axis, accumulated in fp32 (16-bit storage)."""
+    if parts.dtype in (torch.float16, torch.bfloat16):
+        out.copy_(parts.sum(0, dtype=torch.float32))
+    else:
+        torch.sum(parts, 0, out=out)
+
+
 class _CudaBase:
     def __init__(self, runner=None, poison: bool = False):
         self._runner = runner
@@ -129,14 +173,17 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
-def _variant(key: str) -> int:
-    """``"v=3"`` -> 3, ``""`` -> 0 (the default); ValueError naming ``backend`` otherwise."""
+def _variant(key: str) -> tuple[int, bool]:
+    """``"v=3"`` -> (3, False), ``"cc=1"`` -> (0, True), ``""`` -> (0, False) (the default);
+    ValueError naming ``backend`` otherwise."""
     if not key:
-        return 0
+        return 0, False
     fields = parse_config_key(key, "backend")
-    if set(fields) != {"v"} or not fields["v"].isdigit():
-        raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', got {key!r}")
-    return int(fields["v"])
+    ok = set(fields) <= {"v", "cc"} and fields.get("v", "0").isdigit() and fields.get("cc", "1") in ("0", "1")
+    if not ok:
+        raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>' and/or 'cc=1' (directions "
+                         f"run concurrently), got {key!r}")
+    return int(fields.get("v", "0")), fields.get("cc") == "1"
 
 
 class CudaBackend(_CudaBase):
@@ -144,31 +191,45 @@ class CudaBackend(_CudaBase):
 
     name = "cuda"
 
-    def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False):
+    def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False,
+                 concurrent: tuple[str, ...] = ()):
         super().__init__(runner, poison)
         self.configs = configs
+        # passes ("fwd", "bwd") whose directions run at the same time (see _directions)
+        self.concurrent = tuple(concurrent)
 
     # -- the config protocol -------------------------------------------------
     # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
     # direction of the pass (the default where a direction has fewer), so a
     # key is re-planned for each shape and never names a tuning that does not fit it.
+    # Key "cc=1" (alone or with v=i): the directions run concurrently, each into its own slice of a
+    # temporary that is summed afterwards, instead of one after another into the output (read-add-write).
+    # It costs two planes of traffic per direction; it pays where one direction's launch leaves most SMs
+    # idle (small images, few channels), which only a measurement decides.
     def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
         _, C, H, W = shape
         kind = "fwd" if pass_ == "fwd" else "bwd"
         n = max(len(rc.candidate_configs(spec, dtype, dn, kind, C, H, W)) for dn in spec.directions)
-        return [""] + [f"v={i}" for i in range(1, n)]
+        cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
+        return [""] + cc + [f"v={i}" for i in range(1, n)]
+
+    @staticmethod
+    def concurrency_applies(spec: Spec, kind: str) -> bool:
+        """Several directions, and an output they would otherwise accumulate into (stack's forward
+        writes one slice per direction: nothing to sum)."""
+        return spec.num_directions > 1 and (kind == "bwd" or spec.merge != "stack")
 
     def with_config(self, fwd: str = "", bwd: str = "") -> "CudaBackend":
         picks = {"fwd": _variant(fwd), "bwd": _variant(bwd)}
 
         def chooser(spec, dname, direction, kind, C, H, W):
-            i = picks[kind]
+            i = picks[kind][0]
             if not i:
                 return None
             options = rc.candidate_configs(spec, dname, direction, kind, C, H, W)
             return options[i] if i < len(options) else None
 
-        return CudaBackend(self._runner, chooser, self.poison)
+        return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]))
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -249,10 +310,19 @@ class CudaBackend(_CudaBase):
         plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
                            limits=limits, save_h=need_saved) for d in range(spec.num_directions)]
         names = [p.name for p in plans]
-        for p in plans:
-            args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", y), ("out", saved),
-                    ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)), *p.tail]
-            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        cc = "fwd" in self.concurrent and self.concurrency_applies(spec, "fwd")
+        ys = self._out((spec.num_directions,) + tuple(y.shape), x) if cc else None
+        with _directions(x.device, spec.num_directions, cc) as on_stream:
+            for d, p in enumerate(plans):
+                # concurrent: direction d writes its own slice (no accumulation), summed below
+                yd, tail = (ys[d], p.tail[:-1] + (("i32", 0),)) if cc else (y, p.tail)
+                args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", yd),
+                        ("out", saved), ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W),
+                        ("i32", _chunk_arg(spec)), *tail]
+                with on_stream(d):
+                    self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        if cc:
+            _sum_into(y, ys)
         return y, saved
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
@@ -273,11 +343,19 @@ class CudaBackend(_CudaBase):
         plans = [self.plan(spec, dname, "bwd", d, dims, vec_tensors, acc=d > 0, watom=watom, limits=limits)
                  for d in range(spec.num_directions)]
         names = [p.name for p in plans]
-        for p in plans:
-            args = [("in", gy), ("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("in", saved),
-                    ("out", gx), ("out", glam), ("out", gu), ("out", gs), ("vptr", gw), ("f32", gm32),
-                    ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)), *p.tail]
-            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        cc = "bwd" in self.concurrent and self.concurrency_applies(spec, "bwd")
+        gxs = self._out((spec.num_directions,) + tuple(gx.shape), x) if cc else None
+        with _directions(x.device, spec.num_directions, cc) as on_stream:
+            for d, p in enumerate(plans):
+                gxd, tail = (gxs[d], p.tail[:-1] + (("i32", 0),)) if cc else (gx, p.tail)
+                args = [("in", gy), ("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m),
+                        ("in", saved), ("out", gxd), ("out", glam), ("out", gu), ("out", gs), ("vptr", gw),
+                        ("f32", gm32), ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W),
+                        ("i32", _chunk_arg(spec)), *tail]
+                with on_stream(d):
+                    self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+        if cc:
+            _sum_into(gx, gxs)
         if watom:
             gw = gw.to(x.dtype)
         gm = gm32.to(m.dtype) if m is not None else None
