@@ -24,9 +24,9 @@ PAPER, SMALL = (16, 8, 1024, 1024), (1, 16, 128, 128)
 #        min warps per SM, min CTAs per launch, predicted % of copy)
 PINS = {
     PAPER: {
-        "forward": (1.500, 93.8, 211, 8256, 8, 128, 64.6),
-        "forward_no_grad": (1.346, 87.0, 203, 8256, 8, 128, 72.0),
-        "backward": (1.314, 181.9, 254, 33152, 8, 128, 73.8),
+        "forward": (1.500, 93.8, 211, 8256, 8, 128, 14.4),
+        "forward_no_grad": (1.346, 87.0, 203, 8256, 8, 128, 16.0),
+        "backward": (1.314, 181.9, 254, 33152, 8, 128, 8.62),
     },
     SMALL: {
         "forward": (1.500, 98.1, 128, 4352, 16, 4, 3.08),
@@ -101,10 +101,12 @@ def test_pass_figures_are_consistent(figures):
     assert f["forward"]["bytes_moved_over_minimal_no_grad"] == pytest.approx(
         f["forward_no_grad"]["bytes_moved"] / fwd_min)
     assert f["backward"]["bytes_moved_over_minimal_no_grad"] is None
-    # memory-bound at the paper shape: moved bytes at 0.9 x peak, less launch costs
-    assert 90 < f["forward"]["predicted_pct_copy_moved"] <= 100
-    # the small image leaves most SMs idle: predicted far below the paper shape
-    assert figures[SMALL]["forward"]["predicted_pct_copy"] < f["forward"]["predicted_pct_copy"] / 10
+    # the paper shape: lr/rl bound by their scattered partial-sector requests, tb/bt by bandwidth
+    assert [k["bound"] for k in f["forward"]["kernels"]] == ["scattered requests"] * 2 + ["memory"] * 2
+    assert 15 < f["forward"]["predicted_pct_copy_moved"] < 30
+    # the small image fits in L2 (no scattered term) but leaves most SMs idle: predicted far below copy
+    assert all(k["bound"] != "scattered requests" for k in figures[SMALL]["forward"]["kernels"])
+    assert figures[SMALL]["forward"]["predicted_pct_copy"] < 5
 
 
 # -- the parts --------------------------------------------------------------------------------------
@@ -153,6 +155,26 @@ def test_prediction_derates_for_few_ctas():
     assert few == pytest.approx((full - pm.LAUNCH_US * 1e-3) * 132 / 13 + pm.LAUNCH_US * 1e-3)
     busy, _ = pm.predict_launch(h100, 264, 8, 16, 1 << 30, 400.0, 1 << 20)  # instruction bound
     assert busy > mem
+
+
+def test_scattered_requests_term():
+    """Partial-sector accesses beyond L2 cost one request each at the fitted rate; whole sectors and data
+    that fits in L2 cost nothing extra (the H200 measurements it reproduces: README)."""
+    h200 = pm.GPUS["h200"]
+    big = 1 << 30
+    assert pm.scattered_ms(h200, 132, big, 1.0) == 0.0
+    assert pm.scattered_ms(h200, 132, h200.l2_bytes, 0.5) == 0.0
+    half = pm.scattered_ms(h200, 132, big, 0.5)
+    assert half == pytest.approx(big / 16 / pm.SCATTERED_SECTORS_PER_S_H200 * 1e3)
+    assert pm.scattered_ms(h200, 132, big, 0.25) == pytest.approx(2 * half)
+    assert pm.scattered_ms(h200, 66, big, 0.5) == pytest.approx(2 * half)  # half the SMs busy
+    slow, mem = pm.predict_launch(h200, 132, 8, 8, 1 << 20, 1.0, big, 0.5)
+    assert slow == pytest.approx(half + pm.LAUNCH_US * 1e-3) and mem < half
+    # bf16 lr/rl: half the bytes at half the sector use of fp32 -> the same prediction (as measured)
+    spec = load_spec("examples/gspn4.yaml")
+    f32 = pm.static_figures(spec, "fp32", PAPER, "h200")["forward"]["kernels"][0]
+    b16 = pm.static_figures(spec, "bf16", PAPER, "h200")["forward"]["kernels"][0]
+    assert f32["direction"] == "lr" and b16["predicted_ms"] == pytest.approx(f32["predicted_ms"], rel=0.01)
 
 
 def test_gpu_and_dtype_errors_name_the_argument():
