@@ -65,7 +65,17 @@ class EventRunner:
         start.record()
         self.inner.launch(kernel, device, grid, block, smem, args)
         end.record()
-        self.events.append((start, end))
+        self.events.append((_label(args), start, end))
+
+
+def _label(args):
+    """The direction index of a fused launch (its "d" argument), else "transpose" (tr=1's plane transposes)."""
+    from gspngen.render.cuda import PARAMS
+
+    for kind in ("fwd", "bwd"):
+        if len(args) == len(PARAMS[kind]):
+            return int(args[PARAMS[kind].index(("i32", "d"))][1])
+    return "transpose"
 
 
 def make_args(spec, shape, dname, device):
@@ -81,8 +91,8 @@ def make_args(spec, shape, dname, device):
 
 
 def probe(spec, args, gy, variant, pass_, reps, runner):
-    """The median ms of each launch of one pass (in launch order), then of the whole pass, over ``reps``
-    calls after a warm-up call.
+    """Median ms over ``reps`` calls after a warm-up call, by launch: direction index -> its launch,
+    "transpose" -> tr=1's transposes summed, "all" -> the whole pass on the caller's stream.
     On a GPU each call is queued behind a short spin kernel, so the events time the kernels, not the
     host's launch work; on the CPU (an emulator runner, in tests) the host clock is used."""
     import torch
@@ -111,8 +121,12 @@ def probe(spec, args, gy, variant, pass_, reps, runner):
         if on_gpu:
             torch.cuda.synchronize()
         if rep:  # the first call builds and warms up
-            per_launch.append([s.elapsed_time(e) for s, e in er.events] + [start.elapsed_time(end)])
-    return [statistics.median(col) for col in zip(*per_launch)]
+            per = {}
+            for label, s, e in er.events:  # a direction's launch; every transpose of the pass summed
+                per[label] = per.get(label, 0.0) + s.elapsed_time(e)
+            per["all"] = start.elapsed_time(end)
+            per_launch.append(per)
+    return {k: statistics.median(p[k] for p in per_launch) for k in per_launch[0]}
 
 
 def main(argv=None, runner=None, device: str = "cuda") -> int:
@@ -135,8 +149,9 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
 
     import torch
 
-    from gspngen.backends.cuda import CudaBackend
     from gspngen.atomic import write_file_atomically
+    from gspngen.backends.cuda import CudaBackend
+    from gspngen.geometry import DIRECTION_TABLE
     from gspngen.runtime.cuda_build import default_runner
     from gspngen.spec import load_spec
 
@@ -147,7 +162,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
     runner = runner or default_runner()
     gpu_name = torch.cuda.get_device_name(0) if device == "cuda" else f"{device} (emulated)"
     rows = []
-    print("shape            dtype pass variant dir  threads vec nseg P B stage  steps       ms  us/step  predicted_ms")
+    print("shape            dtype pass variant dir       threads vec nseg P B stage  steps       ms  us/step  predicted_ms")
     # Defaults first (every shape and dtype), then the other tunings of the first dtype shape by shape, so a
     # stage cut short has the most telling rows; each tuning set costs one NVRTC build (seconds).
     jobs = [(shape, dname, "") for shape in args.shapes for dname in args.dtypes]
@@ -186,12 +201,18 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 except Exception:  # no NVRTC or cuobjdump: measured figures only
                     pass
             smem_limit = runner.limits(torch.device("cuda"))[1]
-            for d, direction in enumerate(list(spec.directions) + ["all"]):
-                # "all": the whole pass on the caller's stream (with cc=1 its launches overlap)
-                cfg = None if direction == "all" else be.config(spec, dname, direction, p, C, H, W, smem_limit)
-                steps = max(H, W) if cfg is None else W if direction in ("lr", "rl") else H
+            for key in sorted(ms, key=lambda k: (isinstance(k, str), k == "all", str(k))):
+                direction = spec.directions[key] if isinstance(key, int) else key
+                cfg, steps = None, max(H, W)
+                if isinstance(key, int):
+                    # tr=1 runs left/right forward scans as top/bottom ones on transposed planes
+                    side = DIRECTION_TABLE[direction].step_axis == "W"
+                    moved = p == "fwd" and be.transposed and side and be.transpose_applies(spec)
+                    as_dir = ("bt" if DIRECTION_TABLE[direction].reverse else "tb") if moved else direction
+                    cfg = be.config(spec, dname, as_dir, p, C, *((W, H) if moved else (H, W)), smem_limit)
+                    steps = W if side else H
                 row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",
-                       "direction": direction, "steps": steps, "ms": ms[d], "us_per_step": ms[d] * 1e3 / steps,
+                       "direction": direction, "steps": steps, "ms": ms[key], "us_per_step": ms[key] * 1e3 / steps,
                        "predicted_ms": pred.get(direction)}
                 for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage"):
                     row[k] = None if cfg is None else getattr(cfg, k)
@@ -199,7 +220,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 pm = row["predicted_ms"]
                 geo = ("      -   -    - - - -    " if cfg is None else
                        f"{cfg.threads:7d} {cfg.vec:3d} {cfg.nseg:4d} {cfg.prefetch} {cfg.bufs} {str(cfg.stage):5s}")
-                print(f"{','.join(map(str, shape)):16s} {dname:5s} {p:4s} {row['variant']:7s} {direction:4s} {geo} "
+                print(f"{','.join(map(str, shape)):16s} {dname:5s} {p:4s} {row['variant']:7s} {direction:9s} {geo} "
                       f"{steps:6d} {row['ms']:8.3f} {row['us_per_step']:8.3f}  {'-' if pm is None else f'{pm:.3f}'}",
                       flush=True)
             print(f"   ({time.time() - t0:.1f} s with builds)", file=sys.stderr, flush=True)

@@ -130,7 +130,7 @@ def variant_names(spec: Spec, dname: str, C: int = 8, H: int = 64, W: int = 64) 
     """Every fused kernel a forward and backward instantiate (one per thread mapping, and step order for
     the steps mapping), at a shape where every access is a whole vector; and the per-step kernels."""
     names = CudaBackend(runner=object()).kernel_names(spec, dname, (1, C, H, W), H100)
-    return names + list(rc.per_step_names(spec.groups(C) != C).values())
+    return names + list(rc.per_step_names(spec.groups(C) != C).values()) + [rc.transpose_name(a) for a in (False, True)]
 
 
 def _check(cases: list[tuple[Spec, str, list[str]]], archs, what: str) -> None:

@@ -163,6 +163,30 @@ def test_concurrent_directions_match_reference(features, runners):
             assert_matches(be, spec, dname, shape, seed=j)
 
 
+TR_SPECS = [None,  # gspn4: lr, rl, tb, bt, learned merge
+            dict(connection=5, directions=["rl", "lr"], weight_groups=2, merge="mean", chunk=4),  # only lr/rl
+            dict(connection=3, directions=["tb", "rl"], normalization="softmax", merge="stack", skip=False),
+            dict(connection=7, directions=["lr", "bt"], normalization="none", weight_groups="shared",
+                 modulation=False, merge="sum")]
+
+
+@pytest.mark.parametrize("features", TR_SPECS, ids=["gspn4", "lr-rl-groups-chunk", "stack", "shared-k7"])
+def test_transposed_forward_matches_reference(features, runners):
+    """tr=1: left/right scans as top/bottom ones on transposed planes, the output transposed back (added to
+    the top/bottom directions' or into its stack slice). The backward is the default one reading the h
+    the transposed forward saved, so every gradient checks that h lands in the same frame order."""
+    spec = (load_spec(ROOT / "examples" / "gspn4.yaml") if features is None
+            else Spec.from_dict({"name": "tr", "precision": ["fp32", "bf16"], **features}))
+    shapes = [(2, 4, 6, 8), (1, 2, 37, 11)]  # non-square, odd sizes: partial 32 x 32 transpose tiles
+    for dname, order in (("fp32", 0), ("bf16", 1)):
+        be = CudaBackend(runner=runners[order], poison=True).with_config("tr=1", "")
+        assert be.transposed
+        for j, shape in enumerate(shapes):
+            assert_matches(be, spec, dname, shape, seed=j)
+            names = {n for n, *_ in runners[order].launches[-12:]}
+            assert "gspn_tr<false>" in names
+
+
 def test_concurrent_key():
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")
     be = CudaBackend()
@@ -174,9 +198,15 @@ def test_concurrent_key():
     assert "cc=1" in be.candidates(stack, "fp32", "bwd", (1, 8, 16, 16))
     tuned = be.with_config("v=2,cc=1", "")
     assert tuned.concurrent == ("fwd",) and tuned.configs is not None
-    for bad in ("cc=2", "w=1", "v=x,cc=1"):
+    for bad in ("cc=2", "w=1", "v=x,cc=1", "tr=2"):
         with pytest.raises(ValueError, match="cc=1"):
             be.with_config(bad, "")
+    assert be.with_config("tr=1,v=1", "").transposed and "tr=1" in be.candidates(spec, "fp32", "fwd", (1, 8, 16, 16))
+    assert "tr=1" not in be.candidates(spec, "fp32", "bwd", (1, 8, 16, 16))
+    with pytest.raises(ValueError, match="forward tuning"):
+        be.with_config("", "tr=1")
+    nhwc = Spec.from_dict({"name": "nh", "layout": "nhwc"})
+    assert "tr=1" not in be.candidates(nhwc, "fp32", "fwd", (1, 8, 16, 16))
 
 
 # -- tunings: segments, prefetch depths, one line buffer, vector widths, several lines per block ----

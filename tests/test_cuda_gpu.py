@@ -129,6 +129,18 @@ def test_concurrent_directions():
     torch.cuda.current_stream().wait_stream(stream)
 
 
+def test_transposed_forward():
+    """tr=1: left/right scans as top/bottom ones on transposed planes (tiled transposes in and out), the
+    default backward reading the h it saved; every example (nhwc ones fall back to the default path) and a
+    shape whose sides are not multiples of the 32 x 32 transpose tile, against the reference."""
+    be = CudaBackend(poison=True).with_config("tr=1", "")
+    for path in EXAMPLES:
+        spec = load_spec(path)
+        for dname in spec.precision:
+            assert_matches(be, spec, dname, SMALL)
+    assert_matches(be, load_spec(ROOT / "examples" / "gspn4.yaml"), "fp32", (1, 4, 300, 1100))
+
+
 def test_public_op_autograd_and_streams():
     """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")

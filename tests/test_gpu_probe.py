@@ -37,10 +37,14 @@ def test_probe_times_every_launch(runner, pass_):
     variants = CudaBackend().candidates(spec, "fp32", pass_, shape)
     assert variants[0] == "" and len(variants) > 1
     args, gy = probe.make_args(spec, shape, "fp32", "cpu")
-    for v in (variants[0], variants[-1]):
+    picks = [variants[0], variants[-1]] + (["tr=1"] if pass_ == "fwd" else [])
+    assert pass_ == "bwd" or "tr=1" in variants
+    for v in picks:
         ms = probe.probe(spec, args, gy, v, pass_, 1, runner)
-        assert len(ms) == spec.num_directions + 1  # one timed launch per direction, then the whole pass
-        assert all(t > 0 for t in ms)
+        # one timed launch per direction, tr=1's transposes summed, then the whole pass
+        want = set(range(spec.num_directions)) | {"all"} | ({"transpose"} if v == "tr=1" else set())
+        assert set(ms) == want and all(t > 0 for t in ms.values())
+        assert ms["all"] >= max(t for k, t in ms.items() if k != "all")
 
 
 def test_probe_rejects_zero_reps(runner):
@@ -67,5 +71,6 @@ def test_probe_main_writes_rows(runner, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["pass"], r["direction"]) for r in rows] == [(p, d) for p in ("fwd", "bwd")
                                                           for d in ("lr", "rl", "tb", "bt", "all")]
+    assert rows[0]["threads"] and rows[4]["threads"] is None  # the pass row has no tiling
     assert all(r["ms"] > 0 and r["steps"] == 8 for r in rows)
     assert all(isinstance(r["predicted_ms"], float) for r in rows)  # the static model ran beside

@@ -525,9 +525,10 @@ def test_cuda_config_keys_pick_the_ith_candidate(spec):
 
     c = get_backend("cuda")
     keys = c.candidates(spec, "fp32", "fwd", (1, 8, 32, 32))
-    multi = spec.num_directions > 1 and spec.merge != "stack"  # concurrent directions: one more key
-    assert keys[0] == "" and keys[1:2] == (["cc=1"] if multi else [])
-    assert keys[1 + multi:] == [f"v={i}" for i in range(1, len(keys) - multi)]
+    # concurrent directions and (nchw with lr/rl) transposed left/right scans: one more key each
+    extra = (["cc=1"] if c.concurrency_applies(spec, "fwd") else []) + (["tr=1"] if c.transpose_applies(spec) else [])
+    assert keys[0] == "" and keys[1:1 + len(extra)] == extra
+    assert keys[1 + len(extra):] == [f"v={i}" for i in range(1, len(keys) - len(extra))]
     tuned = get_backend("cuda@v=2|v=1")
     assert tuned.concurrent == () and get_backend("cuda@v=2,cc=1|cc=1").concurrent == ("fwd", "bwd")
     d = spec.directions[0]

@@ -1487,3 +1487,55 @@ __global__ void __launch_bounds__(NT) gspn_ps_bwd_step(const gs_t* __restrict__ 
     default: break;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Tiled plane transpose, for left/right scans run as top/bottom ones (the
+// forward tuning tr=1, nchw). In lr/rl every thread of the fused kernel reads
+// a few steps of its own image row: one partial-sector request per access,
+// each in another row, which the H200 runs showed to hold the time at large
+// images (gspngen/perfmodel.py, the scattered-request term). Transposing the
+// inputs once, with whole rows read and written, lets the coalesced lanes
+// mapping run the scan; the output is transposed back (added to what the
+// other directions wrote).
+//
+// Plane (b1, b2) of src is R x Cc, of dst Cc x R; plane indices sp0 + b1*s1s
+// + b2 and dp0 + b1*s1d + b2 (in planes, so every offset is 64-bit inside).
+// One block of 256 threads moves one 32 x 32 tile through shared memory
+// (rows padded to 33 floats: no bank conflicts either way). ACC: dst += src^T
+// in fp32, rounded once to storage.
+// ---------------------------------------------------------------------------
+template <bool ACC>
+__global__ void __launch_bounds__(256) gspn_tr(const gs_t* __restrict__ p_src, gs_t* __restrict__ p_dst, int nb1, int nb2, int s1s, int s1d, int sp0, int dp0, int R, int Cc)
+{
+    float* tile = gs_smem();  // 32 x 33
+    if (blockDim.x != 256u || gs_dyn_smem_bytes() < 32u * 33u * 4u) gs_trap();
+    const int tr = (R + 31) / 32, tc = (Cc + 31) / 32;
+    long long blk = blockIdx.x;
+    const int bc = (int)(blk % tc);
+    blk /= tc;
+    const int br = (int)(blk % tr);
+    blk /= tr;
+    const int b2 = (int)(blk % nb2);
+    const int b1 = (int)(blk / nb2);
+    if (b1 >= nb1) return;  // past the last plane: owns no output
+    const long long plane = (long long)R * Cc;
+    const gs_t* tr_src = p_src + ((long long)sp0 + (long long)b1 * s1s + b2) * plane;
+    gs_t* tr_dst = p_dst + ((long long)dp0 + (long long)b1 * s1d + b2) * plane;
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+#pragma unroll
+    for (int i = ty; i < 32; i += 8) {
+        const int r = br * 32 + i, c = bc * 32 + tx;
+        if (r < R && c < Cc) tile[i * 33 + tx] = gs_f(gs_ld1<true>(tr_src + (long long)r * Cc + c));
+    }
+    gs_sync_block();
+#pragma unroll
+    for (int i = ty; i < 32; i += 8) {
+        const int c = bc * 32 + i, r = br * 32 + tx;
+        if (c < Cc && r < R) {
+            gs_t* tr_q = tr_dst + (long long)c * R + r;
+            float v = tile[tx * 33 + i];
+            if constexpr (ACC) v += gs_f(gs_ld1<false>(tr_q));
+            gs_st1(tr_q, gs_s(v));
+        }
+    }
+}

@@ -173,17 +173,18 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
-def _variant(key: str) -> tuple[int, bool]:
-    """``"v=3"`` -> (3, False), ``"cc=1"`` -> (0, True), ``""`` -> (0, False) (the default);
-    ValueError naming ``backend`` otherwise."""
+def _variant(key: str) -> tuple[int, bool, bool]:
+    """``"v=3"`` -> (3, False, False), ``"cc=1"`` -> (0, True, False), ``"tr=1"`` -> (0, False, True),
+    ``""`` -> (0, False, False) (the default); ValueError naming ``backend`` otherwise."""
     if not key:
-        return 0, False
+        return 0, False, False
     fields = parse_config_key(key, "backend")
-    ok = set(fields) <= {"v", "cc"} and fields.get("v", "0").isdigit() and fields.get("cc", "1") in ("0", "1")
+    ok = (set(fields) <= {"v", "cc", "tr"} and fields.get("v", "0").isdigit()
+          and fields.get("cc", "1") in ("0", "1") and fields.get("tr", "1") in ("0", "1"))
     if not ok:
-        raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>' and/or 'cc=1' (directions "
-                         f"run concurrently), got {key!r}")
-    return int(fields.get("v", "0")), fields.get("cc") == "1"
+        raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', 'cc=1' (directions run "
+                         f"concurrently) and/or 'tr=1' (left/right scans on transposed planes), got {key!r}")
+    return int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1"
 
 
 class CudaBackend(_CudaBase):
@@ -192,11 +193,13 @@ class CudaBackend(_CudaBase):
     name = "cuda"
 
     def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False,
-                 concurrent: tuple[str, ...] = ()):
+                 concurrent: tuple[str, ...] = (), transposed: bool = False):
         super().__init__(runner, poison)
         self.configs = configs
         # passes ("fwd", "bwd") whose directions run at the same time (see _directions)
         self.concurrent = tuple(concurrent)
+        # forward: lr/rl on transposed planes with the lanes mapping (tr=1; see _forward_transposed)
+        self.transposed = bool(transposed)
 
     # -- the config protocol -------------------------------------------------
     # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
@@ -211,7 +214,13 @@ class CudaBackend(_CudaBase):
         kind = "fwd" if pass_ == "fwd" else "bwd"
         n = max(len(rc.candidate_configs(spec, dtype, dn, kind, C, H, W)) for dn in spec.directions)
         cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
-        return [""] + cc + [f"v={i}" for i in range(1, n)]
+        tr = ["tr=1"] if kind == "fwd" and self.transpose_applies(spec) else []
+        return [""] + cc + tr + [f"v={i}" for i in range(1, n)]
+
+    @staticmethod
+    def transpose_applies(spec: Spec) -> bool:
+        """nchw with a left/right direction: their rows can be transposed into top/bottom scans."""
+        return spec.layout == "nchw" and any(DIRECTION_TABLE[dn].step_axis == "W" for dn in spec.directions)
 
     @staticmethod
     def concurrency_applies(spec: Spec, kind: str) -> bool:
@@ -222,6 +231,10 @@ class CudaBackend(_CudaBase):
     def with_config(self, fwd: str = "", bwd: str = "") -> "CudaBackend":
         picks = {"fwd": _variant(fwd), "bwd": _variant(bwd)}
 
+        if picks["bwd"][2]:
+            raise ValueError(f"backend: tr=1 is a forward tuning (the backward reads h in frame order whatever "
+                             f"the forward did), got {bwd!r} for the backward")
+
         def chooser(spec, dname, direction, kind, C, H, W):
             i = picks[kind][0]
             if not i:
@@ -229,7 +242,8 @@ class CudaBackend(_CudaBase):
             options = rc.candidate_configs(spec, dname, direction, kind, C, H, W)
             return options[i] if i < len(options) else None
 
-        return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]))
+        return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]),
+                           picks["fwd"][2])
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -241,10 +255,11 @@ class CudaBackend(_CudaBase):
 
     def plan(self, spec: Spec, dname: str, kind: str, d: int, dims: tuple[int, int, int, int],
              tensors: list[Optional[torch.Tensor]], acc: bool, watom: bool,
-             limits: tuple[int, int], save_h: bool = True) -> FusedLaunch:
-        """Instantiation, grid and shared memory of one direction's fused kernel."""
+             limits: tuple[int, int], save_h: bool = True, as_dir: Optional[str] = None) -> FusedLaunch:
+        """Instantiation, grid and shared memory of one direction's fused kernel. ``as_dir``: run direction
+        d as this one (tr=1: lr/rl as tb/bt on transposed planes, ``dims`` transposed)."""
         N, C, H, W = dims
-        direction = spec.directions[d]
+        direction = as_dir or spec.directions[d]
         sm_count, smem_limit = limits
         cfg = self.config(spec, dname, direction, kind, C, H, W, smem_limit)
         mapping = rc.thread_map(spec, direction)
@@ -305,6 +320,9 @@ class CudaBackend(_CudaBase):
         saved = self._out(saved_shape(spec, x), x) if need_saved else x.new_empty((0,))
         source = rc.kernel_source(spec, dname)
         limits = self.runner.limits(x.device)
+        if self.transposed and self.transpose_applies(spec):
+            self._forward_transposed(spec, dname, source, limits, x, w, lam, u, s, m, y, saved, need_saved)
+            return y, saved
         vec_tensors = [x, w, lam, u, s, y] + ([saved] if need_saved else [])
         stack = spec.merge == "stack"
         plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
@@ -324,6 +342,65 @@ class CudaBackend(_CudaBase):
         if cc:
             _sum_into(y, ys)
         return y, saved
+
+    def _forward_transposed(self, spec: Spec, dname: str, source: str, limits, x, w, lam, u, s, m, y, saved,
+                            need_saved: bool) -> None:
+        """tr=1: top/bottom directions as usual into y; left/right ones as top/bottom scans of transposed
+        planes (their inputs transposed once, x shared), into a transposed output that is added back.
+        h goes to ``saved`` in the frame order the backward reads (t along W, lanes along H either way)."""
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        D, K = spec.num_directions, spec.connection
+        stack = spec.merge == "stack"
+        chunk = _chunk_arg(spec)
+        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+        rest = [d for d in range(D) if d not in side]
+        xT = self._out((N, C, W, H), x)
+        wT = torch.empty_like(w)  # only the left/right slices are written, and only those are read
+        lamT = torch.empty_like(lam)
+        uT = torch.empty_like(u) if u is not None else None
+        sT = torch.empty_like(s) if s is not None else None
+        yT = self._out(y.shape if stack else (N, C, W, H), x)
+        tr_names = [rc.transpose_name(False), rc.transpose_name(True)]
+        plans = {}
+        for i, d in enumerate(rest):
+            plans[d] = self.plan(spec, dname, "fwd", d, (N, C, H, W), [x, w, lam, u, s, y, saved],
+                                 acc=not stack and i > 0, watom=False, limits=limits, save_h=need_saved)
+        for i, d in enumerate(side):
+            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
+            plans[d] = self.plan(spec, dname, "fwd", d, (N, C, W, H), [xT, wT, lamT, uT, sT, yT, saved],
+                                 acc=not stack and i > 0, watom=False, limits=limits, save_h=need_saved,
+                                 as_dir=as_dir)
+        names = [p.name for p in plans.values()] + tr_names
+
+        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
+            # planes (b1, b2) at p0 + b1 * s1 + b2 in both tensors
+            grid = nb1 * nb2 * -(-R // 32) * -(-Cc // 32)
+            self._launch(x.device, source, tr_names[acc], names, self._check_grid(grid), rc.TR_THREADS,
+                         rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1),
+                                      ("i32", s1), ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
+
+        def launch(d, xx, ww, ll, uu, ss, yy, h_, w_):
+            p = plans[d]
+            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem,
+                         [("in", xx), ("in", ww), ("in", ll), ("in", uu), ("in", ss), ("in", m), ("out", yy),
+                          ("out", saved), ("i32", N), ("i32", C), ("i32", G), ("i32", h_), ("i32", w_),
+                          ("i32", chunk), *p.tail])
+
+        for d in rest:
+            launch(d, x, w, lam, u, s, y, H, W)
+        transpose(x, xT, 1, N * C, 0, 0, H, W)
+        for d in side:
+            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
+            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
+                if t is not None:
+                    transpose(t, tt, N, C, D * C, d * C, H, W)
+            launch(d, xT, wT, lamT, uT, sT, yT, W, H)  # the transposed image: W rows of H lanes
+        if stack:
+            for d in side:
+                transpose(yT, y, N, C, D * C, d * C, W, H)
+        else:
+            transpose(yT, y, 1, N * C, 0, 0, W, H, acc=bool(rest))  # y (+)= yT^T
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)

@@ -63,6 +63,8 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                     ("vptr", "p_gw"), ("f32", "p_gh"), ("f32", "p_gx32"),
                     ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
                     ("i32", "s")),
+    "tr": (("in", "p_src"), ("out", "p_dst"), ("i32", "nb1"), ("i32", "nb2"), ("i32", "s1s"), ("i32", "s1d"),
+           ("i32", "sp0"), ("i32", "dp0"), ("i32", "R"), ("i32", "Cc")),
 }
 C_TYPES = {"in": "const gs_t* __restrict__", "out": "gs_t* __restrict__", "f32": "float* __restrict__",
            "vptr": "void*", "i32": "int"}
@@ -354,6 +356,15 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
 
 
 PS_THREADS = 256  # per-step kernels: GSPN-1 used 512; 256 keeps more blocks per SM
+
+
+TR_THREADS = 256
+TR_SMEM = 32 * 33 * 4
+
+
+def transpose_name(acc: bool) -> str:
+    """NVRTC name expression of the plane transpose (templates/cuda/transpose.cuh.j2)."""
+    return f"gspn_tr<{_b(acc)}>"
 
 
 def per_step_names(watom: bool) -> dict[str, str]:
