@@ -235,29 +235,61 @@ def sector_use(mapping: int, cfg, elem_bytes: int, C: int) -> float:
 
 
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
-                  configs=None) -> dict[str, list[Launch]]:
+                  configs=None, transposed: bool = False) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
-    a tuning chooser as ``CudaBackend`` takes (None: the defaults)."""
+    a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the forward tuning tr=1
+    (left/right scans as top/bottom ones on transposed planes, plus the plane transposes)."""
     from .backends.cuda import CudaBackend
     from .render import cuda as rc
 
     N, C, H, W = shape
-    be = CudaBackend(runner=object(), configs=configs)
+    be = CudaBackend(runner=object(), configs=configs, transposed=transposed)
     limits = (gpu.sms, gpu.smem_per_block)
     watom = spec.groups(C) != C
+    es = rc.ELEM_BYTES[dname]
+    plane = N * C * H * W * es  # one image of C channels per batch item, in bytes
+    tiles = -(-H // 32) * -(-W // 32)  # 32 x 32 transpose tiles per H x W plane
     out: dict[str, list[Launch]] = {}
     for pass_, kind, save_h in (("forward", "fwd", True), ("forward_no_grad", "fwd", False),
                                 ("backward", "bwd", True)):
         launches = []
-        for d, direction in enumerate(spec.directions):
-            acc = d > 0 and (kind == "bwd" or spec.merge != "stack")
-            p = be.plan(spec, dname, kind, d, shape, [], acc=acc, watom=watom and kind == "bwd", limits=limits,
-                        save_h=save_h)
-            cfg = be.config(spec, dname, direction, kind, C, H, W, gpu.smem_per_block)
-            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem,
-                                   cfg.tile_elements(rc.thread_map(spec, direction)),
-                                   sector_use(rc.thread_map(spec, direction), cfg, rc.ELEM_BYTES[dname], C),
-                                   launch_bytes(spec, kind, d, shape, dname, save_h)))
+        tr = kind == "fwd" and be.transposed and be.transpose_applies(spec)
+        side = [d for d, dn in enumerate(spec.directions) if tr and DIRECTION_TABLE[dn].step_axis == "W"]
+        order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
+        for i, d in enumerate(order):
+            direction = spec.directions[d]
+            moved = d in side
+            as_dir = ("bt" if DIRECTION_TABLE[direction].reverse else "tb") if moved else direction
+            dims = (N, C, W, H) if moved else shape
+            first = i == 0 or (moved and d == side[0])  # tr=1: the first transposed direction starts yT
+            acc = not first and (kind == "bwd" or spec.merge != "stack")
+            p = be.plan(spec, dname, kind, d, dims, [], acc=acc, watom=watom and kind == "bwd", limits=limits,
+                        save_h=save_h, as_dir=as_dir if moved else None)
+            cfg = be.config(spec, dname, as_dir, kind, C, dims[2], dims[3], gpu.smem_per_block)
+            mapping = rc.thread_map(spec, as_dir)
+            if moved:
+                # this direction's w, lam (u, s) read and written once more, transposed; x before the first
+                G = spec.groups(C)
+                per = {"w": N * spec.connection * G * H * W * es, "lam": plane}
+                if spec.modulation:
+                    per["u"] = plane
+                if spec.skip:
+                    per["s"] = plane
+                if d == side[0]:
+                    per["x"] = plane
+                ctas = sum(v // (H * W * es) for v in per.values()) * tiles
+                launches.append(Launch(pass_, f"{direction} transposes", rc.transpose_name(False), ctas,
+                                       rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, {"read": per, "write": dict(per)}))
+            launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.tile_elements(mapping),
+                                   sector_use(mapping, cfg, es, C),
+                                   launch_bytes(spec, kind, d if not first else 0, shape, dname, save_h)))
+        if side:  # the transposed output back: read yT (and y, when added to), write y
+            back = {"read": {"y": (2 if len(order) > len(side) else 1) * plane}, "write": {"y": plane}}
+            if spec.merge == "stack":
+                back = {"read": {"y": len(side) * plane}, "write": {"y": len(side) * plane}}
+            launches.append(Launch(pass_, "transpose back", rc.transpose_name(len(order) > len(side)),
+                                   N * C * tiles * (len(side) if spec.merge == "stack" else 1),
+                                   rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, back))
         out[pass_] = launches
     return out
 
@@ -489,7 +521,7 @@ def copy_ms(gpu: GPU, nbytes: int) -> float:
 
 
 def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
-                   configs=None) -> dict:
+                   configs=None, transposed: bool = False) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
     ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings)."""
@@ -501,7 +533,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g, configs)
+    plans = plan_launches(spec, dname, shape, g, configs, transposed)
     names = list(dict.fromkeys(l.name for ls in plans.values() for l in ls))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
     elements = N * C * H * W
