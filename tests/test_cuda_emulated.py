@@ -167,10 +167,12 @@ TR_SPECS = [None,  # gspn4: lr, rl, tb, bt, learned merge
             dict(connection=5, directions=["rl", "lr"], weight_groups=2, merge="mean", chunk=4),  # only lr/rl
             dict(connection=3, directions=["tb", "rl"], normalization="softmax", merge="stack", skip=False),
             dict(connection=7, directions=["lr", "bt"], normalization="none", weight_groups="shared",
-                 modulation=False, merge="sum")]
+                 modulation=False, merge="sum"),
+            # the first left/right direction is not direction 0: it must start the transposed output (acc 0)
+            dict(connection=3, directions=["bt", "rl", "tb", "lr"], merge="learned", chunk=5)]
 
 
-@pytest.mark.parametrize("features", TR_SPECS, ids=["gspn4", "lr-rl-groups-chunk", "stack", "shared-k7"])
+@pytest.mark.parametrize("features", TR_SPECS, ids=["gspn4", "lr-rl-groups-chunk", "stack", "shared-k7", "tb-first"])
 def test_transposed_forward_matches_reference(features, runners):
     """tr=1: left/right scans as top/bottom ones on transposed planes, the output transposed back (added to
     the top/bottom directions' or into its stack slice). The backward is the default one reading the h
@@ -198,6 +200,8 @@ def test_concurrent_key():
     assert "cc=1" in be.candidates(stack, "fp32", "bwd", (1, 8, 16, 16))
     tuned = be.with_config("v=2,cc=1", "")
     assert tuned.concurrent == ("fwd",) and tuned.configs is not None
+    with pytest.raises(ValueError, match="do not combine"):
+        be.with_config("cc=1,tr=1", "")
     for bad in ("cc=2", "w=1", "v=x,cc=1", "tr=2"):
         with pytest.raises(ValueError, match="cc=1"):
             be.with_config(bad, "")

@@ -113,20 +113,48 @@ def test_candidate_configs():
 
 def test_concurrent_directions():
     """cc=1: the directions on side streams into slices of a temporary, summed on the caller's stream.
-    Each pass is issued on a non-default stream behind a long spin kernel, so a missing fork (a side
-    stream starting before its inputs exist) or join (the sum or the caller reading before a direction
-    finished) would read garbage; every example, fp32 and bf16, against the reference."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for path in EXAMPLES:
-            spec = load_spec(path)
-            be = CudaBackend(poison=True).with_config("cc=1", "cc=1")
-            for dname in ("fp32", "bf16"):
-                if dname in spec.precision:
-                    torch.cuda._sleep(50_000_000)  # the inputs below are written while this spins
-                    assert_matches(be, spec, dname, SMALL)
-    torch.cuda.current_stream().wait_stream(stream)
+    The inputs are written on the caller's stream behind a long spin kernel, and every launch on a side
+    stream is itself preceded by one: a missing fork (a side stream not waiting for the inputs) reads
+    unwritten memory, a missing join (the sum or the caller not waiting for a direction) reads the
+    NaN-poisoned temporary. Every example, fp32 and bf16, against the default path."""
+    from gspngen.runtime.cuda_build import default_runner
+
+    class SlowSides:
+        def __init__(self, inner, main):
+            self.inner, self.main = inner, main
+
+        def kernel(self, *a):
+            return self.inner.kernel(*a)
+
+        def limits(self, device):
+            return self.inner.limits(device)
+
+        def launch(self, kernel, device, grid, block, smem, args):
+            if torch.cuda.current_stream(device) != self.main:
+                torch.cuda._sleep(20_000_000)
+            self.inner.launch(kernel, device, grid, block, smem, args)
+
+    main = torch.cuda.current_stream()
+    be = CudaBackend(runner=SlowSides(default_runner(), main), poison=True).with_config("cc=1", "cc=1")
+    for path in EXAMPLES:
+        spec = load_spec(path)
+        for dname in ("fp32", "bf16"):
+            if dname not in spec.precision:
+                continue
+            raw = make_inputs(spec, *SMALL, dtype=DTYPES[dname], device="cuda")
+            staged = [raw[k] for k in ARGS]
+            want_y, want_h = FUSED.forward(spec, *staged)
+            gy = torch.randn_like(want_y)
+            want_g = FUSED.backward(spec, gy, *staged, want_h)
+            torch.cuda._sleep(50_000_000)
+            args = [None if t is None else t.clone() for t in staged]  # written after the spin, on main
+            y, h = be.forward(spec, *args)
+            g = be.backward(spec, gy, *args, h)
+            tol = tolerance(DTYPES[dname])
+            assert err(y, want_y) <= tol, (spec.name, dname)
+            for a, b in zip(g, want_g):
+                if b is not None:
+                    assert err(a, b) <= tol, (spec.name, dname)
 
 
 def test_transposed_forward():

@@ -15,6 +15,7 @@ the current PyTorch stream; the tests use a CPU emulator).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -70,7 +71,9 @@ class FusedLaunch:
     tail: tuple[tuple[str, int], ...]  # the run-time arguments after the shape: cpb, d, rev, stepw, acc
 
 
-_SIDE_STREAMS: dict[int, list] = {}
+# Side streams per thread and device: a thread capturing a CUDA graph must not share them with another
+# thread running eagerly.
+_SIDE_STREAMS = threading.local()
 
 
 class _directions:
@@ -90,7 +93,9 @@ class _directions:
         if not self.on:
             return lambda d: contextlib.nullcontext()
         idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pool = _SIDE_STREAMS.setdefault(idx, [])
+        if not hasattr(_SIDE_STREAMS, "pools"):
+            _SIDE_STREAMS.pools = {}
+        pool = _SIDE_STREAMS.pools.setdefault(idx, [])
         while len(pool) < self.n:
             pool.append(torch.cuda.Stream(device=self.device))
         self.main = torch.cuda.current_stream(self.device)
@@ -234,6 +239,9 @@ class CudaBackend(_CudaBase):
         if picks["bwd"][2]:
             raise ValueError(f"backend: tr=1 is a forward tuning (the backward reads h in frame order whatever "
                              f"the forward did), got {bwd!r} for the backward")
+        if picks["fwd"][1] and picks["fwd"][2]:
+            raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed forward runs its directions "
+                             f"in order), got {fwd!r}")
 
         def chooser(spec, dname, direction, kind, C, H, W):
             i = picks[kind][0]
@@ -356,7 +364,10 @@ class CudaBackend(_CudaBase):
         side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
         rest = [d for d in range(D) if d not in side]
         xT = self._out((N, C, W, H), x)
-        wT = torch.empty_like(w)  # only the left/right slices are written, and only those are read
+        # Full-size buffers, of which only the left/right slices are written and read: the kernel addresses
+        # direction d's slice with the whole tensor's strides. That is memory (at 16x8x1024^2 fp32, about
+        # 13 GB beside the inputs), not traffic; the autotuner rejects tr=1 where it does not fit.
+        wT = torch.empty_like(w)
         lamT = torch.empty_like(lam)
         uT = torch.empty_like(u) if u is not None else None
         sT = torch.empty_like(s) if s is not None else None
