@@ -237,13 +237,13 @@ def sector_use(mapping: int, cfg, elem_bytes: int, C: int) -> float:
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
                   configs=None, transposed: bool = False) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
-    a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the forward tuning tr=1
-    (left/right scans as top/bottom ones on transposed planes, plus the plane transposes)."""
+    a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
+    passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes)."""
     from .backends.cuda import CudaBackend
     from .render import cuda as rc
 
     N, C, H, W = shape
-    be = CudaBackend(runner=object(), configs=configs, transposed=transposed)
+    be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
     watom = spec.groups(C) != C
     es = rc.ELEM_BYTES[dname]
@@ -253,7 +253,7 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
     for pass_, kind, save_h in (("forward", "fwd", True), ("forward_no_grad", "fwd", False),
                                 ("backward", "bwd", True)):
         launches = []
-        tr = kind == "fwd" and be.transposed and be.transpose_applies(spec)
+        tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
         side = [d for d, dn in enumerate(spec.directions) if tr and DIRECTION_TABLE[dn].step_axis == "W"]
         order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
         for i, d in enumerate(order):
@@ -277,18 +277,30 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                     per["s"] = plane
                 if d == side[0]:
                     per["x"] = plane
-                ctas = sum(v // (H * W * es) for v in per.values()) * tiles
+                    if kind == "bwd" and spec.merge != "stack":
+                        per["gy"] = plane
+                if kind == "bwd" and spec.merge == "stack":
+                    per["gy"] = plane
+                if kind == "bwd":  # the direction's own gradients back into their slices
+                    grads = {"gw": N * spec.connection * G * H * W * (4 if G != C else es), "glam": plane}
+                    if spec.modulation:
+                        grads["gu"] = plane
+                    if spec.skip:
+                        grads["gs"] = plane
+                    per.update(grads)
+                ctas = sum(-(-v // (H * W * es)) for v in per.values()) * tiles
                 launches.append(Launch(pass_, f"{direction} transposes", rc.transpose_name(False), ctas,
                                        rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, {"read": per, "write": dict(per)}))
             launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.tile_elements(mapping),
                                    sector_use(mapping, cfg, es, C),
                                    launch_bytes(spec, kind, d if not first else 0, shape, dname, save_h)))
-        if side:  # the transposed output back: read yT (and y, when added to), write y
-            back = {"read": {"y": (2 if len(order) > len(side) else 1) * plane}, "write": {"y": plane}}
-            if spec.merge == "stack":
+        if side:  # the transposed output (gx in the backward) back: read it (and the target, when added to)
+            target = "y" if kind == "fwd" else "gx"
+            back = {"read": {target: (2 if len(order) > len(side) else 1) * plane}, "write": {target: plane}}
+            if spec.merge == "stack" and kind == "fwd":
                 back = {"read": {"y": len(side) * plane}, "write": {"y": len(side) * plane}}
             launches.append(Launch(pass_, "transpose back", rc.transpose_name(len(order) > len(side)),
-                                   N * C * tiles * (len(side) if spec.merge == "stack" else 1),
+                                   N * C * tiles * (len(side) if spec.merge == "stack" and kind == "fwd" else 1),
                                    rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, back))
         out[pass_] = launches
     return out

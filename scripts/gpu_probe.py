@@ -210,7 +210,8 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 if isinstance(key, int):
                     # tr=1 runs left/right forward scans as top/bottom ones on transposed planes
                     side = DIRECTION_TABLE[direction].step_axis == "W"
-                    moved = p == "fwd" and be.transposed and side and be.transpose_applies(spec)
+                    moved = (side and (be.transposed if p == "fwd" else be.transposed_bwd)
+                             and be.transpose_applies(spec, p, dname, C))
                     as_dir = ("bt" if DIRECTION_TABLE[direction].reverse else "tb") if moved else direction
                     cfg = be.config(spec, dname, as_dir, p, C, *((W, H) if moved else (H, W)), smem_limit)
                     steps = W if side else H

@@ -189,6 +189,27 @@ def test_transposed_forward_matches_reference(features, runners):
             assert "gspn_tr<false>" in names
 
 
+@pytest.mark.parametrize("features", TR_SPECS, ids=["gspn4", "lr-rl-groups-chunk", "stack", "shared-k7", "tb-first"])
+def test_transposed_backward_matches_reference(features, runners):
+    """tr=1 for both passes: the backward's left/right adjoint scans on transposed planes, their gradients
+    transposed back into their slices, gx added back; every gradient against the reference (poisoned
+    outputs: a slice left untransposed shows). Shared-weight gradients (fp32 atomics) take the transposed
+    path in fp32 and the default one in bf16."""
+    spec = (load_spec(ROOT / "examples" / "gspn4.yaml") if features is None
+            else Spec.from_dict({"name": "tr", "precision": ["fp32", "bf16"], **features}))
+    shapes = [(2, 4, 6, 8), (1, 2, 37, 11)]
+    for dname, order in (("fp32", 0), ("bf16", 1)):
+        be = CudaBackend(runner=runners[order], poison=True).with_config("tr=1", "tr=1")
+        assert be.transposed_bwd
+        for j, shape in enumerate(shapes):
+            assert_matches(be, spec, dname, shape, seed=j)
+            launched = [n for n, *_ in runners[order].launches]
+            last_fwd = max(i for i, n in enumerate(launched) if n.startswith("gspn_fwd"))
+            first_bwd = min(i for i, n in enumerate(launched) if i > last_fwd and n.startswith("gspn_bwd"))
+            after = set(launched[first_bwd:])  # the backward's launches (its first is a scan)
+            assert ("gspn_tr<false>" in after) == be.transpose_applies(spec, "bwd", dname, shape[1])
+
+
 def test_concurrent_key():
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")
     be = CudaBackend()
@@ -206,9 +227,13 @@ def test_concurrent_key():
         with pytest.raises(ValueError, match="cc=1"):
             be.with_config(bad, "")
     assert be.with_config("tr=1,v=1", "").transposed and "tr=1" in be.candidates(spec, "fp32", "fwd", (1, 8, 16, 16))
-    assert "tr=1" not in be.candidates(spec, "fp32", "bwd", (1, 8, 16, 16))
-    with pytest.raises(ValueError, match="forward tuning"):
-        be.with_config("", "tr=1")
+    assert "tr=1" in be.candidates(spec, "fp32", "bwd", (1, 8, 16, 16))
+    shared = Spec.from_dict({"name": "sh", "weight_groups": "shared"})
+    assert "tr=1" in be.candidates(shared, "fp32", "bwd", (1, 8, 16, 16))
+    assert "tr=1" not in be.candidates(shared, "bf16", "bwd", (1, 8, 16, 16))  # fp32 atomic sums
+    assert be.with_config("", "tr=1").transposed_bwd
+    with pytest.raises(ValueError, match="do not combine"):
+        be.with_config("", "cc=1,tr=1")
     nhwc = Spec.from_dict({"name": "nh", "layout": "nhwc"})
     assert "tr=1" not in be.candidates(nhwc, "fp32", "fwd", (1, 8, 16, 16))
 

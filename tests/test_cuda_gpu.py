@@ -157,11 +157,11 @@ def test_concurrent_directions():
                     assert err(a, b) <= tol, (spec.name, dname)
 
 
-def test_transposed_forward():
-    """tr=1: left/right scans as top/bottom ones on transposed planes (tiled transposes in and out), the
-    default backward reading the h it saved; every example (nhwc ones fall back to the default path) and a
-    shape whose sides are not multiples of the 32 x 32 transpose tile, against the reference."""
-    be = CudaBackend(poison=True).with_config("tr=1", "")
+def test_transposed_passes():
+    """tr=1 in both passes: left/right scans (and their adjoints) as top/bottom ones on transposed planes
+    (tiled transposes in and out); every example (nhwc ones fall back to the default path) and a shape whose
+    sides are not multiples of the 32 x 32 transpose tile, against the reference."""
+    be = CudaBackend(poison=True).with_config("tr=1", "tr=1")
     for path in EXAMPLES:
         spec = load_spec(path)
         for dname in spec.precision:

@@ -198,13 +198,14 @@ class CudaBackend(_CudaBase):
     name = "cuda"
 
     def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False,
-                 concurrent: tuple[str, ...] = (), transposed: bool = False):
+                 concurrent: tuple[str, ...] = (), transposed: bool = False, transposed_bwd: bool = False):
         super().__init__(runner, poison)
         self.configs = configs
         # passes ("fwd", "bwd") whose directions run at the same time (see _directions)
         self.concurrent = tuple(concurrent)
-        # forward: lr/rl on transposed planes with the lanes mapping (tr=1; see _forward_transposed)
+        # lr/rl on transposed planes with the lanes mapping (tr=1; see _forward_transposed), per pass
         self.transposed = bool(transposed)
+        self.transposed_bwd = bool(transposed_bwd)
 
     # -- the config protocol -------------------------------------------------
     # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
@@ -219,13 +220,16 @@ class CudaBackend(_CudaBase):
         kind = "fwd" if pass_ == "fwd" else "bwd"
         n = max(len(rc.candidate_configs(spec, dtype, dn, kind, C, H, W)) for dn in spec.directions)
         cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
-        tr = ["tr=1"] if kind == "fwd" and self.transpose_applies(spec) else []
+        tr = ["tr=1"] if self.transpose_applies(spec, kind, dtype, C) else []
         return [""] + cc + tr + [f"v={i}" for i in range(1, n)]
 
     @staticmethod
-    def transpose_applies(spec: Spec) -> bool:
-        """nchw with a left/right direction: their rows can be transposed into top/bottom scans."""
-        return spec.layout == "nchw" and any(DIRECTION_TABLE[dn].step_axis == "W" for dn in spec.directions)
+    def transpose_applies(spec: Spec, kind: str = "fwd", dtype: str = "fp32", C: int = 0) -> bool:
+        """nchw with a left/right direction: their rows can be transposed into top/bottom scans. The
+        backward's shared-weight gradients are fp32 atomic sums, which the transpose kernel (storage type)
+        moves only when the storage is fp32."""
+        ok = spec.layout == "nchw" and any(DIRECTION_TABLE[dn].step_axis == "W" for dn in spec.directions)
+        return ok and (kind == "fwd" or dtype == "fp32" or (C > 0 and spec.groups(C) == C))
 
     @staticmethod
     def concurrency_applies(spec: Spec, kind: str) -> bool:
@@ -236,12 +240,10 @@ class CudaBackend(_CudaBase):
     def with_config(self, fwd: str = "", bwd: str = "") -> "CudaBackend":
         picks = {"fwd": _variant(fwd), "bwd": _variant(bwd)}
 
-        if picks["bwd"][2]:
-            raise ValueError(f"backend: tr=1 is a forward tuning (the backward reads h in frame order whatever "
-                             f"the forward did), got {bwd!r} for the backward")
-        if picks["fwd"][1] and picks["fwd"][2]:
-            raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed forward runs its directions "
-                             f"in order), got {fwd!r}")
+        for key, pk in ((fwd, picks["fwd"]), (bwd, picks["bwd"])):
+            if pk[1] and pk[2]:
+                raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed pass runs its directions "
+                                 f"in order), got {key!r}")
 
         def chooser(spec, dname, direction, kind, C, H, W):
             i = picks[kind][0]
@@ -251,7 +253,7 @@ class CudaBackend(_CudaBase):
             return options[i] if i < len(options) else None
 
         return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]),
-                           picks["fwd"][2])
+                           picks["fwd"][2], picks["bwd"][2])
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -385,11 +387,7 @@ class CudaBackend(_CudaBase):
         names = [p.name for p in plans.values()] + tr_names
 
         def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
-            # planes (b1, b2) at p0 + b1 * s1 + b2 in both tensors
-            grid = nb1 * nb2 * -(-R // 32) * -(-Cc // 32)
-            self._launch(x.device, source, tr_names[acc], names, self._check_grid(grid), rc.TR_THREADS,
-                         rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1),
-                                      ("i32", s1), ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
+            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
 
         def launch(d, xx, ww, ll, uu, ss, yy, h_, w_):
             p = plans[d]
@@ -413,6 +411,77 @@ class CudaBackend(_CudaBase):
         else:
             transpose(yT, y, 1, N * C, 0, 0, W, H, acc=bool(rest))  # y (+)= yT^T
 
+    def _transpose(self, device, source: str, names, src, dst, nb1: int, nb2: int, s1: int, p0: int, R: int,
+                   Cc: int, acc: bool = False) -> None:
+        """dst plane^T (+)= src plane for planes (b1, b2) at p0 + b1 * s1 + b2 in both tensors (R x Cc in src)."""
+        grid = nb1 * nb2 * -(-R // 32) * -(-Cc // 32)
+        self._launch(device, source, rc.transpose_name(acc), names, self._check_grid(grid), rc.TR_THREADS,
+                     rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1), ("i32", s1),
+                                  ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
+
+    def _backward_transposed(self, spec: Spec, dname: str, source: str, limits, gy, x, w, lam, u, s, m, saved,
+                             gx, glam, gu, gs, gw, gm32, watom: bool) -> None:
+        """tr=1 backward: top/bottom directions as usual; left/right ones as top/bottom adjoint scans of
+        transposed planes (gy, x and the direction's inputs transposed in; gx added back, the direction's
+        own gradients transposed back into their slices). The saved h is read in frame order as always."""
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        D, K = spec.num_directions, spec.connection
+        stack = spec.merge == "stack"
+        chunk = _chunk_arg(spec)
+        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+        rest = [d for d in range(D) if d not in side]
+        xT = self._out((N, C, W, H), x)
+        gyT = torch.empty_like(gy) if stack else self._out((N, C, W, H), gy)
+        wT, lamT = torch.empty_like(w), torch.empty_like(lam)  # full size, side slices only (as the forward)
+        uT = torch.empty_like(u) if u is not None else None
+        sT = torch.empty_like(s) if s is not None else None
+        gxT = self._out((N, C, W, H), x)
+        glamT = torch.empty_like(glam)
+        guT = torch.empty_like(gu) if gu is not None else None
+        gsT = torch.empty_like(gs) if gs is not None else None
+        gwT = torch.zeros_like(gw) if watom else torch.empty_like(gw)  # watom: fp32 atomic sums
+        plans = {}
+        for i, d in enumerate(rest):
+            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, H, W), [gy, x, w, lam, u, s, saved, gx, glam, gu, gs]
+                                 + ([] if watom else [gw]), acc=i > 0, watom=watom, limits=limits)
+        for i, d in enumerate(side):
+            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
+            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, W, H), [gyT, xT, wT, lamT, uT, sT, saved, gxT, glamT,
+                                                                      guT, gsT] + ([] if watom else [gwT]),
+                                 acc=i > 0, watom=watom, limits=limits, as_dir=as_dir)
+        names = [p.name for p in plans.values()] + [rc.transpose_name(False), rc.transpose_name(True)]
+
+        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
+            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
+
+        def launch(d, ins, outs, h_, w_):
+            p = plans[d]
+            args = ([("in", t) for t in ins[:6]] + [("in", m), ("in", saved)] + [("out", t) for t in outs[:4]]
+                    + [("vptr", outs[4]), ("f32", gm32), ("i32", N), ("i32", C), ("i32", G), ("i32", h_),
+                       ("i32", w_), ("i32", chunk), *p.tail])
+            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+
+        for d in rest:
+            launch(d, (gy, x, w, lam, u, s), (gx, glam, gu, gs, gw), H, W)
+        transpose(x, xT, 1, N * C, 0, 0, H, W)
+        if not stack:
+            transpose(gy, gyT, 1, N * C, 0, 0, H, W)
+        for d in side:
+            if stack:
+                transpose(gy, gyT, N, C, D * C, d * C, H, W)
+            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
+            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
+                if t is not None:
+                    transpose(t, tt, N, C, D * C, d * C, H, W)
+            launch(d, (gyT, xT, wT, lamT, uT, sT), (gxT, glamT, guT, gsT, gwT), W, H)
+            # this direction's own gradients back into their slices (the transposed image is W x H)
+            transpose(gwT, gw, N, K * G, D * K * G, d * K * G, W, H)
+            for t, tt in ((glamT, glam), (guT, gu), (gsT, gs)):
+                if t is not None:
+                    transpose(t, tt, N, C, D * C, d * C, W, H)
+        transpose(gxT, gx, 1, N * C, 0, 0, W, H, acc=bool(rest))  # gx (+)= gxT^T
+
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)
         _check_saved(spec, x, saved, self.name)
@@ -427,6 +496,12 @@ class CudaBackend(_CudaBase):
         gm32 = torch.zeros(spec.num_directions, dtype=torch.float32, device=x.device) if m is not None else None
         source = rc.kernel_source(spec, dname)
         limits = self.runner.limits(x.device)
+        if self.transposed_bwd and self.transpose_applies(spec, "bwd", dname, C):
+            self._backward_transposed(spec, dname, source, limits, gy, x, w, lam, u, s, m, saved, gx, glam, gu, gs,
+                                      gw, gm32, watom)
+            if watom:
+                gw = gw.to(x.dtype)
+            return gx, gw, glam, gu, gs, (gm32.to(m.dtype) if m is not None else None)
         vec_tensors = [gy, x, w, lam, u, s, saved, gx, glam, gu, gs] + ([] if watom else [gw])
         plans = [self.plan(spec, dname, "bwd", d, dims, vec_tensors, acc=d > 0, watom=watom, limits=limits)
                  for d in range(spec.num_directions)]
@@ -528,6 +603,77 @@ class CudaPerStepBackend(_CudaBase):
                 ("i32", N), ("i32", C), ("i32", H), ("i32", W)]
         self._launch(x.device, source, kn["ps_merge"], names, pixel_grid, rc.PS_THREADS, 0, args)
         return y, (saved if need_saved else saved.new_empty((0,)))
+
+    def _transpose(self, device, source: str, names, src, dst, nb1: int, nb2: int, s1: int, p0: int, R: int,
+                   Cc: int, acc: bool = False) -> None:
+        """dst plane^T (+)= src plane for planes (b1, b2) at p0 + b1 * s1 + b2 in both tensors (R x Cc in src)."""
+        grid = nb1 * nb2 * -(-R // 32) * -(-Cc // 32)
+        self._launch(device, source, rc.transpose_name(acc), names, self._check_grid(grid), rc.TR_THREADS,
+                     rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1), ("i32", s1),
+                                  ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
+
+    def _backward_transposed(self, spec: Spec, dname: str, source: str, limits, gy, x, w, lam, u, s, m, saved,
+                             gx, glam, gu, gs, gw, gm32, watom: bool) -> None:
+        """tr=1 backward: top/bottom directions as usual; left/right ones as top/bottom adjoint scans of
+        transposed planes (gy, x and the direction's inputs transposed in; gx added back, the direction's
+        own gradients transposed back into their slices). The saved h is read in frame order as always."""
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        D, K = spec.num_directions, spec.connection
+        stack = spec.merge == "stack"
+        chunk = _chunk_arg(spec)
+        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+        rest = [d for d in range(D) if d not in side]
+        xT = self._out((N, C, W, H), x)
+        gyT = torch.empty_like(gy) if stack else self._out((N, C, W, H), gy)
+        wT, lamT = torch.empty_like(w), torch.empty_like(lam)  # full size, side slices only (as the forward)
+        uT = torch.empty_like(u) if u is not None else None
+        sT = torch.empty_like(s) if s is not None else None
+        gxT = self._out((N, C, W, H), x)
+        glamT = torch.empty_like(glam)
+        guT = torch.empty_like(gu) if gu is not None else None
+        gsT = torch.empty_like(gs) if gs is not None else None
+        gwT = torch.zeros_like(gw) if watom else torch.empty_like(gw)  # watom: fp32 atomic sums
+        plans = {}
+        for i, d in enumerate(rest):
+            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, H, W), [gy, x, w, lam, u, s, saved, gx, glam, gu, gs]
+                                 + ([] if watom else [gw]), acc=i > 0, watom=watom, limits=limits)
+        for i, d in enumerate(side):
+            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
+            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, W, H), [gyT, xT, wT, lamT, uT, sT, saved, gxT, glamT,
+                                                                      guT, gsT] + ([] if watom else [gwT]),
+                                 acc=i > 0, watom=watom, limits=limits, as_dir=as_dir)
+        names = [p.name for p in plans.values()] + [rc.transpose_name(False), rc.transpose_name(True)]
+
+        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
+            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
+
+        def launch(d, ins, outs, h_, w_):
+            p = plans[d]
+            args = ([("in", t) for t in ins[:6]] + [("in", m), ("in", saved)] + [("out", t) for t in outs[:4]]
+                    + [("vptr", outs[4]), ("f32", gm32), ("i32", N), ("i32", C), ("i32", G), ("i32", h_),
+                       ("i32", w_), ("i32", chunk), *p.tail])
+            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
+
+        for d in rest:
+            launch(d, (gy, x, w, lam, u, s), (gx, glam, gu, gs, gw), H, W)
+        transpose(x, xT, 1, N * C, 0, 0, H, W)
+        if not stack:
+            transpose(gy, gyT, 1, N * C, 0, 0, H, W)
+        for d in side:
+            if stack:
+                transpose(gy, gyT, N, C, D * C, d * C, H, W)
+            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
+            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
+                if t is not None:
+                    transpose(t, tt, N, C, D * C, d * C, H, W)
+            launch(d, (gyT, xT, wT, lamT, uT, sT), (gxT, glamT, guT, gsT, gwT), W, H)
+            # this direction's own gradients back into their slices (the transposed image is W x H)
+            transpose(gwT, gw, N, K * G, D * K * G, d * K * G, W, H)
+            for t, tt in ((glamT, glam), (guT, gu), (gsT, gs)):
+                if t is not None:
+                    transpose(t, tt, N, C, D * C, d * C, W, H)
+        transpose(gxT, gx, 1, N * C, 0, 0, W, H, acc=bool(rest))  # gx (+)= gxT^T
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)
