@@ -239,7 +239,7 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
     a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
     passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes)."""
-    from .backends.cuda import CudaBackend
+    from .backends.cuda import CudaBackend, left_right, transposed_as
     from .render import cuda as rc
 
     N, C, H, W = shape
@@ -254,12 +254,12 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                                 ("backward", "bwd", True)):
         launches = []
         tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
-        side = [d for d, dn in enumerate(spec.directions) if tr and DIRECTION_TABLE[dn].step_axis == "W"]
+        side = left_right(spec) if tr else []
         order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
         for i, d in enumerate(order):
             direction = spec.directions[d]
             moved = d in side
-            as_dir = ("bt" if DIRECTION_TABLE[direction].reverse else "tb") if moved else direction
+            as_dir = transposed_as(direction) if moved else direction
             dims = (N, C, W, H) if moved else shape
             first = i == 0 or (moved and d == side[0])  # tr=1: the first transposed direction starts yT
             acc = not first and (kind == "bwd" or spec.merge != "stack")

@@ -150,7 +150,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
     import torch
 
     from gspngen.atomic import write_file_atomically
-    from gspngen.backends.cuda import CudaBackend
+    from gspngen.backends.cuda import CudaBackend, transposed_as
     from gspngen.geometry import DIRECTION_TABLE
     from gspngen.runtime.cuda_build import default_runner
     from gspngen.spec import load_spec
@@ -212,7 +212,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                     side = DIRECTION_TABLE[direction].step_axis == "W"
                     moved = (side and (be.transposed if p == "fwd" else be.transposed_bwd)
                              and be.transpose_applies(spec, p, dname, C))
-                    as_dir = ("bt" if DIRECTION_TABLE[direction].reverse else "tb") if moved else direction
+                    as_dir = transposed_as(direction) if moved else direction
                     cfg = be.config(spec, dname, as_dir, p, C, *((W, H) if moved else (H, W)), smem_limit)
                     steps = W if side else H
                 row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",

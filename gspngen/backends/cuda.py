@@ -111,6 +111,16 @@ class _directions:
         return False
 
 
+def left_right(spec: Spec) -> list[int]:
+    """Indices of the directions that step along W (lr, rl): the ones tr=1 runs on transposed planes."""
+    return [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+
+
+def transposed_as(direction: str) -> str:
+    """The top/bottom direction a left/right one becomes on transposed planes (same step order)."""
+    return "bt" if DIRECTION_TABLE[direction].reverse else "tb"
+
+
 def _sum_into(out: torch.Tensor, parts: torch.Tensor) -> None:
     """out = the sum of parts over its first axis, accumulated in fp32 (16-bit storage)."""
     if parts.dtype in (torch.float16, torch.bfloat16):
@@ -360,10 +370,10 @@ class CudaBackend(_CudaBase):
         h goes to ``saved`` in the frame order the backward reads (t along W, lanes along H either way)."""
         N, C, H, W = _dims(spec, x)
         G = spec.groups(C)
-        D, K = spec.num_directions, spec.connection
+        D = spec.num_directions
         stack = spec.merge == "stack"
         chunk = _chunk_arg(spec)
-        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+        side = left_right(spec)
         rest = [d for d in range(D) if d not in side]
         xT = self._out((N, C, W, H), x)
         # Full-size buffers, of which only the left/right slices are written and read: the kernel addresses
@@ -380,14 +390,11 @@ class CudaBackend(_CudaBase):
             plans[d] = self.plan(spec, dname, "fwd", d, (N, C, H, W), [x, w, lam, u, s, y, saved],
                                  acc=not stack and i > 0, watom=False, limits=limits, save_h=need_saved)
         for i, d in enumerate(side):
-            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
+            as_dir = transposed_as(spec.directions[d])
             plans[d] = self.plan(spec, dname, "fwd", d, (N, C, W, H), [xT, wT, lamT, uT, sT, yT, saved],
                                  acc=not stack and i > 0, watom=False, limits=limits, save_h=need_saved,
                                  as_dir=as_dir)
         names = [p.name for p in plans.values()] + tr_names
-
-        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
-            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
 
         def launch(d, xx, ww, ll, uu, ss, yy, h_, w_):
             p = plans[d]
@@ -398,18 +405,15 @@ class CudaBackend(_CudaBase):
 
         for d in rest:
             launch(d, x, w, lam, u, s, y, H, W)
-        transpose(x, xT, 1, N * C, 0, 0, H, W)
+        self._transpose(x.device, source, names, x, xT, 1, N * C, 0, 0, H, W)
         for d in side:
-            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
-            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
-                if t is not None:
-                    transpose(t, tt, N, C, D * C, d * C, H, W)
+            for t, tt in ((w, wT), (lam, lamT), (u, uT), (s, sT)):
+                self._transpose_slice(x.device, source, names, t, tt, d, H, W)
             launch(d, xT, wT, lamT, uT, sT, yT, W, H)  # the transposed image: W rows of H lanes
-        if stack:
-            for d in side:
-                transpose(yT, y, N, C, D * C, d * C, W, H)
-        else:
-            transpose(yT, y, 1, N * C, 0, 0, W, H, acc=bool(rest))  # y (+)= yT^T
+            if stack:
+                self._transpose_slice(x.device, source, names, yT, y, d, W, H)
+        if not stack:
+            self._transpose(x.device, source, names, yT, y, 1, N * C, 0, 0, W, H, acc=bool(rest))  # y (+)= yT^T
 
     def _transpose(self, device, source: str, names, src, dst, nb1: int, nb2: int, s1: int, p0: int, R: int,
                    Cc: int, acc: bool = False) -> None:
@@ -419,6 +423,15 @@ class CudaBackend(_CudaBase):
                      rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1), ("i32", s1),
                                   ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
 
+    def _transpose_slice(self, device, source: str, names, src, dst, d: int, R: int, Cc: int) -> None:
+        """Direction d's slice of a per-direction tensor (N, D, ..., R, Cc: w, lam, u, s, a stacked y or gy,
+        or their gradients) transposed into the same slice of dst; None (an unused tensor) is skipped."""
+        if src is None:
+            return
+        N, D = src.shape[0], src.shape[1]
+        per = src[0, 0].numel() // (R * Cc)  # planes per (n, d): K x G for w, C for the others
+        self._transpose(device, source, names, src, dst, N, per, D * per, d * per, R, Cc)
+
     def _backward_transposed(self, spec: Spec, dname: str, source: str, limits, gy, x, w, lam, u, s, m, saved,
                              gx, glam, gu, gs, gw, gm32, watom: bool) -> None:
         """tr=1 backward: top/bottom directions as usual; left/right ones as top/bottom adjoint scans of
@@ -426,10 +439,10 @@ class CudaBackend(_CudaBase):
         own gradients transposed back into their slices). The saved h is read in frame order as always."""
         N, C, H, W = _dims(spec, x)
         G = spec.groups(C)
-        D, K = spec.num_directions, spec.connection
+        D = spec.num_directions
         stack = spec.merge == "stack"
         chunk = _chunk_arg(spec)
-        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
+        side = left_right(spec)
         rest = [d for d in range(D) if d not in side]
         xT = self._out((N, C, W, H), x)
         gyT = torch.empty_like(gy) if stack else self._out((N, C, W, H), gy)
@@ -446,14 +459,11 @@ class CudaBackend(_CudaBase):
             plans[d] = self.plan(spec, dname, "bwd", d, (N, C, H, W), [gy, x, w, lam, u, s, saved, gx, glam, gu, gs]
                                  + ([] if watom else [gw]), acc=i > 0, watom=watom, limits=limits)
         for i, d in enumerate(side):
-            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
+            as_dir = transposed_as(spec.directions[d])
             plans[d] = self.plan(spec, dname, "bwd", d, (N, C, W, H), [gyT, xT, wT, lamT, uT, sT, saved, gxT, glamT,
                                                                       guT, gsT] + ([] if watom else [gwT]),
                                  acc=i > 0, watom=watom, limits=limits, as_dir=as_dir)
         names = [p.name for p in plans.values()] + [rc.transpose_name(False), rc.transpose_name(True)]
-
-        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
-            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
 
         def launch(d, ins, outs, h_, w_):
             p = plans[d]
@@ -464,23 +474,17 @@ class CudaBackend(_CudaBase):
 
         for d in rest:
             launch(d, (gy, x, w, lam, u, s), (gx, glam, gu, gs, gw), H, W)
-        transpose(x, xT, 1, N * C, 0, 0, H, W)
+        self._transpose(x.device, source, names, x, xT, 1, N * C, 0, 0, H, W)
         if not stack:
-            transpose(gy, gyT, 1, N * C, 0, 0, H, W)
+            self._transpose(x.device, source, names, gy, gyT, 1, N * C, 0, 0, H, W)
         for d in side:
-            if stack:
-                transpose(gy, gyT, N, C, D * C, d * C, H, W)
-            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
-            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
-                if t is not None:
-                    transpose(t, tt, N, C, D * C, d * C, H, W)
+            for t, tt in ((gy if stack else None, gyT), (w, wT), (lam, lamT), (u, uT), (s, sT)):
+                self._transpose_slice(x.device, source, names, t, tt, d, H, W)
             launch(d, (gyT, xT, wT, lamT, uT, sT), (gxT, glamT, guT, gsT, gwT), W, H)
             # this direction's own gradients back into their slices (the transposed image is W x H)
-            transpose(gwT, gw, N, K * G, D * K * G, d * K * G, W, H)
-            for t, tt in ((glamT, glam), (guT, gu), (gsT, gs)):
-                if t is not None:
-                    transpose(t, tt, N, C, D * C, d * C, W, H)
-        transpose(gxT, gx, 1, N * C, 0, 0, W, H, acc=bool(rest))  # gx (+)= gxT^T
+            for t, tt in ((gwT, gw), (glamT, glam), (guT, gu), (gsT, gs)):
+                self._transpose_slice(x.device, source, names, t, tt, d, W, H)
+        self._transpose(x.device, source, names, gxT, gx, 1, N * C, 0, 0, W, H, acc=bool(rest))  # gx (+)= gxT^T
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)
@@ -603,77 +607,6 @@ class CudaPerStepBackend(_CudaBase):
                 ("i32", N), ("i32", C), ("i32", H), ("i32", W)]
         self._launch(x.device, source, kn["ps_merge"], names, pixel_grid, rc.PS_THREADS, 0, args)
         return y, (saved if need_saved else saved.new_empty((0,)))
-
-    def _transpose(self, device, source: str, names, src, dst, nb1: int, nb2: int, s1: int, p0: int, R: int,
-                   Cc: int, acc: bool = False) -> None:
-        """dst plane^T (+)= src plane for planes (b1, b2) at p0 + b1 * s1 + b2 in both tensors (R x Cc in src)."""
-        grid = nb1 * nb2 * -(-R // 32) * -(-Cc // 32)
-        self._launch(device, source, rc.transpose_name(acc), names, self._check_grid(grid), rc.TR_THREADS,
-                     rc.TR_SMEM, [("in", src), ("out", dst), ("i32", nb1), ("i32", nb2), ("i32", s1), ("i32", s1),
-                                  ("i32", p0), ("i32", p0), ("i32", R), ("i32", Cc)])
-
-    def _backward_transposed(self, spec: Spec, dname: str, source: str, limits, gy, x, w, lam, u, s, m, saved,
-                             gx, glam, gu, gs, gw, gm32, watom: bool) -> None:
-        """tr=1 backward: top/bottom directions as usual; left/right ones as top/bottom adjoint scans of
-        transposed planes (gy, x and the direction's inputs transposed in; gx added back, the direction's
-        own gradients transposed back into their slices). The saved h is read in frame order as always."""
-        N, C, H, W = _dims(spec, x)
-        G = spec.groups(C)
-        D, K = spec.num_directions, spec.connection
-        stack = spec.merge == "stack"
-        chunk = _chunk_arg(spec)
-        side = [d for d, dn in enumerate(spec.directions) if DIRECTION_TABLE[dn].step_axis == "W"]
-        rest = [d for d in range(D) if d not in side]
-        xT = self._out((N, C, W, H), x)
-        gyT = torch.empty_like(gy) if stack else self._out((N, C, W, H), gy)
-        wT, lamT = torch.empty_like(w), torch.empty_like(lam)  # full size, side slices only (as the forward)
-        uT = torch.empty_like(u) if u is not None else None
-        sT = torch.empty_like(s) if s is not None else None
-        gxT = self._out((N, C, W, H), x)
-        glamT = torch.empty_like(glam)
-        guT = torch.empty_like(gu) if gu is not None else None
-        gsT = torch.empty_like(gs) if gs is not None else None
-        gwT = torch.zeros_like(gw) if watom else torch.empty_like(gw)  # watom: fp32 atomic sums
-        plans = {}
-        for i, d in enumerate(rest):
-            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, H, W), [gy, x, w, lam, u, s, saved, gx, glam, gu, gs]
-                                 + ([] if watom else [gw]), acc=i > 0, watom=watom, limits=limits)
-        for i, d in enumerate(side):
-            as_dir = "bt" if DIRECTION_TABLE[spec.directions[d]].reverse else "tb"
-            plans[d] = self.plan(spec, dname, "bwd", d, (N, C, W, H), [gyT, xT, wT, lamT, uT, sT, saved, gxT, glamT,
-                                                                      guT, gsT] + ([] if watom else [gwT]),
-                                 acc=i > 0, watom=watom, limits=limits, as_dir=as_dir)
-        names = [p.name for p in plans.values()] + [rc.transpose_name(False), rc.transpose_name(True)]
-
-        def transpose(src, dst, nb1, nb2, s1, p0, R, Cc, acc=False):
-            self._transpose(x.device, source, names, src, dst, nb1, nb2, s1, p0, R, Cc, acc)
-
-        def launch(d, ins, outs, h_, w_):
-            p = plans[d]
-            args = ([("in", t) for t in ins[:6]] + [("in", m), ("in", saved)] + [("out", t) for t in outs[:4]]
-                    + [("vptr", outs[4]), ("f32", gm32), ("i32", N), ("i32", C), ("i32", G), ("i32", h_),
-                       ("i32", w_), ("i32", chunk), *p.tail])
-            self._launch(x.device, source, p.name, names, p.grid, p.block, p.smem, args)
-
-        for d in rest:
-            launch(d, (gy, x, w, lam, u, s), (gx, glam, gu, gs, gw), H, W)
-        transpose(x, xT, 1, N * C, 0, 0, H, W)
-        if not stack:
-            transpose(gy, gyT, 1, N * C, 0, 0, H, W)
-        for d in side:
-            if stack:
-                transpose(gy, gyT, N, C, D * C, d * C, H, W)
-            transpose(w, wT, N, K * G, D * K * G, d * K * G, H, W)
-            for t, tt in ((lam, lamT), (u, uT), (s, sT)):
-                if t is not None:
-                    transpose(t, tt, N, C, D * C, d * C, H, W)
-            launch(d, (gyT, xT, wT, lamT, uT, sT), (gxT, glamT, guT, gsT, gwT), W, H)
-            # this direction's own gradients back into their slices (the transposed image is W x H)
-            transpose(gwT, gw, N, K * G, D * K * G, d * K * G, W, H)
-            for t, tt in ((glamT, glam), (guT, gu), (gsT, gs)):
-                if t is not None:
-                    transpose(t, tt, N, C, D * C, d * C, W, H)
-        transpose(gxT, gx, 1, N * C, 0, 0, W, H, acc=bool(rest))  # gx (+)= gxT^T
 
     def backward(self, spec: Spec, gy, x, w, lam, u, s, m, saved) -> Grads:
         dname = self._ready(x)
