@@ -277,9 +277,7 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                     per["s"] = plane
                 if d == side[0]:
                     per["x"] = plane
-                    if kind == "bwd" and spec.merge != "stack":
-                        per["gy"] = plane
-                if kind == "bwd" and spec.merge == "stack":
+                if kind == "bwd" and (spec.merge == "stack" or d == side[0]):  # gy: its slice, or once
                     per["gy"] = plane
                 if kind == "bwd":  # the direction's own gradients back into their slices
                     grads = {"gw": N * spec.connection * G * H * W * (4 if G != C else es), "glam": plane}
