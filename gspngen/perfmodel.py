@@ -90,6 +90,7 @@ SCHEDULERS = 4  # warp schedulers per SM (sm_80, sm_90)
 # which applies only to launches whose data exceeds L2, the model was 3-11x
 # optimistic at the large shapes). bf16 and fp32 took the same time because their lr/rl loads make the
 # same number of requests (bf16 uses 8-byte vectors there), which only this term reproduces.
+# scripts/perfmodel_vs_measured.py prints the comparison (tests/test_perfmodel.py holds it).
 SCATTERED_SECTORS_PER_S_H200 = 33e9
 
 

@@ -341,3 +341,19 @@ def test_sector_tiles_use_whole_sectors(dname):
             assert k["instructions_per_element"] <= ipe * 1.02, (pass_, k["direction"], k["instructions_per_element"])
             assert k["registers"] == pytest.approx(regs, abs=8), k
     assert got["backward"]["sector_use"] == 0.5  # the backward has no sector tiles yet
+
+
+def test_perfmodel_vs_measured_reproduces_the_fit(capsys):
+    """scripts/perfmodel_vs_measured.py on the committed H200 runs: the figures the fitted rate is quoted with."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec_ = importlib.util.spec_from_file_location("pvm", root / "scripts" / "perfmodel_vs_measured.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    runs = root / "benchmarks" / "results" / "device_check_2026-12-04_h200_pm"
+    assert mod.main([str(root / "examples" / "gspn4.yaml"), "h200", str(runs / "bench_fp32.json"),
+                     str(runs / "bench_bf16.json")]) == 0
+    out = capsys.readouterr().out
+    assert "16 pass times; rms log error x1.22; ratios 0.70-1.46" in out
