@@ -153,9 +153,10 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
     for pass_, kernel, cfg in (("forward", "gspn_forward", config), ("backward", "gspn_backward", bwd_config)):
         if pass_ not in passes:
             continue
-        for group, tile, dir_ in tl_.plan_launches(spec, N, C, H, W, cfg, sms):
+        for group, tile, dir_, steps in tl_.plan_launches(spec, N, C, H, W, cfg, sms, pass_):
             cx: dict[str, Any] = {"BLOCK_C": tile.block_c, "BLOCK_L": group.block_l, "DIR": dir_,
-                                  "GROUP_TILE": tile.group_tile, "WIDE_INDEX": tl_.wide_index(C, H, W)}
+                                  "GROUP_TILE": tile.group_tile, "WIDE_INDEX": tl_.wide_index(C, H, W),
+                                  "STEPS": steps}
             if pass_ == "forward":
                 accumulate = spec.merge != "stack" and D > 1
                 cx.update(ACCUMULATE=accumulate, SAVE_H=True)
@@ -166,15 +167,15 @@ def triton_static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, in
             job = {"kernel": kernel, "ints": dict(zip(_INT_ARGS, tl_._launch_args(C, H, W, G, group, tile))),
                    "constexprs": cx, "num_warps": tile.num_warps, "num_stages": cfg.num_stages,
                    "ptr_types": ptrs, "arch": arch}
-            plans.append((pass_, group, tile, dir_, cfg, job))
+            plans.append((pass_, group, tile, dir_, steps, cfg, job))
     facts = compile_facts(spec, [p[-1] for p in plans])
     out: dict[str, list[dict]] = {p: [] for p in passes}
-    for (pass_, group, tile, dir_, cfg, _), f in zip(plans, facts):
+    for (pass_, group, tile, dir_, steps, cfg, _), f in zip(plans, facts):
         out[pass_].append({
             "directions": [spec.directions[d] for d in group.directions],
             "dir": dir_, "block_c": tile.block_c, "block_l": group.block_l, "num_warps": tile.num_warps,
-            "num_stages": cfg.num_stages,
-            "elements_per_thread": tile.block_c * group.block_l // (32 * tile.num_warps),
+            "num_stages": cfg.num_stages, "steps": steps,
+            "elements_per_thread": tile.block_c * group.block_l * steps // (32 * tile.num_warps),
             **asdict(f),
         })
     return out

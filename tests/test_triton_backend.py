@@ -130,7 +130,7 @@ def cases(draw, max_side: int = 6, **fixed):
     W = draw(st.integers(1, max_side))
     # block_c below C exercises several channel blocks, and group-shared
     # weight gradients summed with atomics.
-    config = TritonConfig(block_c=draw(st.sampled_from([1, 2, 4])))
+    config = TritonConfig(block_c=draw(st.sampled_from([1, 2, 4])), steps=draw(st.sampled_from([1, 4])))
     return spec, (N, C, H, W), config
 
 
@@ -179,6 +179,71 @@ def test_one_launch_per_direction(fields, N, C, H, W, block_c, monkeypatch):
     alone = {spec.directions[l.dir] for l in launches if l.dir >= 0}
     assert alone == ({"tb", "bt"} & set(spec.directions) if spec.layout == "nchw" else set())
     check_against_reference(spec, N, C, H, W, config=TritonConfig(block_c=block_c))
+
+
+STEP_TILE_CASES = [
+    # (spec fields, N, C, H, W, block_c): lr/rl in nchw, W (steps) and chunks not multiples of 4
+    ({}, 1, 2, 5, 7, 4),
+    ({"directions": ["rl"], "merge": "stack"}, 2, 3, 4, 9, 2),  # rl alone, stored directly
+    ({"chunk": 3, "directions": ["lr", "rl", "tb"], "merge": "mean"}, 1, 2, 3, 10, 2),  # chunks of 3
+    ({"chunk": 1, "directions": ["lr"]}, 1, 2, 3, 5, 1),  # every step starts a chunk
+    ({"connection": 5, "weight_groups": 2, "normalization": "softmax"}, 1, 4, 6, 8, 2),  # group tiles
+    ({"weight_groups": "shared", "normalization": "none", "merge": "sum"}, 1, 4, 3, 6, 1),  # gw via atomics
+    ({"connection": 9, "modulation": False, "skip": False}, 1, 2, 2, 4, 2),  # k > lanes, W = one tile
+    ({"directions": ["lr", "rl"]}, 1, 2, 4, 1, 2),  # W = 1: one step, three masked
+]
+
+
+@pytest.mark.parametrize("fields,N,C,H,W,block_c", STEP_TILE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_tiles_match_reference(fields, N, C, H, W, block_c, dtype):
+    """steps=4: lr/rl of an nchw tensor in their own launches, 4 steps per load (split and joined
+    again in registers); every case plans at least one such launch, and matches the reference."""
+    spec = Spec.from_dict({"name": "steps", **fields})
+    config = TritonConfig(block_c=block_c, steps=4)
+    for pass_ in ("forward", "backward"):
+        launches = triton_launch.plan_launches(spec, N, C, H, W, config, pass_=pass_)
+        tiled = [l for l in launches if l.steps > 1]
+        assert tiled and all(spec.directions[l.dir] in ("lr", "rl") and l.group.directions == (l.dir,)
+                             for l in tiled), launches
+        assert all(spec.directions[d] in ("tb", "bt") for l in launches if l.steps == 1 for d in l.group.directions)
+    check_against_reference(spec, N, C, H, W, dtype=dtype, config=config)
+
+
+def test_step_tiles_with_wide_index(monkeypatch):
+    """Step tiles with the int64 element offsets (WIDE_INDEX), forced on a tiny shape."""
+    monkeypatch.setattr(triton_launch, "INT32_INDEX_LIMIT", 1)
+    fields, N, C, H, W, block_c = STEP_TILE_CASES[2]
+    check_against_reference(Spec.from_dict({"name": "steps", **fields}), N, C, H, W,
+                            config=TritonConfig(block_c=block_c, steps=4))
+
+
+def test_step_tile_candidates_follow_the_pass():
+    """The backward tiles fewer lines than the forward (512 lanes: forward only), so there its st=4
+    keys would repeat st=1 launches: they are left out, as any config that plans the same launches."""
+    spec = Spec.from_dict({"name": "c"})
+    backend = TritonBackend()
+    fwd = backend.candidates(spec, "fp32", "fwd", (1, 8, 512, 512))
+    bwd = backend.candidates(spec, "fp32", "bwd", (1, 8, 512, 512))
+    assert any(k.endswith(",st=4") for k in fwd) and not any(k.endswith(",st=4") for k in bwd)
+
+
+def test_step_tiles_only_where_they_fit_and_only_for_strided_steps():
+    """The budget of step_tile: the forward tiles lines of up to 512 lanes, the backward up to 256
+    (more warps, fewer registers: they spilled beyond, tests/test_triton_spills.py); nhwc never."""
+    spec = Spec.from_dict({"name": "s"})
+    cfg = TritonConfig(steps=4)
+
+    def tiled(H, W, pass_, s=spec):
+        return sorted(s.directions[l.dir] for l in triton_launch.plan_launches(s, 1, 8, H, W, cfg, pass_=pass_)
+                      if l.steps > 1)
+
+    assert tiled(256, 256, "forward") == tiled(256, 256, "backward") == ["lr", "rl"]
+    assert tiled(512, 512, "forward") == ["lr", "rl"] and tiled(512, 512, "backward") == []
+    assert tiled(1024, 1024, "forward") == tiled(1024, 1024, "backward") == []
+    assert tiled(128, 4096, "backward") == ["lr", "rl"]  # lr/rl lines are H long
+    assert tiled(64, 64, "forward", Spec.from_dict({"name": "n", "layout": "nhwc"})) == []
+    assert triton_launch.plan_launches(spec, 1, 8, 64, 64, TritonConfig())[0].steps == 1  # default: off
 
 
 def test_directions_share_a_launch_while_it_fits_one_wave():
@@ -289,7 +354,7 @@ def test_bad_inputs_are_reported_before_launch():
         TritonBackend().backward(spec, y[:, :1], *args32, saved)
 
 
-@pytest.mark.parametrize("bad", [{"block_c": 3}, {"num_warps": 0}, {"num_stages": 0}])
+@pytest.mark.parametrize("bad", [{"block_c": 3}, {"num_warps": 0}, {"num_stages": 0}, {"steps": 2}, {"steps": True}])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TritonConfig(**bad)
@@ -464,7 +529,7 @@ def test_gpu_matches_reference_1024(fields, dtype):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("config", triton_launch.CONFIGS[::7])
+@pytest.mark.parametrize("config", triton_launch.CONFIGS[::13])  # 10 configs, steps 1 and 4
 def test_gpu_configs_agree(config):
     spec = Spec.from_dict({"name": "gpucfg", "weight_groups": 4, "chunk": 16})
     check_against_reference(spec, 2, 16, 80, 72, dtype=torch.float32, device="cuda", config=config)

@@ -67,3 +67,28 @@ def test_tb_bt_loads_are_128_bit_at_the_paper_shape(gspn4):
         # x, lam, u, s and the three weights; the one scalar is the learned merge weight m
         assert e["vector_loads"] >= 7 and e["scalar_loads"] <= 1, e
         assert e["spill_bytes"] == 0, e
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_step_tiles_do_not_spill_and_load_whole_vectors(gspn4, dname):
+    """steps=4 (lr/rl four steps per load): at the longest lines each pass tiles (256 lanes for the
+    backward, 512 for the forward), nothing spills; in fp32 every per-pixel input of lr and rl is one
+    128-bit load per lane and tile (against one 4-byte load per step untiled). The backward's three
+    previous-line loads of h sit one column off the tile's alignment and stay 4-byte loads (cache hits)."""
+    from gspngen.runtime.triton_launch import TritonConfig
+
+    seen = set()
+    for shape, passes in (((1, 8, 256, 256), ("forward", "backward")), ((1, 8, 512, 512), ("forward",))):
+        figures = triton_static_figures(gspn4, dname, shape, config=TritonConfig(steps=4), passes=passes)
+        for pass_, launches in figures.items():
+            for e in launches:
+                print(dname, shape[-1], pass_, e)
+                assert e["elements_per_thread"] <= 4 and e["spill_bytes"] == 0 and e["stack_bytes"] == 0, e
+                if e["steps"] == 1:
+                    continue
+                seen.add((shape[-1], pass_, *e["directions"]))
+                if dname == "fp32":
+                    # x, lam, u, s, three weights (+ gy, h in the backward); the scalar left is m
+                    assert e["vector_loads"] >= (7 if pass_ == "forward" else 9), e
+    assert seen == {(256, "forward", "lr"), (256, "forward", "rl"), (256, "backward", "lr"),
+                    (256, "backward", "rl"), (512, "forward", "lr"), (512, "forward", "rl")}

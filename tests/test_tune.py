@@ -506,7 +506,9 @@ def test_cli_errors_are_one_line_exit_2(capsys, argv, option):
 
 def test_triton_config_keys(spec):
     from gspngen.backends import get_backend
+    from gspngen.backends.triton import config_key
     from gspngen.runtime.triton_launch import DEFAULT_CONFIG, TritonConfig
+    from gspngen.spec import Spec
 
     t = get_backend("triton")
     keys = t.candidates(spec, "fp32", "fwd", (2, 16, 64, 64))
@@ -514,7 +516,13 @@ def test_triton_config_keys(spec):
     b = get_backend("triton@bc=8,nw=2,ns=1|bc=1,nw=8,ns=3")
     assert b.config == TritonConfig(8, 2, 1) and b.bwd_config == TritonConfig(1, 8, 3)
     assert get_backend("triton@bc=2,nw=4,ns=2").bwd_config == DEFAULT_CONFIG
-    for bad in ("bc=3,nw=4,ns=2", "bc=4,nw=4", "tile=4"):
+    # step tiles: an optional st field, written only when not 1, and candidates that use them
+    assert get_backend("triton@bc=1,nw=4,ns=2,st=4").config == TritonConfig(1, 4, 2, steps=4)
+    assert config_key(TritonConfig(1, 4, 2, steps=4)) == "bc=1,nw=4,ns=2,st=4" and config_key(DEFAULT_CONFIG) == "bc=4,nw=4,ns=2"
+    assert any(k.endswith(",st=4") for k in keys)
+    nhwc = Spec.from_dict({**spec.to_dict(), "layout": "nhwc"})
+    assert not any(k.endswith(",st=4") for k in t.candidates(nhwc, "fp32", "fwd", (2, 16, 64, 64)))  # no lr/rl rows
+    for bad in ("bc=3,nw=4,ns=2", "bc=4,nw=4", "tile=4", "bc=4,nw=4,ns=2,st=2", "bc=4,nw=4,ns=2,st=4,x=1"):
         with pytest.raises(ValueError, match="backend"):
             t.with_config(bad)
 

@@ -43,6 +43,18 @@ Design (why it looks like this):
   part of the program id and its strides are runtime values (scalar loads).
   Either way the strides come from a table of branches at the top of each
   kernel, printed from the IR's index maps.
+* Step tiles (STEPS = 4; lr/rl in nchw, one direction per launch). A
+  column of an lr/rl line is strided: one step's load gives each lane 4
+  bytes of a 32-byte sector. With STEPS > 1 a program loads STEPS
+  consecutive steps of every lane at once, a [BLOCK_C, BLOCK_L, STEPS] tile
+  whose last axis is contiguous (one 16-byte vector per lane in fp32), takes
+  the tile apart into its steps with reshape/split (data movement only:
+  exact), runs the steps in order, and joins its outputs back into tiles
+  stored the same way. The tile's lowest column is computed directly so that
+  its alignment is visible to the compiler (rl walks its columns backwards;
+  the split parts are then used in reverse). Per-thread registers: the
+  launcher counts STEPS into the tile's elements per thread
+  (MAX_ELEMS_PER_THREAD), so block_c shrinks, or warps grow, to fit.
 * Merge. stack, and a single direction, store their result directly. For
   sum/mean/learned with several directions, the per-direction contributions
   are added with relaxed fp32 atomics into a zeroed fp32 buffer (the output
@@ -105,6 +117,25 @@ def _lane_shift(v, UP: tl.constexpr):
     return before
 
 
+# --- step tiles: a [.., .., 4] tile apart into its 4 steps and back ----------
+# reshape + split/join only: the values are moved, never computed on (exact).
+
+@triton.jit
+def _split4(v):
+    """(v[.., 0], v[.., 1], v[.., 2], v[.., 3]) of a tile whose last axis has 4 entries."""
+    a, b = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))  # a: entries 0, 2; b: 1, 3
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _join4(v0, v1, v2, v3):
+    """The tile [.., .., 4] whose last axis holds v0 .. v3 (the inverse of _split4)."""
+    r = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # r[.., i, j] = v(2 i + j)
+    return tl.reshape(r, [v0.shape[0], v0.shape[1], 4])
+
+
 # --- forward: one launch for every step of every chunk ----------------------
 
 @triton.jit
@@ -116,6 +147,7 @@ def gspn_forward(
     WIDE_INDEX: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     SAVE_H: tl.constexpr,
+    STEPS: tl.constexpr = 1,
 ):
     """y (or its fp32 accumulator when ACCUMULATE) and hs, the stored h of every direction (SAVE_H; not
     stored, and hs never touched, when no input needs a gradient)."""
@@ -234,50 +266,211 @@ def gspn_forward(
     w_base = (n * 4 + d) * (3 * batch_g)
     y_base = x_base
     h_prev = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # a chunk starts from h = 0
-    for t in range(t0, t1):
-        # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
-        row_c = base_c + t * step_c
-        row_g = base_g + t * step_g
-        if not WIDE_INDEX:
-            row_c = row_c.to(tl.int32)
-            row_g = row_g.to(tl.int32)
-        off_c = row_c + tile_c
-        off_g = row_g + tile_g
-        x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        w0 = tl.load(w_ptr + w_base + 0 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
-        w1 = tl.load(w_ptr + w_base + 1 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + w_base + 2 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+    if STEPS == 1:
+        for t in range(t0, t1):
+            # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
+            row_c = base_c + t * step_c
+            row_g = base_g + t * step_g
+            if not WIDE_INDEX:
+                row_c = row_c.to(tl.int32)
+                row_g = row_g.to(tl.int32)
+            off_c = row_c + tile_c
+            off_g = row_g + tile_g
+            x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            w0 = tl.load(w_ptr + w_base + 0 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+            w1 = tl.load(w_ptr + w_base + 1 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + w_base + 2 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
 
-        hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
-        hp1 = h_prev
-        hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
+            hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
+            hp1 = h_prev
+            hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
 
-        # forward: printed by gspngen.lower -> h
-        f_cse0 = tl.where(e0, w0, w1)
-        f_cse1 = tl.where(e2, w2, w1)
-        f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
-        f_cse3 = tl.exp2(f_cse2)
-        f_cse4 = -f_cse2
-        f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
-        f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
-        f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
-        f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
-        h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
+            # forward: printed by gspngen.lower -> h
+            f_cse0 = tl.where(e0, w0, w1)
+            f_cse1 = tl.where(e2, w2, w1)
+            f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+            f_cse3 = tl.exp2(f_cse2)
+            f_cse4 = -f_cse2
+            f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
+            f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
+            f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
+            f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
+            h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
 
-        h = tl.where(valid, h, 0.0)
-        if SAVE_H:
-            tl.store(hs_ptr + dir_base + off_c, h, mask=valid)
-        # output: printed by gspngen.lower -> y
-        y = (0.25)*(h*u + s*x)
+            h = tl.where(valid, h, 0.0)
+            if SAVE_H:
+                tl.store(hs_ptr + dir_base + off_c, h, mask=valid)
+            # output: printed by gspngen.lower -> y
+            y = (0.25)*(h*u + s*x)
 
-        if ACCUMULATE:
-            tl.atomic_add(y_ptr + y_base + off_c, y, mask=valid, sem="relaxed")
-        else:
-            tl.store(y_ptr + y_base + off_c, y, mask=valid)
-        h_prev = h
+            if ACCUMULATE:
+                tl.atomic_add(y_ptr + y_base + off_c, y, mask=valid, sem="relaxed")
+            else:
+                tl.store(y_ptr + y_base + off_c, y, mask=valid)
+            h_prev = h
+    else:
+        # step tiles of 4 (see "Step tiles"): one launch of one lr/rl direction in nchw
+        sidx = tl.arange(0, 4)[None, None, :]  # a tile's columns, in ascending addresses
+        rev = step_c < 0  # rl: the walk runs against the columns
+
+        for tb0 in range(t0, t1, 4):
+            # Steps tb0 .. tb0 + 3. Their lowest column, written so that its alignment stays visible to
+            # the compiler (a reversed scan's step t is column T - 1 - t), and the step of each column.
+            # The steps before t1 are, by column, those below t1 (or from T - t1 on, reversed): a mask
+            # on ascending columns, so that the compiler sees it constant across each vector.
+            lo = tl.where(rev, T - (tb0 + 4), tb0)
+            if not WIDE_INDEX:
+                lo = lo.to(tl.int32)
+            stp = tl.where(rev, tb0 + 3 - sidx, tb0 + sidx)
+            col = lo + sidx
+            live3 = tl.where(rev, col >= T - t1, col < t1)
+            in3 = valid[:, :, None] & live3
+            in3g = valid_g[:, :, None] & live3
+            off3 = lo + tile_c[:, :, None] + sidx
+            off3g = lo + tile_g[:, :, None] + sidx
+            x_t = tl.load(x_ptr + x_base + off3, mask=in3, other=0.0).to(tl.float32)
+            lam_t = tl.load(lam_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            u_t = tl.load(u_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            s_t = tl.load(s_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            w0_t = tl.load(w_ptr + w_base + 0 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            w1_t = tl.load(w_ptr + w_base + 1 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            w2_t = tl.load(w_ptr + w_base + 2 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            x_p0, x_p1, x_p2, x_p3 = _split4(x_t)
+            lam_p0, lam_p1, lam_p2, lam_p3 = _split4(lam_t)
+            u_p0, u_p1, u_p2, u_p3 = _split4(u_t)
+            s_p0, s_p1, s_p2, s_p3 = _split4(s_t)
+            w0_p0, w0_p1, w0_p2, w0_p3 = _split4(w0_t)
+            w1_p0, w1_p1, w1_p2, w1_p3 = _split4(w1_t)
+            w2_p0, w2_p1, w2_p2, w2_p3 = _split4(w2_t)
+            # step tb0 + 0
+            x = tl.where(rev, x_p3, x_p0)
+            lam = tl.where(rev, lam_p3, lam_p0)
+            u = tl.where(rev, u_p3, u_p0)
+            s = tl.where(rev, s_p3, s_p0)
+            w0 = tl.where(rev, w0_p3, w0_p0)
+            w1 = tl.where(rev, w1_p3, w1_p0)
+            w2 = tl.where(rev, w2_p3, w2_p0)
+            hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
+            hp1 = h_prev
+            hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
+
+            # forward: printed by gspngen.lower -> h
+            f_cse0 = tl.where(e0, w0, w1)
+            f_cse1 = tl.where(e2, w2, w1)
+            f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+            f_cse3 = tl.exp2(f_cse2)
+            f_cse4 = -f_cse2
+            f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
+            f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
+            f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
+            f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
+            h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
+
+            h0 = tl.where(valid, h, 0.0)
+            # output: printed by gspngen.lower -> y
+            y = (0.25)*(h*u + s*x)
+
+            y0 = y
+            h_prev = h0
+            # step tb0 + 1
+            x = tl.where(rev, x_p2, x_p1)
+            lam = tl.where(rev, lam_p2, lam_p1)
+            u = tl.where(rev, u_p2, u_p1)
+            s = tl.where(rev, s_p2, s_p1)
+            w0 = tl.where(rev, w0_p2, w0_p1)
+            w1 = tl.where(rev, w1_p2, w1_p1)
+            w2 = tl.where(rev, w2_p2, w2_p1)
+            hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
+            hp1 = h_prev
+            hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
+
+            # forward: printed by gspngen.lower -> h
+            f_cse0 = tl.where(e0, w0, w1)
+            f_cse1 = tl.where(e2, w2, w1)
+            f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+            f_cse3 = tl.exp2(f_cse2)
+            f_cse4 = -f_cse2
+            f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
+            f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
+            f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
+            f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
+            h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
+
+            h1 = tl.where(valid, h, 0.0)
+            # output: printed by gspngen.lower -> y
+            y = (0.25)*(h*u + s*x)
+
+            y1 = y
+            h_prev = h1
+            # step tb0 + 2
+            x = tl.where(rev, x_p1, x_p2)
+            lam = tl.where(rev, lam_p1, lam_p2)
+            u = tl.where(rev, u_p1, u_p2)
+            s = tl.where(rev, s_p1, s_p2)
+            w0 = tl.where(rev, w0_p1, w0_p2)
+            w1 = tl.where(rev, w1_p1, w1_p2)
+            w2 = tl.where(rev, w2_p1, w2_p2)
+            hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
+            hp1 = h_prev
+            hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
+
+            # forward: printed by gspngen.lower -> h
+            f_cse0 = tl.where(e0, w0, w1)
+            f_cse1 = tl.where(e2, w2, w1)
+            f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+            f_cse3 = tl.exp2(f_cse2)
+            f_cse4 = -f_cse2
+            f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
+            f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
+            f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
+            f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
+            h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
+
+            h2 = tl.where(valid, h, 0.0)
+            # output: printed by gspngen.lower -> y
+            y = (0.25)*(h*u + s*x)
+
+            y2 = y
+            h_prev = h2
+            # step tb0 + 3
+            x = tl.where(rev, x_p0, x_p3)
+            lam = tl.where(rev, lam_p0, lam_p3)
+            u = tl.where(rev, u_p0, u_p3)
+            s = tl.where(rev, s_p0, s_p3)
+            w0 = tl.where(rev, w0_p0, w0_p3)
+            w1 = tl.where(rev, w1_p0, w1_p3)
+            w2 = tl.where(rev, w2_p0, w2_p3)
+            hp0 = tl.where(e0, _lane_shift(h_prev, False), 0.0)
+            hp1 = h_prev
+            hp2 = tl.where(e2, _lane_shift(h_prev, True), 0.0)
+
+            # forward: printed by gspngen.lower -> h
+            f_cse0 = tl.where(e0, w0, w1)
+            f_cse1 = tl.where(e2, w2, w1)
+            f_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(f_cse0, tl.maximum(f_cse1, w1))))
+            f_cse3 = tl.exp2(f_cse2)
+            f_cse4 = -f_cse2
+            f_cse5 = (1.0 / (f_cse3 + tl.exp2(-f_cse4 - 1.4426950408889634*w1)))
+            f_cse6 = tl.where(e0, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse0 - f_cse4))), 0.0)
+            f_cse7 = tl.where(e2, (1.0 / (f_cse3 + tl.exp2(-1.4426950408889634*f_cse1 - f_cse4))), 0.0)
+            f_cse8 = (1.0 / (f_cse5 + f_cse6 + f_cse7))
+            h = f_cse5*f_cse8*hp1 + f_cse6*f_cse8*hp0 + f_cse7*f_cse8*hp2 + lam*x
+
+            h3 = tl.where(valid, h, 0.0)
+            # output: printed by gspngen.lower -> y
+            y = (0.25)*(h*u + s*x)
+
+            y3 = y
+            h_prev = h3
+            if SAVE_H:
+                tl.store(hs_ptr + dir_base + off3, _join4(tl.where(rev, h3, h0), tl.where(rev, h2, h1), tl.where(rev, h1, h2), tl.where(rev, h0, h3)), mask=in3)
+            if ACCUMULATE:
+                tl.atomic_add(y_ptr + y_base + off3, _join4(tl.where(rev, y3, y0), tl.where(rev, y2, y1), tl.where(rev, y1, y2), tl.where(rev, y0, y3)), mask=in3, sem="relaxed")
+            else:
+                tl.store(y_ptr + y_base + off3, _join4(tl.where(rev, y3, y0), tl.where(rev, y2, y1), tl.where(rev, y1, y2), tl.where(rev, y0, y3)), mask=in3)
 
 
 # --- backward: the reverse scan of the printed adjoint -----------------------
@@ -290,6 +483,7 @@ def gspn_backward(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, DIR: tl.constexpr, GROUP_TILE: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
     GX_ATOMIC: tl.constexpr, GW_ATOMIC: tl.constexpr,
+    STEPS: tl.constexpr = 1,
 ):
     """Gradients of x, w, lam (+u, s, m). gx is an fp32 accumulator when GX_ATOMIC, gw when GW_ATOMIC, gm always."""
     # Program id -> (chunk, channel block, direction, batch); chunk varies
@@ -412,100 +606,408 @@ def gspn_backward(
     w_base = (n * 4 + d) * (3 * batch_g)
     gy_base = x_base
     carry = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)  # gradient into h(t) from step t+1
-    for tt in range(0, t1 - t0):
-        t = t1 - 1 - tt
-        # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
-        row_c = base_c + t * step_c
-        row_g = base_g + t * step_g
-        if not WIDE_INDEX:
-            row_c = row_c.to(tl.int32)
-            row_g = row_g.to(tl.int32)
-        off_c = row_c + tile_c
-        off_g = row_g + tile_g
-        gy = tl.load(gy_ptr + gy_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
-        w0 = tl.load(w_ptr + w_base + 0 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
-        w1 = tl.load(w_ptr + w_base + 1 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + w_base + 2 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+    if STEPS == 1:
+        for tt in range(0, t1 - t0):
+            t = t1 - 1 - tt
+            # this step's line: offset = row (scalar) + tile (per element), int32 unless WIDE_INDEX
+            row_c = base_c + t * step_c
+            row_g = base_g + t * step_g
+            if not WIDE_INDEX:
+                row_c = row_c.to(tl.int32)
+                row_g = row_g.to(tl.int32)
+            off_c = row_c + tile_c
+            off_g = row_g + tile_g
+            gy = tl.load(gy_ptr + gy_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + x_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            lam = tl.load(lam_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + dir_base + off_c, mask=valid, other=0.0).to(tl.float32)
+            w0 = tl.load(w_ptr + w_base + 0 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+            w1 = tl.load(w_ptr + w_base + 1 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + w_base + 2 * batch_g + off_g, mask=valid_g, other=0.0).to(tl.float32)
 
-        # previous line h(t-1); 0 at the chunk start (no predecessor)
-        lim = tl.where(t > t0, L, 0)
-        has_before = (lane < lim) & (ch < C)
-        h_before = tl.load(hs_ptr + (dir_base - step_c) + off_c, mask=has_before, other=0.0).to(tl.float32)
-        hp0 = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off_c, mask=has_before & e0,
-                      other=0.0).to(tl.float32)
-        hp1 = h_before
-        hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2,
-                      other=0.0).to(tl.float32)
+            # previous line h(t-1); 0 at the chunk start (no predecessor)
+            lim = tl.where(t > t0, L, 0)
+            has_before = (lane < lim) & (ch < C)
+            h_before = tl.load(hs_ptr + (dir_base - step_c) + off_c, mask=has_before, other=0.0).to(tl.float32)
+            hp0 = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off_c, mask=has_before & e0,
+                          other=0.0).to(tl.float32)
+            hp1 = h_before
+            hp2 = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off_c, mask=has_before & e2,
+                          other=0.0).to(tl.float32)
 
-        # h(t), reloaded (it was h(t-1) of the step before: a cache hit) rather than kept live across the step
-        h = tl.load(hs_ptr + dir_base + off_c, mask=valid, other=0.0)
-        # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
-        ao_cse0 = (0.25)*gy
-        gh_out = ao_cse0*u
-        gx_out = ao_cse0*s
-        gu = ao_cse0*h
-        gs = ao_cse0*x
+            # h(t), reloaded (it was h(t-1) of the step before: a cache hit) rather than kept live across the step
+            h = tl.load(hs_ptr + dir_base + off_c, mask=valid, other=0.0)
+            # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
+            ao_cse0 = (0.25)*gy
+            gh_out = ao_cse0*u
+            gx_out = ao_cse0*s
+            gu = ao_cse0*h
+            gs = ao_cse0*x
 
-        gh = gh_out + carry
-        # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
-        a_cse0 = tl.where(e0, w0, w1)
-        a_cse1 = tl.where(e2, w2, w1)
-        a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
-        a_cse3 = tl.exp2(a_cse2)
-        a_cse4 = -a_cse2
-        a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
-        a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
-        a_cse7 = tl.where(e0, a_cse5, 0.0)
-        a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
-        a_cse9 = tl.where(e2, a_cse8, 0.0)
-        a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
-        a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
-        a_cse12 = a_cse10*gh
-        a_cse13 = a_cse12*a_cse6
-        glam = gh*x
-        gx_lam = gh*lam
-        gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
-        gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
-        gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
-        ghp0 = a_cse12*a_cse7
-        ghp1 = a_cse13
-        ghp2 = a_cse12*a_cse9
+            gh = gh_out + carry
+            # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
+            a_cse0 = tl.where(e0, w0, w1)
+            a_cse1 = tl.where(e2, w2, w1)
+            a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+            a_cse3 = tl.exp2(a_cse2)
+            a_cse4 = -a_cse2
+            a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
+            a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
+            a_cse7 = tl.where(e0, a_cse5, 0.0)
+            a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
+            a_cse9 = tl.where(e2, a_cse8, 0.0)
+            a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
+            a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
+            a_cse12 = a_cse10*gh
+            a_cse13 = a_cse12*a_cse6
+            glam = gh*x
+            gx_lam = gh*lam
+            gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
+            gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
+            gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
+            ghp0 = a_cse12*a_cse7
+            ghp1 = a_cse13
+            ghp2 = a_cse12*a_cse9
 
-        tl.store(glam_ptr + dir_base + off_c, glam, mask=valid)
-        tl.store(gu_ptr + dir_base + off_c, gu, mask=valid)
-        tl.store(gs_ptr + dir_base + off_c, gs, mask=valid)
-        gx_all = tl.where(valid, gx_lam + gx_out, 0.0)
-        if GX_ATOMIC:
-            tl.atomic_add(gx_ptr + x_base + off_c, gx_all, mask=valid, sem="relaxed")
-        else:
-            tl.store(gx_ptr + x_base + off_c, gx_all, mask=valid)
-        gwt = tl.where(valid, gw0, 0.0)
-        if GROUP_TILE:
-            gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
-        if GW_ATOMIC:
-            tl.atomic_add(gw_ptr + w_base + 0 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
-        else:
-            tl.store(gw_ptr + w_base + 0 * batch_g + off_g, gwt, mask=valid_g)
-        gwt = tl.where(valid, gw1, 0.0)
-        if GROUP_TILE:
-            gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
-        if GW_ATOMIC:
-            tl.atomic_add(gw_ptr + w_base + 1 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
-        else:
-            tl.store(gw_ptr + w_base + 1 * batch_g + off_g, gwt, mask=valid_g)
-        gwt = tl.where(valid, gw2, 0.0)
-        if GROUP_TILE:
-            gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
-        if GW_ATOMIC:
-            tl.atomic_add(gw_ptr + w_base + 2 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
-        else:
-            tl.store(gw_ptr + w_base + 2 * batch_g + off_g, gwt, mask=valid_g)
-        # gradient into h(t-1): lane j collects ghp_c from lane j - (c - r)
-        carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
-        carry += tl.where(valid, ghp1, 0.0)
-        carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
-        carry = tl.where(valid, carry, 0.0)
+            tl.store(glam_ptr + dir_base + off_c, glam, mask=valid)
+            tl.store(gu_ptr + dir_base + off_c, gu, mask=valid)
+            tl.store(gs_ptr + dir_base + off_c, gs, mask=valid)
+            gx_all = tl.where(valid, gx_lam + gx_out, 0.0)
+            if GX_ATOMIC:
+                tl.atomic_add(gx_ptr + x_base + off_c, gx_all, mask=valid, sem="relaxed")
+            else:
+                tl.store(gx_ptr + x_base + off_c, gx_all, mask=valid)
+            gwt = tl.where(valid, gw0, 0.0)
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 0 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 0 * batch_g + off_g, gwt, mask=valid_g)
+            gwt = tl.where(valid, gw1, 0.0)
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 1 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 1 * batch_g + off_g, gwt, mask=valid_g)
+            gwt = tl.where(valid, gw2, 0.0)
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 2 * batch_g + off_g, gwt, mask=valid_g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 2 * batch_g + off_g, gwt, mask=valid_g)
+            # gradient into h(t-1): lane j collects ghp_c from lane j - (c - r)
+            carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
+            carry += tl.where(valid, ghp1, 0.0)
+            carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
+            carry = tl.where(valid, carry, 0.0)
+    else:
+        # step tiles of 4 (see "Step tiles"), walked from the last: one launch of one lr/rl direction in nchw
+        sidx = tl.arange(0, 4)[None, None, :]  # a tile's columns, in ascending addresses
+        rev = step_c < 0  # rl: the walk runs against the columns
+
+        ntile = (t1 - t0 + 3) // 4
+        for kk in range(0, ntile):
+            tb0 = t0 + (ntile - 1 - kk) * 4
+            # Steps tb0 .. tb0 + 3. Their lowest column, written so that its alignment stays visible to
+            # the compiler (a reversed scan's step t is column T - 1 - t), and the step of each column.
+            # The steps before t1 are, by column, those below t1 (or from T - t1 on, reversed): a mask
+            # on ascending columns, so that the compiler sees it constant across each vector.
+            lo = tl.where(rev, T - (tb0 + 4), tb0)
+            if not WIDE_INDEX:
+                lo = lo.to(tl.int32)
+            stp = tl.where(rev, tb0 + 3 - sidx, tb0 + sidx)
+            col = lo + sidx
+            live3 = tl.where(rev, col >= T - t1, col < t1)
+            in3 = valid[:, :, None] & live3
+            in3g = valid_g[:, :, None] & live3
+            off3 = lo + tile_c[:, :, None] + sidx
+            off3g = lo + tile_g[:, :, None] + sidx
+            gy_t = tl.load(gy_ptr + gy_base + off3, mask=in3, other=0.0).to(tl.float32)
+            x_t = tl.load(x_ptr + x_base + off3, mask=in3, other=0.0).to(tl.float32)
+            lam_t = tl.load(lam_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            u_t = tl.load(u_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            s_t = tl.load(s_ptr + dir_base + off3, mask=in3, other=0.0).to(tl.float32)
+            w0_t = tl.load(w_ptr + w_base + 0 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            w1_t = tl.load(w_ptr + w_base + 1 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            w2_t = tl.load(w_ptr + w_base + 2 * batch_g + off3g, mask=in3g, other=0.0).to(tl.float32)
+            h_t = tl.load(hs_ptr + dir_base + off3, mask=in3, other=0.0)
+            # the previous line h(t-1), centre and neighbours (none before the chunk start); cache hits
+            before3 = in3 & (stp > t0)
+            hp0_t = tl.load(hs_ptr + (dir_base - step_c + (-1) * lane_c) + off3,
+                             mask=before3 & e0[:, :, None], other=0.0).to(tl.float32)
+            hp1_t = tl.load(hs_ptr + (dir_base - step_c + (0) * lane_c) + off3,
+                             mask=before3 & e1[:, :, None], other=0.0).to(tl.float32)
+            hp2_t = tl.load(hs_ptr + (dir_base - step_c + (1) * lane_c) + off3,
+                             mask=before3 & e2[:, :, None], other=0.0).to(tl.float32)
+            gy_p0, gy_p1, gy_p2, gy_p3 = _split4(gy_t)
+            x_p0, x_p1, x_p2, x_p3 = _split4(x_t)
+            lam_p0, lam_p1, lam_p2, lam_p3 = _split4(lam_t)
+            u_p0, u_p1, u_p2, u_p3 = _split4(u_t)
+            s_p0, s_p1, s_p2, s_p3 = _split4(s_t)
+            w0_p0, w0_p1, w0_p2, w0_p3 = _split4(w0_t)
+            w1_p0, w1_p1, w1_p2, w1_p3 = _split4(w1_t)
+            w2_p0, w2_p1, w2_p2, w2_p3 = _split4(w2_t)
+            h_p0, h_p1, h_p2, h_p3 = _split4(h_t)
+            hp0_p0, hp0_p1, hp0_p2, hp0_p3 = _split4(hp0_t)
+            hp1_p0, hp1_p1, hp1_p2, hp1_p3 = _split4(hp1_t)
+            hp2_p0, hp2_p1, hp2_p2, hp2_p3 = _split4(hp2_t)
+            # step tb0 + 3
+            gy = tl.where(rev, gy_p0, gy_p3)
+            x = tl.where(rev, x_p0, x_p3)
+            lam = tl.where(rev, lam_p0, lam_p3)
+            u = tl.where(rev, u_p0, u_p3)
+            s = tl.where(rev, s_p0, s_p3)
+            w0 = tl.where(rev, w0_p0, w0_p3)
+            w1 = tl.where(rev, w1_p0, w1_p3)
+            w2 = tl.where(rev, w2_p0, w2_p3)
+            h = tl.where(rev, h_p0, h_p3)
+            hp0 = tl.where(rev, hp0_p0, hp0_p3)
+            hp1 = tl.where(rev, hp1_p0, hp1_p3)
+            hp2 = tl.where(rev, hp2_p0, hp2_p3)
+            # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
+            ao_cse0 = (0.25)*gy
+            gh_out = ao_cse0*u
+            gx_out = ao_cse0*s
+            gu = ao_cse0*h
+            gs = ao_cse0*x
+
+            gh = gh_out + carry
+            # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
+            a_cse0 = tl.where(e0, w0, w1)
+            a_cse1 = tl.where(e2, w2, w1)
+            a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+            a_cse3 = tl.exp2(a_cse2)
+            a_cse4 = -a_cse2
+            a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
+            a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
+            a_cse7 = tl.where(e0, a_cse5, 0.0)
+            a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
+            a_cse9 = tl.where(e2, a_cse8, 0.0)
+            a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
+            a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
+            a_cse12 = a_cse10*gh
+            a_cse13 = a_cse12*a_cse6
+            glam = gh*x
+            gx_lam = gh*lam
+            gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
+            gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
+            gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
+            ghp0 = a_cse12*a_cse7
+            ghp1 = a_cse13
+            ghp2 = a_cse12*a_cse9
+
+            glam3 = glam
+            gu3 = gu
+            gs3 = gs
+            gx3 = tl.where(valid, gx_lam + gx_out, 0.0)
+            gw0_3 = tl.where(valid, gw0, 0.0)
+            gw1_3 = tl.where(valid, gw1, 0.0)
+            gw2_3 = tl.where(valid, gw2, 0.0)
+            live = tb0 + 3 < t1  # the last tile may run past the chunk: those steps pass nothing on
+            carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
+            carry += tl.where(valid, ghp1, 0.0)
+            carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
+            carry = tl.where(valid & live, carry, 0.0)
+            # step tb0 + 2
+            gy = tl.where(rev, gy_p1, gy_p2)
+            x = tl.where(rev, x_p1, x_p2)
+            lam = tl.where(rev, lam_p1, lam_p2)
+            u = tl.where(rev, u_p1, u_p2)
+            s = tl.where(rev, s_p1, s_p2)
+            w0 = tl.where(rev, w0_p1, w0_p2)
+            w1 = tl.where(rev, w1_p1, w1_p2)
+            w2 = tl.where(rev, w2_p1, w2_p2)
+            h = tl.where(rev, h_p1, h_p2)
+            hp0 = tl.where(rev, hp0_p1, hp0_p2)
+            hp1 = tl.where(rev, hp1_p1, hp1_p2)
+            hp2 = tl.where(rev, hp2_p1, hp2_p2)
+            # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
+            ao_cse0 = (0.25)*gy
+            gh_out = ao_cse0*u
+            gx_out = ao_cse0*s
+            gu = ao_cse0*h
+            gs = ao_cse0*x
+
+            gh = gh_out + carry
+            # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
+            a_cse0 = tl.where(e0, w0, w1)
+            a_cse1 = tl.where(e2, w2, w1)
+            a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+            a_cse3 = tl.exp2(a_cse2)
+            a_cse4 = -a_cse2
+            a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
+            a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
+            a_cse7 = tl.where(e0, a_cse5, 0.0)
+            a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
+            a_cse9 = tl.where(e2, a_cse8, 0.0)
+            a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
+            a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
+            a_cse12 = a_cse10*gh
+            a_cse13 = a_cse12*a_cse6
+            glam = gh*x
+            gx_lam = gh*lam
+            gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
+            gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
+            gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
+            ghp0 = a_cse12*a_cse7
+            ghp1 = a_cse13
+            ghp2 = a_cse12*a_cse9
+
+            glam2 = glam
+            gu2 = gu
+            gs2 = gs
+            gx2 = tl.where(valid, gx_lam + gx_out, 0.0)
+            gw0_2 = tl.where(valid, gw0, 0.0)
+            gw1_2 = tl.where(valid, gw1, 0.0)
+            gw2_2 = tl.where(valid, gw2, 0.0)
+            live = tb0 + 2 < t1  # the last tile may run past the chunk: those steps pass nothing on
+            carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
+            carry += tl.where(valid, ghp1, 0.0)
+            carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
+            carry = tl.where(valid & live, carry, 0.0)
+            # step tb0 + 1
+            gy = tl.where(rev, gy_p2, gy_p1)
+            x = tl.where(rev, x_p2, x_p1)
+            lam = tl.where(rev, lam_p2, lam_p1)
+            u = tl.where(rev, u_p2, u_p1)
+            s = tl.where(rev, s_p2, s_p1)
+            w0 = tl.where(rev, w0_p2, w0_p1)
+            w1 = tl.where(rev, w1_p2, w1_p1)
+            w2 = tl.where(rev, w2_p2, w2_p1)
+            h = tl.where(rev, h_p2, h_p1)
+            hp0 = tl.where(rev, hp0_p2, hp0_p1)
+            hp1 = tl.where(rev, hp1_p2, hp1_p1)
+            hp2 = tl.where(rev, hp2_p2, hp2_p1)
+            # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
+            ao_cse0 = (0.25)*gy
+            gh_out = ao_cse0*u
+            gx_out = ao_cse0*s
+            gu = ao_cse0*h
+            gs = ao_cse0*x
+
+            gh = gh_out + carry
+            # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
+            a_cse0 = tl.where(e0, w0, w1)
+            a_cse1 = tl.where(e2, w2, w1)
+            a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+            a_cse3 = tl.exp2(a_cse2)
+            a_cse4 = -a_cse2
+            a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
+            a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
+            a_cse7 = tl.where(e0, a_cse5, 0.0)
+            a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
+            a_cse9 = tl.where(e2, a_cse8, 0.0)
+            a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
+            a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
+            a_cse12 = a_cse10*gh
+            a_cse13 = a_cse12*a_cse6
+            glam = gh*x
+            gx_lam = gh*lam
+            gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
+            gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
+            gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
+            ghp0 = a_cse12*a_cse7
+            ghp1 = a_cse13
+            ghp2 = a_cse12*a_cse9
+
+            glam1 = glam
+            gu1 = gu
+            gs1 = gs
+            gx1 = tl.where(valid, gx_lam + gx_out, 0.0)
+            gw0_1 = tl.where(valid, gw0, 0.0)
+            gw1_1 = tl.where(valid, gw1, 0.0)
+            gw2_1 = tl.where(valid, gw2, 0.0)
+            live = tb0 + 1 < t1  # the last tile may run past the chunk: those steps pass nothing on
+            carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
+            carry += tl.where(valid, ghp1, 0.0)
+            carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
+            carry = tl.where(valid & live, carry, 0.0)
+            # step tb0 + 0
+            gy = tl.where(rev, gy_p3, gy_p0)
+            x = tl.where(rev, x_p3, x_p0)
+            lam = tl.where(rev, lam_p3, lam_p0)
+            u = tl.where(rev, u_p3, u_p0)
+            s = tl.where(rev, s_p3, s_p0)
+            w0 = tl.where(rev, w0_p3, w0_p0)
+            w1 = tl.where(rev, w1_p3, w1_p0)
+            w2 = tl.where(rev, w2_p3, w2_p0)
+            h = tl.where(rev, h_p3, h_p0)
+            hp0 = tl.where(rev, hp0_p3, hp0_p0)
+            hp1 = tl.where(rev, hp1_p3, hp1_p0)
+            hp2 = tl.where(rev, hp2_p3, hp2_p0)
+            # adjoint_output: printed by gspngen.lower -> gh_out, gx_out, gu, gs
+            ao_cse0 = (0.25)*gy
+            gh_out = ao_cse0*u
+            gx_out = ao_cse0*s
+            gu = ao_cse0*h
+            gs = ao_cse0*x
+
+            gh = gh_out + carry
+            # adjoint: printed by gspngen.lower -> glam, gx_lam, gw0, gw1, gw2, ghp0, ghp1, ghp2
+            a_cse0 = tl.where(e0, w0, w1)
+            a_cse1 = tl.where(e2, w2, w1)
+            a_cse2 = tl.floor(1.4426950408889634*tl.minimum(0.0, tl.maximum(a_cse0, tl.maximum(a_cse1, w1))))
+            a_cse3 = tl.exp2(a_cse2)
+            a_cse4 = -a_cse2
+            a_cse5 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse0 - a_cse4)))
+            a_cse6 = (1.0 / (a_cse3 + tl.exp2(-a_cse4 - 1.4426950408889634*w1)))
+            a_cse7 = tl.where(e0, a_cse5, 0.0)
+            a_cse8 = (1.0 / (a_cse3 + tl.exp2(-1.4426950408889634*a_cse1 - a_cse4)))
+            a_cse9 = tl.where(e2, a_cse8, 0.0)
+            a_cse10 = (1.0 / (a_cse6 + a_cse7 + a_cse9))
+            a_cse11 = -a_cse10*(a_cse6*hp1 + a_cse7*hp0 + a_cse9*hp2)
+            a_cse12 = a_cse10*gh
+            a_cse13 = a_cse12*a_cse6
+            glam = gh*x
+            gx_lam = gh*lam
+            gw0 = tl.where(e0, a_cse5*(-a_cse3*a_cse5 + 1.0)*tl.where(e0, a_cse12*(a_cse11 + hp0), 0.0), 0.0)
+            gw1 = a_cse13*(a_cse11 + hp1)*(-a_cse3*a_cse6 + 1.0)
+            gw2 = tl.where(e2, a_cse8*(-a_cse3*a_cse8 + 1.0)*tl.where(e2, a_cse12*(a_cse11 + hp2), 0.0), 0.0)
+            ghp0 = a_cse12*a_cse7
+            ghp1 = a_cse13
+            ghp2 = a_cse12*a_cse9
+
+            glam0 = glam
+            gu0 = gu
+            gs0 = gs
+            gx0 = tl.where(valid, gx_lam + gx_out, 0.0)
+            gw0_0 = tl.where(valid, gw0, 0.0)
+            gw1_0 = tl.where(valid, gw1, 0.0)
+            gw2_0 = tl.where(valid, gw2, 0.0)
+            live = tb0 + 0 < t1  # the last tile may run past the chunk: those steps pass nothing on
+            carry = tl.where(re0, _lane_shift(tl.where(valid, ghp0, 0.0), True), 0.0)
+            carry += tl.where(valid, ghp1, 0.0)
+            carry += tl.where(re2, _lane_shift(tl.where(valid, ghp2, 0.0), False), 0.0)
+            carry = tl.where(valid & live, carry, 0.0)
+            tl.store(glam_ptr + dir_base + off3, _join4(tl.where(rev, glam3, glam0), tl.where(rev, glam2, glam1), tl.where(rev, glam1, glam2), tl.where(rev, glam0, glam3)), mask=in3)
+            tl.store(gu_ptr + dir_base + off3, _join4(tl.where(rev, gu3, gu0), tl.where(rev, gu2, gu1), tl.where(rev, gu1, gu2), tl.where(rev, gu0, gu3)), mask=in3)
+            tl.store(gs_ptr + dir_base + off3, _join4(tl.where(rev, gs3, gs0), tl.where(rev, gs2, gs1), tl.where(rev, gs1, gs2), tl.where(rev, gs0, gs3)), mask=in3)
+            if GX_ATOMIC:
+                tl.atomic_add(gx_ptr + x_base + off3, _join4(tl.where(rev, gx3, gx0), tl.where(rev, gx2, gx1), tl.where(rev, gx1, gx2), tl.where(rev, gx0, gx3)), mask=in3, sem="relaxed")
+            else:
+                tl.store(gx_ptr + x_base + off3, _join4(tl.where(rev, gx3, gx0), tl.where(rev, gx2, gx1), tl.where(rev, gx1, gx2), tl.where(rev, gx0, gx3)), mask=in3)
+            gwt = _join4(tl.where(rev, gw0_3, gw0_0), tl.where(rev, gw0_2, gw0_1), tl.where(rev, gw0_1, gw0_2), tl.where(rev, gw0_0, gw0_3))
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 0 * batch_g + off3g, gwt, mask=in3g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 0 * batch_g + off3g, gwt, mask=in3g)
+            gwt = _join4(tl.where(rev, gw1_3, gw1_0), tl.where(rev, gw1_2, gw1_1), tl.where(rev, gw1_1, gw1_2), tl.where(rev, gw1_0, gw1_3))
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 1 * batch_g + off3g, gwt, mask=in3g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 1 * batch_g + off3g, gwt, mask=in3g)
+            gwt = _join4(tl.where(rev, gw2_3, gw2_0), tl.where(rev, gw2_2, gw2_1), tl.where(rev, gw2_1, gw2_2), tl.where(rev, gw2_0, gw2_3))
+            if GROUP_TILE:
+                gwt = tl.sum(gwt, axis=0, keep_dims=True)  # the tile's channels share this weight
+            if GW_ATOMIC:
+                tl.atomic_add(gw_ptr + w_base + 2 * batch_g + off3g, gwt, mask=in3g, sem="relaxed")
+            else:
+                tl.store(gw_ptr + w_base + 2 * batch_g + off3g, gwt, mask=in3g)

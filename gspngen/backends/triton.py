@@ -24,8 +24,9 @@ def _triton_importable() -> bool:
 
 
 def config_key(config) -> str:
-    """A TritonConfig as a config key: ``"bc=4,nw=4,ns=2"``."""
-    return f"bc={config.block_c},nw={config.num_warps},ns={config.num_stages}"
+    """A TritonConfig as a config key: ``"bc=4,nw=4,ns=2"``, with ``",st=4"`` when it tiles lr/rl steps."""
+    key = f"bc={config.block_c},nw={config.num_warps},ns={config.num_stages}"
+    return key + (f",st={config.steps}" if config.steps != 1 else "")
 
 
 def parse_key(key: str):
@@ -35,9 +36,9 @@ def parse_key(key: str):
     if not key:
         return DEFAULT_CONFIG
     fields = parse_config_key(key, "backend")
-    names = {"bc": "block_c", "nw": "num_warps", "ns": "num_stages"}
-    if set(fields) != set(names):
-        raise ValueError(f"backend: a triton config key is 'bc=B,nw=W,ns=S', got {key!r}")
+    names = {"bc": "block_c", "nw": "num_warps", "ns": "num_stages", "st": "steps"}
+    if not {"bc", "nw", "ns"} <= set(fields) <= set(names):
+        raise ValueError(f"backend: a triton config key is 'bc=B,nw=W,ns=S' or 'bc=B,nw=W,ns=S,st=T', got {key!r}")
     try:
         return TritonConfig(**{names[k]: int(v) for k, v in fields.items()})
     except ValueError as exc:
@@ -64,19 +65,18 @@ class TritonBackend:
         more warps than a tile has elements are left out (they only idle).
         """
         launch = self._launch
-        _, C, H, W = shape
-        G = spec.groups(C)
-        groups = launch.launch_groups(spec, H, W)
+        N, C, H, W = shape
 
         def effective(cfg):
-            tiles = tuple((t.block_c, t.num_warps) for t in (launch.plan_tile(cfg, C, G, g.block_l) for g in groups))
-            return tiles, cfg.num_stages
+            plans = launch.plan_launches(spec, N, C, H, W, cfg, pass_="backward" if pass_ == "bwd" else "forward")
+            return tuple((p.group.directions, p.group.block_l, p.tile.block_c, p.tile.num_warps, p.steps)
+                         for p in plans), cfg.num_stages
 
         seen = {effective(launch.DEFAULT_CONFIG)}
         keys = [""]
         for cfg in launch.CONFIGS:
             eff = effective(cfg)
-            biggest = max(bc * g.block_l for (bc, _), g in zip(eff[0], groups))
+            biggest = max(bc * block_l * st for _, block_l, bc, _, st in eff[0])
             if eff in seen or 32 * cfg.num_warps > max(biggest, 64):
                 continue
             seen.add(eff)

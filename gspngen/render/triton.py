@@ -98,6 +98,8 @@ def render_context(spec: Spec) -> dict:
         "k": ir.k,
         "r": ir.r,
         "offsets": [c - ir.r for c in range(ir.k)],
+        "weight_names": [f"w{c}" for c in range(ir.k)],
+        "hp_names": [f"hp{c}" for c in range(ir.k)],
         "num_directions": ir.num_directions,
         "directions": [_geometry(d) for d in ir.directions],
         "chunk": ir.chunk,

@@ -44,11 +44,17 @@ class TritonConfig:
     num_warps: warps per program, a lower bound: :func:`plan_tile` raises it for long lines.
     num_stages: software-pipelining depth of the step loop (loads of later
         steps do not depend on h, so they can be issued ahead).
+    steps: 1, or STEP_TILE: lr/rl scans of an nchw tensor then load STEP_TILE
+        consecutive steps of each lane at once (one 16-byte vector per lane in
+        fp32, against 4 bytes of a 32-byte sector per step), each such direction
+        in its own launch (see "Step tiles" in templates/triton/kernels.py.j2).
+        Other directions and layouts ignore it. Default 1 until a GPU has timed it.
     """
 
     block_c: int = 4
     num_warps: int = 4
     num_stages: int = 2
+    steps: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_c", "num_warps"):
@@ -57,15 +63,21 @@ class TritonConfig:
                 raise ValueError(f"{name}: expected a power of two >= 1, got {v!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages: expected an integer >= 1, got {self.num_stages!r}")
+        if self.steps not in (1, STEP_TILE) or isinstance(self.steps, bool):
+            raise ValueError(f"steps: expected 1 or {STEP_TILE}, got {self.steps!r}")
 
+
+# Steps per tile of a step-tiled lr/rl launch: the templates' _split4/_join4 take a tile apart in 4.
+STEP_TILE = 4
 
 # Default: 4 channels x the line over 4 warps. A 64-lane line then holds 2
 # elements per thread per tile, leaving registers for the ~10 live tiles of
 # a k=3 step; long lines are capped by MAX_ELEMS_PER_THREAD instead.
 DEFAULT_CONFIG = TritonConfig()
 CONFIGS: tuple[TritonConfig, ...] = tuple(
-    TritonConfig(block_c=bc, num_warps=nw, num_stages=ns)
-    for bc in (1, 2, 4, 8, 16) for nw in (2, 4, 8, 16) for ns in (1, 2, 3)
+    TritonConfig(block_c=bc, num_warps=nw, num_stages=ns, steps=st)
+    # steps innermost: a tuner that times only the first few candidates still meets both
+    for bc in (1, 2, 4, 8, 16) for nw in (2, 4, 8, 16) for ns in (1, 2, 3) for st in (1, STEP_TILE)
 )
 # Register budget of one fp32 tile, in elements per thread: block_c is lowered
 # until BLOCK_C * BLOCK_L <= MAX_ELEMS_PER_THREAD * 32 * num_warps, and where one
@@ -142,10 +154,26 @@ class Launch(NamedTuple):
     group: LaunchGroup  # the directions this launch runs (one when ``dir >= 0``)
     tile: TilePlan
     dir: int  # the DIR constexpr: the direction's index, or -1 (taken from the program id)
+    steps: int = 1  # the STEPS constexpr: steps per tile (> 1 only for one lr/rl direction in nchw)
+
+
+# Step tiles only while one channel's tile (lanes x steps) fits the element budget on this many warps,
+# per pass. More warps leave fewer registers a thread (65536 / threads), and the step-tiled kernels
+# spilled beyond these (gspn4, sm_90, tests/test_triton_spills.py): the forward at 32 warps (1024 lanes:
+# 64 registers, 120-728 bytes), the backward at 16 (512 lanes: 128 registers, 48-56 bytes).
+STEP_TILE_MAX_WARPS = {"forward": 16, "backward": 8}
+
+
+def step_tile(block_l: int, steps: int, pass_: str = "forward") -> int:
+    """The steps per tile a launch of BLOCK_L lanes gets for a config's ``steps``: STEP_TILE while
+    block_l x steps elements fit MAX_ELEMS_PER_THREAD a thread on STEP_TILE_MAX_WARPS[pass_] warps (the
+    forward's lines up to 512 lanes, the backward's up to 256), else 1: one step per load."""
+    fits = block_l * steps <= MAX_ELEMS_PER_THREAD * 32 * STEP_TILE_MAX_WARPS[pass_]
+    return steps if steps > 1 and fits else 1
 
 
 def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConfig,
-                  sms: int = DEFAULT_SMS) -> list[Launch]:
+                  sms: int = DEFAULT_SMS, pass_: str = "forward") -> list[Launch]:
     """The launches of one pass. Directions sharing a BLOCK_L share a launch (the direction comes from
     the program id, strides are runtime values, loads scalar), except when that launch would need more
     than one wave of ``sms`` programs anyway: then each direction whose lanes are contiguous (tb/bt in
@@ -153,11 +181,23 @@ def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConf
     directions stay shared: constants buy them no vector loads. (This was also chosen because their
     single-direction backward spilled at 1024 lanes, 56 and 312 bytes against 8 shared; since the int32
     offsets none of them spills at 1024 or 2048 lanes, sm_90, so whether lr/rl alone run faster is open
-    until measured on a GPU.)"""
+    until measured on a GPU.) With ``config.steps`` > 1, each lr/rl direction of an nchw tensor whose
+    line fits :func:`step_tile`'s budget for ``pass_`` gets its own launch with step tiles, planned with
+    lanes x steps elements; the others are planned as above."""
     G = spec.groups(C)
     out = []
     for group in launch_groups(spec, H, W):
         tile = plan_tile(config, C, G, group.block_l)
+        # step tiles: each lr/rl direction of an nchw tensor in its own launch, steps counted into the tile
+        steps = step_tile(group.block_l, config.steps, pass_)
+        tiled = [d for d in group.directions if steps > 1 and _strided_steps(spec, d)]
+        for d in tiled:
+            n_steps = frame_extent(spec.directions[d], H, W)[1]
+            out.append(Launch(LaunchGroup((d,), group.block_l, -(-n_steps // spec.chunk) if spec.chunk else 1),
+                              plan_tile(config, C, G, group.block_l * steps), d, steps))
+        group = LaunchGroup(tuple(d for d in group.directions if d not in tiled), group.block_l, group.num_chunks)
+        if not group.directions:
+            continue
         fits = N * tile.num_blocks * group.num_chunks * len(group.directions) <= sms
         own = [] if fits else [d for d in group.directions if _contiguous_lanes(spec, d)]
         for d in own:
@@ -170,6 +210,11 @@ def plan_launches(spec: Spec, N: int, C: int, H: int, W: int, config: TritonConf
             out.append(Launch(LaunchGroup(rest, group.block_l, -(-steps // spec.chunk) if spec.chunk else 1),
                               tile, -1))
     return out
+
+
+def _strided_steps(spec: Spec, d: int) -> bool:
+    """Steps adjacent in memory, lanes a row apart: the scan steps along W in an nchw tensor (lr, rl)."""
+    return spec.layout == "nchw" and DIRECTION_TABLE[spec.directions[d]].step_axis == "W"
 
 
 def _contiguous_lanes(spec: Spec, d: int) -> bool:
@@ -326,13 +371,13 @@ def forward(spec: Spec, x, w, lam, u, s, m, config: TritonConfig = DEFAULT_CONFI
     accumulate = spec.merge != "stack" and D > 1
     y = _accumulator(out_shape, x.device) if accumulate else new_output(out_shape, x.dtype, x.device)
     with _on_device(x):
-        for group, tile, dir_ in plan_launches(spec, N, C, H, W, config, _sms(x)):
+        for group, tile, dir_, steps in plan_launches(spec, N, C, H, W, config, _sms(x)):
             mod.gspn_forward[_grid(N, group, tile)](
                 x, w, lam, *_optional(spec, u, s, m), y, hs, *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
                 WIDE_INDEX=wide_index(C, H, W),
                 ACCUMULATE=accumulate,
-                SAVE_H=need_saved, num_warps=tile.num_warps, num_stages=config.num_stages,
+                SAVE_H=need_saved, STEPS=steps, num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -346,9 +391,9 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     G = spec.groups(C)
     D = spec.num_directions
     dev, dt = x.device, x.dtype
-    groups = plan_launches(spec, N, C, H, W, config, _sms(x))
+    groups = plan_launches(spec, N, C, H, W, config, _sms(x), "backward")
     gx_atomic = D > 1  # every direction adds to gx
-    gw_atomic = any(t.gw_atomic for _, t, _ in groups)
+    gw_atomic = any(launch.tile.gw_atomic for launch in groups)
     gx = _accumulator(x.shape, dev) if gx_atomic else new_output(x.shape, dt, dev)
     # One buffer for every direction: fp32 and zeroed if any launch adds into it.
     gw = _accumulator(w.shape, dev) if gw_atomic else new_output(w.shape, dt, dev)
@@ -358,13 +403,13 @@ def backward(spec: Spec, gy, x, w, lam, u, s, m, hs, config: TritonConfig = DEFA
     gm = _accumulator(m.shape, dev) if spec.merge == "learned" else None
     grads_out = [t for t in (gu, gs, gm) if t is not None]
     with _on_device(x):
-        for group, tile, dir_ in groups:
+        for group, tile, dir_, steps in groups:
             mod.gspn_backward[_grid(N, group, tile)](
                 gy, x, w, lam, *_optional(spec, u, s, m), hs, gx, gw, glam, *grads_out,
                 *_launch_args(C, H, W, G, group, tile),
                 BLOCK_C=tile.block_c, BLOCK_L=group.block_l, DIR=dir_, GROUP_TILE=tile.group_tile,
                 WIDE_INDEX=wide_index(C, H, W),
-                GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic,
+                GX_ATOMIC=gx_atomic, GW_ATOMIC=tile.gw_atomic, STEPS=steps,
                 num_warps=tile.num_warps, num_stages=config.num_stages,
             )
     gx, gw = gx.to(dt), gw.to(dt)
