@@ -69,12 +69,14 @@ class EventRunner:
 
 
 def _label(args):
-    """The direction index of a fused launch (its "d" argument), else "transpose" (tr=1's plane transposes)."""
+    """The direction index of a fused launch (its "d" argument), "onchip" for oc=1's one launch of every
+    direction (d = -1), else "transpose" (tr=1's plane transposes)."""
     from gspngen.render.cuda import PARAMS
 
     for kind in ("fwd", "bwd"):
         if len(args) == len(PARAMS[kind]):
-            return int(args[PARAMS[kind].index(("i32", "d"))][1])
+            d = int(args[PARAMS[kind].index(("i32", "d"))][1])
+            return "onchip" if d < 0 else d
     return "transpose"
 
 

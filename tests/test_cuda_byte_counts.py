@@ -71,3 +71,21 @@ def test_gspn4_over_minimal(emu):
     assert no_grad / fwd_min <= 1.35  # item 2's target: no h store without gradients
     assert train / fwd_min == pytest.approx(1.50, abs=0.005)
     assert bwd / bwd_min == pytest.approx(1.31, abs=0.005)
+
+
+def test_onchip_forward_moves_the_minimal_bytes(emu):
+    """oc=1 (y in shared memory across the directions): the forward moves exactly the bench's minimal
+    planes without gradients (26 for gspn4), and those plus one h per direction with them (30), against
+    35 and 39 for one launch per direction."""
+    spec = load_spec("examples/gspn4.yaml")
+    be = CudaBackend(runner=emu).with_config("oc=1", "")
+    raw = make_inputs(spec, *SHAPE, dtype=torch.float32, seed=0)
+    args = [raw[k] for k in ("x", "w", "lam", "u", "s", "m")]
+    fwd_min = minimal_bytes(spec, *SHAPE, torch.float32, "forward") / ELEMENT_BYTES
+    emu.bytes.clear()
+    be.forward(spec, *args, need_saved=False)
+    assert {n.split("<")[0] for n in emu.bytes} == {"gspn_fwd_oc"}
+    assert _planes(emu) == pytest.approx(fwd_min, abs=0.01) == 26.0
+    emu.bytes.clear()
+    be.forward(spec, *args)
+    assert _planes(emu) == pytest.approx(fwd_min + spec.num_directions, abs=0.01)

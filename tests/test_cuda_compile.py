@@ -177,6 +177,20 @@ def test_candidate_configs_compile_without_spills():
     _check([(spec, "fp32", names)], ("sm_90",), "candidates")
 
 
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_onchip_forward_compiles_without_spills(dname):
+    """oc=1's kernel (every direction in one block per plane, y in shared memory) for gspn4 at the planes
+    it serves: 128^2 (fp32, bf16), 200 x 136 (no vectors: 136 % 8), bf16 256^2 (256 threads, the most)."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    shapes = [(128, 128), (200, 136)] + ([(256, 256)] if dname == "bf16" else [])
+    names = []
+    for H, W in shapes:
+        plan = rc.onchip_plan(spec, dname, H, W, H100[1])
+        assert plan is not None and plan.smem <= H100[1], (H, W)
+        names += [plan.name(True), plan.name(False)]
+    _check([(spec, dname, list(dict.fromkeys(names)))], ARCHS, "on-chip forward")
+
+
 FEATURES = [
     dict(connection=1, directions=["rl", "tb"], normalization="softmax", chunk=3, merge="stack", layout="nhwc"),
     dict(connection=9, directions=["lr", "bt"], normalization="none", merge="sum", modulation=False),

@@ -210,6 +210,51 @@ def test_transposed_backward_matches_reference(features, runners):
             assert ("gspn_tr<false>" in after) == be.transpose_applies(spec, "bwd", dname, shape[1])
 
 
+OC_SPECS = [None,  # gspn4
+            dict(directions=["tb", "lr"], merge="sum", chunk=3),  # chunks: every one in the block
+            dict(connection=5, weight_groups=2, normalization="softmax", directions=["rl", "bt", "lr"], merge="mean"),
+            dict(connection=1, modulation=False, skip=False, directions=["bt", "rl"], merge="sum")]
+
+
+@pytest.mark.parametrize("features", OC_SPECS, ids=["gspn4", "tb-lr-chunk", "k5-groups-softmax", "k1-plain"])
+def test_onchip_forward_matches_reference(features, runners):
+    """oc=1: one block per plane runs every direction, y accumulated in shared memory (NaN-filled by the
+    emulator before each block: a pixel some direction leaves unwritten shows), written once at the end.
+    The backward is the default one reading the h this forward saved."""
+    spec = (load_spec(ROOT / "examples" / "gspn4.yaml") if features is None
+            else Spec.from_dict({"name": "oc", "precision": ["fp32", "bf16"], **features}))
+    shapes = [(2, 4, 6, 8), (1, 2, 37, 11)]  # vector rows; odd sizes (no vectors, segments of one line)
+    for dname, order in (("fp32", 0), ("bf16", 1)):
+        be = CudaBackend(runner=runners[order], poison=True).with_config("oc=1", "")
+        assert be.onchip
+        runners[order].build(rc.render_source(spec, dname),
+                             [n for shape in shapes for n in be.kernel_names(spec, dname, shape, LIMITS)])
+        for j, shape in enumerate(shapes):
+            assert_matches(be, spec, dname, shape, seed=j)
+            fwd = [n for n, *_ in runners[order].launches if n.startswith("gspn_fwd")]
+            assert fwd[-1].startswith("gspn_fwd_oc<"), fwd[-3:]
+
+
+def test_onchip_key_and_where_it_applies():
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    be = CudaBackend()
+    assert "oc=1" in be.candidates(spec, "fp32", "fwd", (1, 8, 128, 128))
+    assert "oc=1" not in be.candidates(spec, "fp32", "bwd", (1, 8, 128, 128))  # a forward tuning
+    assert "oc=1" not in be.candidates(spec, "fp32", "fwd", (1, 8, 256, 256))  # 256 KB of y: does not fit
+    assert "oc=1" in be.candidates(spec, "bf16", "fwd", (1, 8, 256, 256))  # 128 KB in bf16
+    for other in ({"layout": "nhwc"}, {"merge": "stack"}, {"directions": ["lr"]}):
+        assert rc.onchip_plan(Spec.from_dict({**spec.to_dict(), **other}), "fp32", 64, 64) is None, other
+    plan = rc.onchip_plan(spec, "fp32", 128, 128)
+    line = max(rc.smem_bytes(spec, "fwd", rc.LANES, plan.lanes), rc.smem_bytes(spec, "fwd", rc.STEPS, plan.steps))
+    assert plan.threads == 128 and plan.smem == 128 * 128 * 4 + -(-line // 16) * 16
+    assert (plan.lanes.vec, plan.steps.vec) == (1, 4)  # tb/bt: a lane per thread; lr/rl: 4 steps a load
+    for bad in ("oc=1,v=1", "oc=1,cc=1", "oc=1,tr=1", "oc=2"):
+        with pytest.raises(ValueError, match="backend"):
+            be.with_config(bad, "")
+    with pytest.raises(ValueError, match="forward tuning"):
+        be.with_config("", "oc=1")
+
+
 def test_concurrent_key():
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")
     be = CudaBackend()

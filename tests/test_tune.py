@@ -533,8 +533,10 @@ def test_cuda_config_keys_pick_the_ith_candidate(spec):
 
     c = get_backend("cuda")
     keys = c.candidates(spec, "fp32", "fwd", (1, 8, 32, 32))
-    # concurrent directions and (nchw with lr/rl) transposed left/right scans: one more key each
-    extra = (["cc=1"] if c.concurrency_applies(spec, "fwd") else []) + (["tr=1"] if c.transpose_applies(spec) else [])
+    # concurrent directions, (nchw with lr/rl) transposed left/right scans and (planes that fit on chip)
+    # the on-chip forward: one more key each
+    extra = ((["cc=1"] if c.concurrency_applies(spec, "fwd") else []) + (["tr=1"] if c.transpose_applies(spec) else [])
+             + (["oc=1"] if rc.onchip_plan(spec, "fp32", 32, 32) is not None else []))
     assert keys[0] == "" and keys[1:1 + len(extra)] == extra
     assert keys[1 + len(extra):] == [f"v={i}" for i in range(1, len(keys) - len(extra))]
     tuned = get_backend("cuda@v=2|v=1")

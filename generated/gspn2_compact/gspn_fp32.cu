@@ -896,6 +896,57 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ 
 }
 
 // ===========================================================================
+// On-chip forward (oc=1; nchw, every direction merged into one output): one
+// block per (n, channel) plane runs every direction in turn, and y stays in
+// shared memory between them, in the storage type, as the launch-per-
+// direction path keeps it in global memory: DRAM sees each input once, h once
+// (SAVEH) and y once, the bench's minimal bytes, against 2 planes more per
+// direction after the first for the read-add-write of y. x is read by every
+// direction from global memory (L2 hits after the first). Each direction is
+// the same GsForward as its own launch would run (one channel, NT threads:
+// lanes mapping for tb/bt, steps mapping for lr/rl), with its y pointer moved
+// onto the shared plane: y's accesses are generic loads and stores, which
+// reach shared memory as well. Needs H * W storage elements of shared memory
+// beside the line buffers (the host picks this path only where they fit).
+// ===========================================================================
+template <int NT, int VL, int NSL, int VS_, int NSS, int P, bool VECL, bool VECS, bool SAVEH>
+__global__ void __launch_bounds__(NT, 1) gspn_fwd_oc(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    using FL = GsForward<GS_LANES, false, NT, 1, VL, NSL, P, 2, VECL, false, SAVEH>;
+    using FF = GsForward<GS_STEPS, false, NT, 1, VS_, NSS, P, 2, VECS, false, SAVEH>;
+    using FR = GsForward<GS_STEPS, true, NT, 1, VS_, NSS, P, 2, VECS, false, SAVEH>;
+    constexpr int LINE = ((FL::SMEM_FLOATS > FF::SMEM_FLOATS ? FL::SMEM_FLOATS : FF::SMEM_FLOATS) + 3) / 4 * 4;  // ys 16-byte aligned
+    const long long HW = (long long)H * W;
+    const unsigned need = (unsigned)(LINE * 4 + (HW * (long long)sizeof(gs_t) + 15) / 16 * 16);
+    // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
+    if (GS_NHWC || GS_STACK || blockDim.x != (unsigned)NT || cpb < 1 || gs_dyn_smem_bytes() < need)
+        gs_trap();
+    if ((long long)blockIdx.x >= (long long)N * C) return;  // the host never launches such a block
+    float* sm = gs_smem();
+    gs_t* ys = static_cast<gs_t*>(static_cast<void*>(sm + LINE));  // the plane's y, image order
+    const long long plane = (long long)blockIdx.x * HW;            // (n, c) plane: n * C * HW + c * HW
+    for (int dd = 0; dd < GS_D; ++dd) {
+        auto run = [&](auto f) {
+            f.B.setup(N, C, G, H, W, chunk, cpb, dd, gs_rev(dd), gs_stepw(dd));
+            f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
+            f.py = ys - plane;  // py + b_y + (offset in the plane) lands on ys
+            f.HL = sm;
+            f.SG = nullptr;
+            f.md = 1.0f;
+            if constexpr (GS_LEARNED) f.md = gs_f(gs_ld1<true>(p_m + dd));
+            f.b_y = f.B.b_x;
+            f.acc = dd > 0;
+            f.run();
+        };
+        if (!gs_stepw(dd)) run(FL());
+        else if (gs_rev(dd)) run(FR());
+        else run(FF());
+        gs_sync_block();  // the next direction reads y written by other threads, and reuses the line buffers
+    }
+    for (long long i = threadIdx.x; i < HW; i += NT) gs_st1(p_y + plane + i, ys[i]);
+}
+
+// ===========================================================================
 // Backward: the reverse scan of the printed adjoint.
 //
 // Step t needs gh(t) = (gradient through the output) + sum over c of

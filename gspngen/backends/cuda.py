@@ -188,18 +188,20 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
-def _variant(key: str) -> tuple[int, bool, bool]:
-    """``"v=3"`` -> (3, False, False), ``"cc=1"`` -> (0, True, False), ``"tr=1"`` -> (0, False, True),
-    ``""`` -> (0, False, False) (the default); ValueError naming ``backend`` otherwise."""
+def _variant(key: str) -> tuple[int, bool, bool, bool]:
+    """``"v=3"`` -> (3, False, False, False), ``"cc=1"`` -> (0, True, False, False), ``"tr=1"`` -> (0, False,
+    True, False), ``"oc=1"`` -> (0, False, False, True), ``""`` -> all off (the default); ValueError naming
+    ``backend`` otherwise."""
     if not key:
-        return 0, False, False
+        return 0, False, False, False
     fields = parse_config_key(key, "backend")
-    ok = (set(fields) <= {"v", "cc", "tr"} and fields.get("v", "0").isdigit()
-          and fields.get("cc", "1") in ("0", "1") and fields.get("tr", "1") in ("0", "1"))
+    ok = (set(fields) <= {"v", "cc", "tr", "oc"} and fields.get("v", "0").isdigit()
+          and all(fields.get(f, "1") in ("0", "1") for f in ("cc", "tr", "oc")))
     if not ok:
         raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', 'cc=1' (directions run "
-                         f"concurrently) and/or 'tr=1' (left/right scans on transposed planes), got {key!r}")
-    return int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1"
+                         f"concurrently), 'tr=1' (left/right scans on transposed planes) and/or 'oc=1' (forward: "
+                         f"every direction in one block per plane, y on chip), got {key!r}")
+    return (int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1", fields.get("oc") == "1")
 
 
 class CudaBackend(_CudaBase):
@@ -208,7 +210,8 @@ class CudaBackend(_CudaBase):
     name = "cuda"
 
     def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False,
-                 concurrent: tuple[str, ...] = (), transposed: bool = False, transposed_bwd: bool = False):
+                 concurrent: tuple[str, ...] = (), transposed: bool = False, transposed_bwd: bool = False,
+                 onchip: bool = False):
         super().__init__(runner, poison)
         self.configs = configs
         # passes ("fwd", "bwd") whose directions run at the same time (see _directions)
@@ -216,6 +219,8 @@ class CudaBackend(_CudaBase):
         # lr/rl on transposed planes with the lanes mapping (tr=1; see _forward_transposed), per pass
         self.transposed = bool(transposed)
         self.transposed_bwd = bool(transposed_bwd)
+        # forward: every direction in one block per plane, y in shared memory (oc=1; see _forward_onchip)
+        self.onchip = bool(onchip)
 
     # -- the config protocol -------------------------------------------------
     # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
@@ -231,7 +236,8 @@ class CudaBackend(_CudaBase):
         n = max(len(rc.candidate_configs(spec, dtype, dn, kind, C, H, W)) for dn in spec.directions)
         cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
         tr = ["tr=1"] if self.transpose_applies(spec, kind, dtype, C) else []
-        return [""] + cc + tr + [f"v={i}" for i in range(1, n)]
+        oc = ["oc=1"] if kind == "fwd" and rc.onchip_plan(spec, dtype, H, W) is not None else []
+        return [""] + cc + tr + oc + [f"v={i}" for i in range(1, n)]
 
     @staticmethod
     def transpose_applies(spec: Spec, kind: str = "fwd", dtype: str = "fp32", C: int = 0) -> bool:
@@ -254,6 +260,12 @@ class CudaBackend(_CudaBase):
             if pk[1] and pk[2]:
                 raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed pass runs its directions "
                                  f"in order), got {key!r}")
+            if pk[3] and (pk[0] or pk[1] or pk[2]):
+                raise ValueError(f"backend: oc=1 combines with nothing (one kernel runs every direction with its "
+                                 f"own tunings), got {key!r}")
+        if picks["bwd"][3]:
+            raise ValueError(f"backend: oc=1 is a forward tuning (the backward keeps one launch per direction), "
+                             f"got {bwd!r} for the backward")
 
         def chooser(spec, dname, direction, kind, C, H, W):
             i = picks[kind][0]
@@ -263,7 +275,7 @@ class CudaBackend(_CudaBase):
             return options[i] if i < len(options) else None
 
         return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]),
-                           picks["fwd"][2], picks["bwd"][2])
+                           picks["fwd"][2], picks["bwd"][2], picks["fwd"][3])
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -343,6 +355,11 @@ class CudaBackend(_CudaBase):
         if self.transposed and self.transpose_applies(spec):
             self._forward_transposed(spec, dname, source, limits, x, w, lam, u, s, m, y, saved, need_saved)
             return y, saved
+        if self.onchip:
+            oc = rc.onchip_plan(spec, dname, H, W, limits[1])
+            if oc is not None:
+                self._forward_onchip(spec, dname, source, oc, x, w, lam, u, s, m, y, saved, need_saved)
+                return y, saved
         vec_tensors = [x, w, lam, u, s, y] + ([saved] if need_saved else [])
         stack = spec.merge == "stack"
         plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
@@ -362,6 +379,28 @@ class CudaBackend(_CudaBase):
         if cc:
             _sum_into(y, ys)
         return y, saved
+
+    def _forward_onchip(self, spec: Spec, dname: str, source: str, oc, x, w, lam, u, s, m, y, saved,
+                        need_saved: bool) -> None:
+        """oc=1: one launch, one block per (n, channel) plane running every direction with y in shared
+        memory (gspn_fwd_oc in templates/cuda/fused.cuh.j2). Where the plane does not fit, forward() runs the
+        launch-per-direction path instead."""
+        N, C, H, W = _dims(spec, x)
+        G = spec.groups(C)
+        tensors = [x, w, lam, u, s, y] + ([saved] if need_saved else [])
+        align = max(oc.lanes.vec, oc.steps.vec) * rc.ELEM_BYTES[dname]
+        aligned = all(t.data_ptr() % align == 0 for t in tensors if t is not None)
+        plan = rc.OnChipPlan(oc.lanes, oc.steps, oc.vec_lanes and aligned, oc.vec_steps and aligned, oc.smem,
+                             oc.threads)
+        name = plan.name(need_saved)
+        cpb = max(-(-T // (spec.chunk if spec.chunk else T)) for T in (H, W))  # every chunk in the block
+        grid = self._check_grid(N * C)
+        if plan.threads % 32 or not 32 <= plan.threads <= 1024:
+            raise ValueError(f"x: the {self.name} backend cannot launch {name}: {plan.threads} threads per block")
+        args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m), ("out", y), ("out", saved),
+                ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W), ("i32", _chunk_arg(spec)),
+                ("i32", cpb), ("i32", -1), ("i32", 0), ("i32", 0), ("i32", 0)]  # d = -1: every direction
+        self._launch(x.device, source, name, [name], grid, plan.threads, plan.smem, args)
 
     def _forward_transposed(self, spec: Spec, dname: str, source: str, limits, x, w, lam, u, s, m, y, saved,
                             need_saved: bool) -> None:
@@ -540,6 +579,9 @@ class CudaBackend(_CudaBase):
                 p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits,
                               save_h=save_h)
                 names.append(p.name)
+        oc = rc.onchip_plan(spec, dname, H, W, limits[1]) if self.onchip else None
+        if oc is not None:
+            names += [oc.name(True), oc.name(False)]
         return list(dict.fromkeys(names))
 
 

@@ -63,6 +63,10 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                     ("vptr", "p_gw"), ("f32", "p_gh"), ("f32", "p_gx32"),
                     ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
                     ("i32", "s")),
+    "fwd_oc": (("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("in", "p_u"), ("in", "p_s"), ("in", "p_m"),
+               ("out", "p_y"), ("out", "p_h"),
+               ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
+               ("i32", "cpb"), ("i32", "d"), ("i32", "rev"), ("i32", "stepw"), ("i32", "acc")),
     "tr": (("in", "p_src"), ("out", "p_dst"), ("i32", "nb1"), ("i32", "nb2"), ("i32", "s1s"), ("i32", "s1d"),
            ("i32", "sp0"), ("i32", "dp0"), ("i32", "R"), ("i32", "Cc")),
 }
@@ -353,6 +357,57 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
     if kind == "bwd":
         return f"gspn_bwd<{head}, {_b(watom)}>"
     raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class OnChipPlan:
+    """The on-chip forward (gspn_fwd_oc, oc=1): one block per (n, channel) plane runs every direction with
+    y in shared memory. ``lanes``/``steps``: the tunings of tb/bt and lr/rl, the same threads."""
+
+    lanes: KernelConfig
+    steps: KernelConfig
+    vec_lanes: bool
+    vec_steps: bool
+    smem: int
+    threads: int
+
+    def name(self, save_h: bool = True) -> str:
+        a, b = self.lanes, self.steps
+        return (f"gspn_fwd_oc<{self.threads}, {a.vec}, {a.nseg}, {b.vec}, {b.nseg}, {a.prefetch}, "
+                f"{_b(self.vec_lanes)}, {_b(self.vec_steps)}, {_b(save_h)}>")
+
+
+OC_MAX_THREADS = 256
+
+
+def onchip_plan(spec: Spec, dtype: str, H: int, W: int, smem_limit: int = 227 * 1024) -> OnChipPlan | None:
+    """The on-chip forward's tunings and shared memory for H x W planes, or None where it does not apply
+    (nhwc, stack merge, one direction) or the plane does not fit ``smem_limit`` beside the line buffers.
+
+    Threads: lines along W (tb/bt) and along H (lr/rl) share one block of NT threads, the smallest
+    multiple of 32 covering the longer of W / v and H lanes, at most OC_MAX_THREADS (longer lines take
+    segments); v: 16-byte vectors (4 fp32 or 8 16-bit elements along the contiguous axis), narrowed
+    while W is not a multiple of it, and for tb/bt further while it would leave threads without lanes.
+    Prefetch 2, two line buffers (as the launch-per-direction default)."""
+    if spec.layout != "nchw" or spec.merge == "stack" or spec.num_directions < 2:
+        return None
+    es = ELEM_BYTES[dtype]
+    v = 16 // es
+    while v > 1 and W % v:
+        v //= 2
+    nt = min(OC_MAX_THREADS, max(32, -(-max(-(-W // v), H) // 32) * 32))
+    vl = v  # tb/bt: no wider than keeps every thread busy (one 128-lane line on 128 threads: scalars)
+    while vl > 1 and W // vl < nt:
+        vl //= 2
+    lanes = KernelConfig(nt, 1, vl, -(-(-(-W // vl)) // nt), 2, 2)
+    steps = KernelConfig(nt, 1, v, -(-H // nt), 2, 2)
+    lanes.check(LANES)
+    steps.check(STEPS)
+    line = max(smem_bytes(spec, "fwd", LANES, lanes, es), smem_bytes(spec, "fwd", STEPS, steps, es))
+    smem = -(-line // 16) * 16 + -(-(H * W * es) // 16) * 16
+    if smem > smem_limit:
+        return None
+    return OnChipPlan(lanes, steps, vl > 1, v > 1, smem, nt)
 
 
 PS_THREADS = 256  # per-step kernels: GSPN-1 used 512; 256 keeps more blocks per SM

@@ -87,7 +87,7 @@ struct Ctx {
     bool ftz = false;  // fp32 subnormals flushed to zero, in and out, as the GPU build (-ftz=true)
     long long checks = 0;
     long long bytes[3] = {0, 0, 0};  // global bytes loaded, stored, atomically added (checked accesses)
-    // The same, counting each address once per launch (what DRAM sees when repeats hit in cache, e.g.
+    // The same, counting each byte once per launch (what DRAM sees when repeats hit in cache, e.g.
     // a scalar every thread loads); tracked only while `distinct` is on (tests of the byte model).
     bool distinct = false;
     long long dbytes[3] = {0, 0, 0};
@@ -171,11 +171,17 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
         fail(buf);
         return false;
     }
+    // A generic pointer into this block's dynamic shared memory (the on-chip forward keeps y there): valid,
+    // not global traffic, not shared between blocks (its guards and NaN fill still catch misuse).
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(g.smem.data() + GUARD);
+    if (a >= s0 && a + n <= s0 + g.smem_bytes) return true;
     for (Range& r : g.ranges)
         if (a >= r.lo && a + n <= r.hi) {
             const int kind = what[0] == 'l' ? 0 : what[0] == 's' ? 1 : 2;
             g.bytes[kind] += (long long)n;
-            if (g.distinct && g.seen[kind].insert(a).second) g.dbytes[kind] += (long long)n;
+            if (g.distinct)  // by 2-byte unit: a vector load and scalar loads of the same bytes count once
+                for (size_t o = 0; o < n; o += 2)
+                    if (g.seen[kind].insert(a + o).second) g.dbytes[kind] += (long long)(n - o < 2 ? n - o : 2);
             return across_blocks(r, a, n, kind);
         }
     char buf[128];

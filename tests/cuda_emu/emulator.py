@@ -29,7 +29,7 @@ from gspngen.runtime.cuda_build import BASE_OPTIONS, FTZ
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 _C_TYPES = {"in": "const gs_t*", "out": "gs_t*", "f32": "float*", "vptr": "void*", "i32": "int"}
-_FAMILY = re.compile(r"gspn_(fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step|tr)<")
+_FAMILY = re.compile(r"gspn_(fwd_oc|fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step|tr)<")
 
 
 FMAD = "-fmad=true" in BASE_OPTIONS  # the GPU build contracts a * b + c into one rounding
