@@ -179,10 +179,14 @@ def test_candidate_configs_compile_without_spills():
 
 @pytest.mark.parametrize("dname", ["fp32", "bf16"])
 def test_onchip_forward_compiles_without_spills(dname):
-    """oc=1's kernel (every direction in one block per plane, y in shared memory) for gspn4 at the planes
-    it serves: 128^2 (fp32, bf16), 200 x 136 (no vectors: 136 % 8), bf16 256^2 (256 threads, the most)."""
+    """oc=1's kernel (every direction in one block per plane, y in shared memory) for gspn4 at planes it
+    serves: 128^2 (fp32, bf16; scalar tb/bt lanes, vector lr/rl steps), 200 x 136 (224 threads), 128 x 135
+    (no vectors at all), 64 x 256 and 8 x 64 (vector tb/bt lanes too), 4 x 1024 and 256^2 in bf16 (256
+    threads, the most). Planes needing segments are refused by the planner (they spilled)."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")
-    shapes = [(128, 128), (200, 136)] + ([(256, 256)] if dname == "bf16" else [])
+    shapes = [(128, 128), (200, 136), (128, 135), (64, 256), (8, 64)] + (
+        [(256, 256), (4, 1024)] if dname == "bf16" else [])
+    assert all(rc.onchip_plan(spec, dname, H, W) is None for H, W in ((300, 8), (1000, 8), (2, 4096), (4, 2048)))
     names = []
     for H, W in shapes:
         plan = rc.onchip_plan(spec, dname, H, W, H100[1])

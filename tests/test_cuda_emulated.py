@@ -223,7 +223,8 @@ def test_onchip_forward_matches_reference(features, runners):
     The backward is the default one reading the h this forward saved."""
     spec = (load_spec(ROOT / "examples" / "gspn4.yaml") if features is None
             else Spec.from_dict({"name": "oc", "precision": ["fp32", "bf16"], **features}))
-    shapes = [(2, 4, 6, 8), (1, 2, 37, 11)]  # vector rows; odd sizes (no vectors, segments of one line)
+    # vector lr/rl steps; odd sizes (no vectors); vector tb/bt lanes too (W = 64 on 32 threads)
+    shapes = [(2, 4, 6, 8), (1, 2, 37, 11), (1, 2, 8, 64)]
     for dname, order in (("fp32", 0), ("bf16", 1)):
         be = CudaBackend(runner=runners[order], poison=True).with_config("oc=1", "")
         assert be.onchip
@@ -233,6 +234,26 @@ def test_onchip_forward_matches_reference(features, runners):
             assert_matches(be, spec, dname, shape, seed=j)
             fwd = [n for n, *_ in runners[order].launches if n.startswith("gspn_fwd")]
             assert fwd[-1].startswith("gspn_fwd_oc<"), fwd[-3:]
+            if j == 2:
+                assert ", true, true, true>" in fwd[-1], fwd[-1]  # both mappings on whole vectors
+                # without gradients: the variant with no h store, the same y
+                args = inputs(spec, DTYPES[dname], shape, seed=j)
+                y0, saved = be.forward(spec, *args, need_saved=False)
+                assert saved.numel() == 0 and runners[order].launches[-1][0].endswith(", false>")
+                assert torch.equal(y0, be.forward(spec, *args)[0])
+
+
+def test_emulator_rejects_read_only_loads_of_shared_memory(runners, monkeypatch):
+    """On a GPU an __ldg (ld.global.nc) of a generic address in shared memory is an illegal access: the
+    on-chip forward's y must go through plain loads, and the emulator fails the launch otherwise."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    good = rc.kernel_source(spec, "fp32")
+    bad = good.replace("gs_ld_run<V, VEC, false>(tl.y + sg * V,", "gs_ld_run<V, VEC, true>(tl.y + sg * V,", 1)
+    assert bad != good
+    monkeypatch.setattr(rc, "kernel_source", lambda spec_, dname: bad)
+    be = CudaBackend(runner=runners[0]).with_config("oc=1", "")
+    with pytest.raises(EmuError, match="read-only"):
+        be.forward(spec, *inputs(spec, torch.float32, (1, 2, 6, 8), 0))
 
 
 def test_onchip_key_and_where_it_applies():

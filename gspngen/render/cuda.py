@@ -63,13 +63,12 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                     ("vptr", "p_gw"), ("f32", "p_gh"), ("f32", "p_gx32"),
                     ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
                     ("i32", "s")),
-    "fwd_oc": (("in", "p_x"), ("in", "p_w"), ("in", "p_lam"), ("in", "p_u"), ("in", "p_s"), ("in", "p_m"),
-               ("out", "p_y"), ("out", "p_h"),
-               ("i32", "N"), ("i32", "C"), ("i32", "G"), ("i32", "H"), ("i32", "W"), ("i32", "chunk"),
-               ("i32", "cpb"), ("i32", "d"), ("i32", "rev"), ("i32", "stepw"), ("i32", "acc")),
     "tr": (("in", "p_src"), ("out", "p_dst"), ("i32", "nb1"), ("i32", "nb2"), ("i32", "s1s"), ("i32", "s1d"),
            ("i32", "sp0"), ("i32", "dp0"), ("i32", "R"), ("i32", "Cc")),
 }
+# The on-chip forward takes the forward's arguments; it runs every direction (the host passes d = -1) and
+# ignores rev, stepw and acc.
+PARAMS["fwd_oc"] = PARAMS["fwd"]
 C_TYPES = {"in": "const gs_t* __restrict__", "out": "gs_t* __restrict__", "f32": "float* __restrict__",
            "vptr": "void*", "i32": "int"}
 
@@ -385,24 +384,39 @@ def onchip_plan(spec: Spec, dtype: str, H: int, W: int, smem_limit: int = 227 * 
     (nhwc, stack merge, one direction) or the plane does not fit ``smem_limit`` beside the line buffers.
 
     Threads: lines along W (tb/bt) and along H (lr/rl) share one block of NT threads, the smallest
-    multiple of 32 covering the longer of W / v and H lanes, at most OC_MAX_THREADS (longer lines take
+    multiple of 32 covering the longer of W / min(v, 4) and H lanes, at most OC_MAX_THREADS (longer lines take
     segments); v: 16-byte vectors (4 fp32 or 8 16-bit elements along the contiguous axis), narrowed
     while W is not a multiple of it, and for tb/bt further while it would leave threads without lanes.
-    Prefetch 2, two line buffers (as the launch-per-direction default)."""
+    Prefetch 2, two line buffers (as the launch-per-direction default). Only lines one block covers in one
+    segment (H and W / v up to OC_MAX_THREADS), where the registers fit.
+
+    Known cost, not measured: lr/rl keep y in shared memory with the image's row stride, so a warp's y
+    accesses (one row per thread) fall on the same banks (32-way conflicts at W = 128 in fp32); padding
+    the rows would need the y pointer to stop being the global one moved onto the plane."""
     if spec.layout != "nchw" or spec.merge == "stack" or spec.num_directions < 2:
         return None
     es = ELEM_BYTES[dtype]
     v = 16 // es
     while v > 1 and W % v:
         v //= 2
-    nt = min(OC_MAX_THREADS, max(32, -(-max(-(-W // v), H) // 32) * 32))
-    vl = v  # tb/bt: no wider than keeps every thread busy (one 128-lane line on 128 threads: scalars)
+    nt = min(OC_MAX_THREADS, max(32, -(-max(-(-W // min(v, 4)), H) // 32) * 32))
+    # tb/bt: at most 4 lanes a thread (8 16-bit lanes on 256 threads spilled: bf16 4 x 2048, sm_80, 140
+    # bytes), and no wider than keeps every thread busy (one 128-lane line on 128 threads: scalars)
+    vl = min(v, 4)
     while vl > 1 and W // vl < nt:
         vl //= 2
     lanes = KernelConfig(nt, 1, vl, -(-(-(-W // vl)) // nt), 2, 2)
     steps = KernelConfig(nt, 1, v, -(-H // nt), 2, 2)
     lanes.check(LANES)
     steps.check(STEPS)
+    # One segment per line and thread, and a predicted register count within the budget: with segments
+    # (lines beyond OC_MAX_THREADS lanes, or tb/bt lines beyond that many vectors) the kernel spilled
+    # (sm_90, NVRTC: 144 bytes to 5.4 KB per thread at 300 x 8, 1000 x 8, 4 x 2048, 2 x 4096).
+    if lanes.nseg > 1 or steps.nseg > 1:
+        return None
+    if max(predicted_registers(spec, "fwd", lanes, LANES), predicted_registers(spec, "fwd", steps, STEPS)) \
+            > register_cap(nt):
+        return None
     line = max(smem_bytes(spec, "fwd", LANES, lanes, es), smem_bytes(spec, "fwd", STEPS, steps, es))
     smem = -(-line // 16) * 16 + -(-(H * W * es) // 16) * 16
     if smem > smem_limit:

@@ -161,7 +161,7 @@ inline bool across_blocks(Range& r, uintptr_t a, size_t n, int kind)
 }
 
 // Global-memory check: [p, p + n) inside one registered buffer, p aligned.
-inline bool check(const void* p, size_t n, size_t align, const char* what)
+inline bool check(const void* p, size_t n, size_t align, const char* what, bool nc = false)
 {
     ++g.checks;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -173,8 +173,14 @@ inline bool check(const void* p, size_t n, size_t align, const char* what)
     }
     // A generic pointer into this block's dynamic shared memory (the on-chip forward keeps y there): valid,
     // not global traffic, not shared between blocks (its guards and NaN fill still catch misuse).
+    // A read-only (__ldg, "nc") load or an atomic there would be an illegal global access on the GPU.
     const uintptr_t s0 = reinterpret_cast<uintptr_t>(g.smem.data() + GUARD);
-    if (a >= s0 && a + n <= s0 + g.smem_bytes) return true;
+    if (a >= s0 && a + n <= s0 + g.smem_bytes) {
+        if (!nc && what[0] != 'a') return true;
+        fail(nc ? "read-only (__ldg) load of shared memory through a generic pointer"
+                : "atomic add on shared memory through a global-memory primitive");
+        return false;
+    }
     for (Range& r : g.ranges)
         if (a >= r.lo && a + n <= r.hi) {
             const int kind = what[0] == 'l' ? 0 : what[0] == 's' ? 1 : 2;

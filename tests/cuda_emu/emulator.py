@@ -103,7 +103,7 @@ class EmuRunner:
         self._dir = Path(tempfile.mkdtemp(prefix="gspn_emu_"))
         self.launches: list[tuple[str, int, int, int]] = []
         # global-memory bytes of the checked accesses, per kernel name: [loaded, stored, atomically added];
-        # with count_distinct, three more: the same counting each address once per launch
+        # with count_distinct, three more: the same counting each byte once per launch
         self.bytes: dict[str, list[int]] = {}
         self.count_distinct = False
 

@@ -36,7 +36,7 @@ template <int NW, bool NC>
 GS_DEV void gs_ld_words(unsigned* w, const void* p)
 {
     const size_t n = 4 * NW;
-    if (emu::check(p, n, n < 16 ? n : 16, "load")) std::memcpy(w, p, n);
+    if (emu::check(p, n, n < 16 ? n : 16, "load", NC)) std::memcpy(w, p, n);
     else for (int i = 0; i < NW; ++i) w[i] = 0x7fc00000u;  // NaN
 }
 
@@ -50,7 +50,7 @@ GS_DEV void gs_st_words(void* p, const unsigned* w)
 template <bool NC>
 GS_DEV gs_t gs_ld1(const gs_t* p)
 {
-    if (emu::check(p, sizeof(gs_t), sizeof(gs_t), "load")) return *p;
+    if (emu::check(p, sizeof(gs_t), sizeof(gs_t), "load", NC)) return *p;
     return gs_s(std::nanf(""));
 }
 
@@ -62,7 +62,7 @@ GS_DEV void gs_st1(gs_t* p, gs_t v)
 template <bool NC>
 GS_DEV float gs_ld1f(const float* p)
 {
-    if (emu::check(p, 4, 4, "load")) return *p;
+    if (emu::check(p, 4, 4, "load", NC)) return *p;
     return std::nanf("");
 }
 
