@@ -492,14 +492,19 @@ def test_math_primitives_at_the_edges(tmp_path):
     far = torch.tensor([float("inf"), 1e10, 2.0**23, 2.0**22 + 2, -(2.0**22) - 2, -(2.0**23), -12582913.0,
                         -(2.0**24), -1.3e7, -2.5e7, -25165820.0, -(2.0**25), -1e10, -float("inf")])
     assert torch.equal(_apply(lib, 2, far), torch.tensor([float("inf")] * 4 + [0.0] * 10))
-    # exp2: within 3e-7 relative over the normal range; the same edges as exp
+    # exp2: within 2e-7 relative over the normal range (its polynomial: below 1.7e-7 in fp32);
+    # the same edges as exp, and far out on both sides, where the magic constant's sum means nothing
     x = torch.linspace(-125.9, 127.4, 200_001, dtype=torch.float32)
     got, want = _apply(lib, 3, x).double(), torch.exp2(x.double())
-    assert ((got - want).abs() / want).max() <= 3e-7
+    assert ((got - want).abs() / want).max() <= 2e-7
     edge = torch.tensor([128.0, 200.0, 1e6, float("inf"), -127.0, -150.0, -1e6, -float("inf"), float("nan"), 0.0])
     got = _apply(lib, 3, edge)
     assert got[:4].isinf().all() and (got[:4] > 0).all()
     assert (got[4:8] == 0).all() and got[8].isnan() and got[9] == 1.0
+    far = torch.tensor([127.5, 2.0**22 + 2, 2.0**23, 1e10, 3e38, -126.6, -127.5, -(2.0**22) - 2, -12582913.0,
+                        -1.3e7, -2.5e7, -(2.0**25), -1e10, -3e38])
+    assert torch.equal(_apply(lib, 3, far), torch.tensor([float("inf")] * 5 + [0.0] * 9))
+    assert _apply(lib, 3, torch.tensor([-float("nan")])).isnan().all()
     assert torch.equal(_apply(lib, 3, torch.arange(-126.0, 128.0)), torch.exp2(torch.arange(-126.0, 128.0)))
     n64 = torch.arange(-1030, 1030, dtype=torch.float64)
     want = torch.where(n64 < -1022, 0.0, torch.exp2(n64)).where(n64 < 1024, float("inf"))

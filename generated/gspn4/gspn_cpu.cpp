@@ -172,13 +172,28 @@ GS_INLINE float gs_exp(float x)
 }
 
 // 2^x in fp32, branch-free like gs_exp (the lowering's exponentials are base 2: one multiply-add
-// for the argument): x = k + f with k = round(x), f = x - k exact and |f| <= 1/2; 2^f = exp(f ln2)
-// by gs_exp's polynomial. x >= 127.5 gives +inf, x < -126.5 gives 0 (flushed); NaN stays NaN.
+// for the argument): x = k + f with k = round(x) read off the magic constant's sum, f = x - k exact
+// and |f| <= 1/2; 2^f by a degree-5 polynomial with 1 as its constant term, fitted for the least
+// largest relative error over [-1/2, 1/2] (below 1.7e-7 evaluated in fp32, against 2.3e-7 for
+// exp's degree-6 Taylor polynomial in f ln2, with two operations fewer); 2^k from exponent bits.
+// k is clamped above in the integer domain (x >= 127.5 gives +inf: k = 128, f >= 0); below, one
+// select on x itself gives 0 for x < -127 (k = -127 builds +0 too: flushed below -126.5), where
+// the sum's bits, and so k and f, mean nothing; NaN stays NaN (x < -127 is false for it, and it
+// reaches the polynomial). A float clamp of x first would be one more select, which GCC turns
+// into a tangle of mask operations with the sum that follows it.
 GS_INLINE float gs_exp2(float x)
 {
-    const float lo = x < -127.0f ? -127.0f : x;  // NaN kept
-    const int32_t k = gs_round_top(lo + GS_MAGIC);
-    return gs_exp_finish((lo - gs_whole(k)) * 0.693147180559945309f, k);
+    const float t = x + GS_MAGIC;
+    const int32_t k = gs_round_top(t);
+    const float f = x - gs_whole(k);
+    float p = 1.326472731e-03f;
+    p = std::fmaf(p, f, 9.671512991e-03f);
+    p = std::fmaf(p, f, 5.550733581e-02f);
+    p = std::fmaf(p, f, 2.402224243e-01f);
+    p = std::fmaf(p, f, 6.931470037e-01f);
+    p = std::fmaf(p, f, 1.0f);
+    const float r = p * gs_bits<float>((uint32_t)(k + 127) << 23);
+    return x < -127.0f ? 0.0f : r;
 }
 
 // floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded
