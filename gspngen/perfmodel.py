@@ -30,6 +30,11 @@ described by:
   it uses (:func:`sector_use`; 0.5: each sector is requested twice, once per half); lr/rl without
   sector tiles are at 0.5 (fp32 forward) or less. It sets the scattered-request term below.
 
+The forward tuning oc=1 (one launch, a block per plane running every direction) is planned by
+:func:`onchip_launch`: its instructions per element are the mean over its directions of the tile loops
+it runs (those of the per-direction kernels with its tunings), its instruction term counts every
+direction's element updates, and its scattered term applies to its lr/rl directions' own bytes.
+
 Prediction (everything here is *predicted*, none of it measured): per launch
 
     busy   = min(ctas, sms)                       SMs with work
@@ -208,6 +213,12 @@ class Launch:
     elements_per_iteration: int  # per thread per tile: segments x vector (x 2 with sector tiles)
     sector_use: float  # useful bytes / bytes of the 32-byte sectors one warp access to a pixel tensor touches
     bytes: dict
+    # oc=1 (one launch runs every direction): the directions it runs over the elements, the share of its
+    # bytes moved with partial sectors (its lr/rl directions' own tensors), and per direction the fused
+    # kernel (name expression) whose tile loop it runs, with that loop's elements per thread and iteration
+    directions: int = 1
+    scattered_share: float = 1.0
+    loops: tuple = ()
 
 
 SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
@@ -235,17 +246,54 @@ def sector_use(mapping: int, cfg, elem_bytes: int, C: int) -> float:
     return min(run, SECTOR) / SECTOR
 
 
+def onchip_launch(spec: Spec, dname: str, shape: tuple[int, int, int, int], oc, pass_: str,
+                  save_h: bool) -> Launch:
+    """oc=1's one forward launch (``gspn_fwd_oc``): a block per (n, channel) plane runs every direction
+    with y in shared memory. Bytes: each address once (x is read by every direction, from L2 after the
+    first), every direction's lam/u/s and used weights, y written once, h per direction with ``save_h``;
+    the emulator counts the same (tests/test_cuda_byte_counts.py). Its tile loops are those of the
+    launch-per-direction kernels with the same tunings (the same ``GsForward`` instantiations, whose y
+    accesses land in shared memory here): their SASS gives the instructions per element."""
+    from .render import cuda as rc
+
+    N, C, H, W = shape
+    D = spec.num_directions
+    one = launch_bytes(spec, "fwd", 0, shape, dname, save_h)  # one direction's launch, no y read back
+    mine = [t for t in ("lam", "u", "s", "w") if t in one["read"]]  # a direction's own inputs
+    read = {"x": one["read"]["x"], **{t: D * one["read"][t] for t in mine}}
+    if "m" in one["read"]:
+        read["m"] = D * one["read"]["m"]
+    write = {"y": one["write"]["y"], **({"h": D * one["write"]["h"]} if save_h else {})}
+    parts = {"read": read, "write": write, "atomic": {}}
+    own = sum(one["read"][t] for t in mine) + one["write"].get("h", 0)
+    es = rc.ELEM_BYTES[dname]
+    loops, steps_bytes = [], 0
+    for direction in spec.directions:
+        mapping = rc.thread_map(spec, direction)
+        cfg, vec = (oc.steps, oc.vec_steps) if mapping == rc.STEPS else (oc.lanes, oc.vec_lanes)
+        loops.append((rc.fused_name("fwd", mapping, DIRECTION_TABLE[direction].reverse, cfg, vec, False, save_h),
+                      cfg.tile_elements(mapping)))
+        steps_bytes += own if mapping == rc.STEPS else 0
+    return Launch(pass_, "onchip", oc.name(save_h), N * C, oc.threads, oc.smem, 1,
+                  sector_use(rc.STEPS, oc.steps, es, C) if steps_bytes else 1.0, parts,
+                  directions=D, scattered_share=steps_bytes / total_bytes(parts), loops=tuple(loops))
+
+
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
-                  configs=None, transposed: bool = False) -> dict[str, list[Launch]]:
+                  configs=None, transposed: bool = False, onchip: bool = False) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
     a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
-    passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes)."""
+    passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes);
+    ``onchip``: the forward tuning oc=1 (one launch for every direction where the plane fits on chip,
+    :func:`gspngen.render.cuda.onchip_plan`; elsewhere the backend, and so the model, keeps the launches
+    per direction)."""
     from .backends.cuda import CudaBackend, left_right, transposed_as
     from .render import cuda as rc
 
     N, C, H, W = shape
     be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
+    oc = rc.onchip_plan(spec, dname, H, W, gpu.smem_per_block) if onchip else None
     watom = spec.groups(C) != C
     es = rc.ELEM_BYTES[dname]
     plane = N * C * H * W * es  # one image of C channels per batch item, in bytes
@@ -253,6 +301,9 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
     out: dict[str, list[Launch]] = {}
     for pass_, kind, save_h in (("forward", "fwd", True), ("forward_no_grad", "fwd", False),
                                 ("backward", "bwd", True)):
+        if oc is not None and kind == "fwd":
+            out[pass_] = [onchip_launch(spec, dname, shape, oc, pass_, save_h)]
+            continue
         launches = []
         tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
         side = left_right(spec) if tr else []
@@ -504,26 +555,30 @@ def scattered_sectors_per_s(gpu: GPU) -> float:
 
 
 def predict_launch(gpu: GPU, ctas: int, warps_per_block: int, warps_per_sm: int, elements: int,
-                   instructions_per_element: float, nbytes: int, sector_use: float = 1.0) -> tuple[float, float]:
-    """(predicted ms, ms of the memory term alone) of one launch (module docstring)."""
+                   instructions_per_element: float, nbytes: int, sector_use: float = 1.0,
+                   scattered_share: float = 1.0) -> tuple[float, float]:
+    """(predicted ms, ms of the memory term alone) of one launch (module docstring). ``elements``: element
+    updates (elements x directions for oc=1); ``scattered_share``: of ``nbytes``, the part the scattered
+    term applies to (oc=1: its lr/rl directions' own tensors)."""
     busy = max(1, min(ctas, gpu.sms))
     bw = COPY_EFFICIENCY * gpu.hbm_gbps * 1e9 * busy / gpu.sms
     t_mem = nbytes / bw
     resident = max(1, min(warps_per_sm, -(-ctas // gpu.sms) * warps_per_block))
     issue = min(SCHEDULERS, resident / WARP_ISSUE_CLOCKS)
     t_inst = elements * instructions_per_element / 32 / (busy * issue * gpu.clock_ghz * 1e9)
-    t_scat = scattered_ms(gpu, ctas, nbytes, sector_use) * 1e-3
+    t_scat = scattered_ms(gpu, ctas, nbytes, sector_use, scattered_share) * 1e-3
     return (max(t_mem, t_inst, t_scat) * 1e3 + LAUNCH_US * 1e-3), t_mem * 1e3
 
 
-def scattered_ms(gpu: GPU, ctas: int, nbytes: int, sector_use: float) -> float:
+def scattered_ms(gpu: GPU, ctas: int, nbytes: int, sector_use: float, share: float = 1.0) -> float:
     """The scattered-request term of a launch, ms: rows read and written a part of a sector at a time
     make one request per access, each in another row (0 where every access uses whole sectors, or where
-    the launch's data fits in L2, whose hits the rate does not describe)."""
+    the launch's data fits in L2, whose hits the rate does not describe); ``share``: the part of
+    ``nbytes`` moved that way."""
     if sector_use >= 1 or nbytes <= gpu.l2_bytes:
         return 0.0
     busy = max(1, min(ctas, gpu.sms))
-    return nbytes / (SECTOR * sector_use) / (scattered_sectors_per_s(gpu) * busy / gpu.sms) * 1e3
+    return share * nbytes / (SECTOR * sector_use) / (scattered_sectors_per_s(gpu) * busy / gpu.sms) * 1e3
 
 
 def copy_ms(gpu: GPU, nbytes: int) -> float:
@@ -532,10 +587,11 @@ def copy_ms(gpu: GPU, nbytes: int) -> float:
 
 
 def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
-                   configs=None, transposed: bool = False) -> dict:
+                   configs=None, transposed: bool = False, onchip: bool = False) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
-    ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings)."""
+    ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings);
+    ``transposed``, ``onchip``: the tunings tr=1 and oc=1 (:func:`plan_launches`)."""
     from .bench import minimal_bytes
     from .render import cuda as rc
 
@@ -544,8 +600,9 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g, configs, transposed)
-    names = list(dict.fromkeys(l.name for ls in plans.values() for l in ls))
+    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip)
+    names = list(dict.fromkeys([l.name for ls in plans.values() for l in ls]
+                               + [n for ls in plans.values() for l in ls for n, _ in l.loops]))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
     elements = N * C * H * W
     minimal = {p: minimal_bytes(spec, N, C, H, W, dname, "backward" if p == "backward" else "forward")
@@ -559,20 +616,27 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
             f = facts[l.name]
             smem = l.dynamic_smem + f.static_smem
             blocks, warps = occupancy(g, l.threads, f.registers, smem)
-            ipe = f.loop_instructions / l.elements_per_iteration
+            if l.loops:  # oc=1: per direction, the tile loop it runs; the mean over its directions
+                loop_ins = sum(facts[n].loop_instructions for n, _ in l.loops) / len(l.loops)
+                ipe = sum(facts[n].loop_instructions / e for n, e in l.loops) / len(l.loops)
+                epi = sum(e for _, e in l.loops) / len(l.loops)
+            else:
+                loop_ins, ipe, epi = f.loop_instructions, f.loop_instructions / l.elements_per_iteration, \
+                    l.elements_per_iteration
             nbytes = total_bytes(l.bytes)
-            ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements, ipe, nbytes, l.sector_use)
+            ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements * l.directions, ipe, nbytes,
+                                        l.sector_use, l.scattered_share)
             kernels.append({
                 "direction": l.direction, "kernel": l.name, "instructions_per_element": ipe,
-                "loop_instructions": f.loop_instructions, "elements_per_iteration": l.elements_per_iteration,
+                "loop_instructions": loop_ins, "elements_per_iteration": epi,
                 "sector_use": l.sector_use,
                 "instructions": f.instructions, "bytes_moved": nbytes, "bytes_breakdown": l.bytes,
                 "registers": f.registers, "shared_bytes": smem, "spill_bytes": f.spill_bytes,
                 "stack_bytes": f.stack_bytes, "threads": l.threads, "blocks_per_sm": blocks,
                 "warps_per_sm": warps, "ctas": l.ctas, "sms": g.sms, "predicted_ms": ms,
                 "bound": ("memory" if ms - LAUNCH_US * 1e-3 <= mem_ms * (1 + 1e-9) else
-                          "scattered requests" if ms - LAUNCH_US * 1e-3 <= scattered_ms(g, l.ctas, nbytes,
-                                                                                        l.sector_use) * (1 + 1e-9)
+                          "scattered requests" if ms - LAUNCH_US * 1e-3 <= scattered_ms(
+                              g, l.ctas, nbytes, l.sector_use, l.scattered_share) * (1 + 1e-9)
                           else "instructions"),
             })
         moved = sum(k["bytes_moved"] for k in kernels)

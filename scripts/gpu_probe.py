@@ -196,7 +196,8 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 try:
                     from gspngen.perfmodel import static_figures
 
-                    st = static_figures(spec, dname, shape, args.gpu, configs=be.configs, transposed=be.transposed)
+                    st = static_figures(spec, dname, shape, args.gpu, configs=be.configs, transposed=be.transposed,
+                                       onchip=be.onchip)
                     sp = st["forward" if p == "fwd" else "backward"]
                     pred = {}
                     for k in sp["kernels"]:  # the model's transpose launches summed as the probe sums them

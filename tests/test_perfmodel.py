@@ -16,6 +16,7 @@ import pytest
 from gspngen import perfmodel as pm
 from gspngen.bench import BenchConfig, format_table, minimal_bytes, run_bench
 from gspngen.cli import main
+from gspngen.render import cuda as render_cuda
 from gspngen.spec import load_spec
 from test_cuda_byte_counts import ELEMENT_BYTES, PINNED, SHAPE
 
@@ -202,6 +203,45 @@ def test_transposed_passes_are_modelled():
     assert moved["lr transposes"] == 2 * (2 + 6 + 6) * plane and moved["rl transposes"] == 2 * 12 * plane
     assert moved["transpose back"] == 3 * plane
     assert bwd["predicted_ms"] < pm.static_figures(spec, "fp32", PAPER, "h200")["backward"]["predicted_ms"] / 3
+
+
+def test_onchip_forward_is_modelled():
+    """oc=1: one launch of a block per (n, channel) plane; the bytes the emulator counts for it (26 planes
+    without gradients, 30 with h: test_cuda_byte_counts), every direction's element updates, the tile loops
+    of the per-direction kernels with its tunings; the backward as without it; planes that do not fit keep
+    the launches per direction."""
+    spec = load_spec("examples/gspn4.yaml")
+    planes = {p: sum(pm.total_bytes(l.bytes) for l in ls) / ELEMENT_BYTES
+              for p, ls in pm.plan_launches(spec, "fp32", SHAPE, pm.GPUS["h100"], onchip=True).items()}
+    assert planes["forward_no_grad"] == pytest.approx(26.0, abs=0.01)
+    assert planes["forward"] == pytest.approx(30.0, abs=0.01)
+    try:
+        base = pm.static_figures(spec, "fp32", SMALL, "h100")
+        oc = pm.static_figures(spec, "fp32", SMALL, "h100", onchip=True)
+        paper = pm.static_figures(spec, "fp32", PAPER, "h100", onchip=True)
+    except pm.ToolMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"static model tools missing in CI: {exc}")
+        pytest.skip(str(exc))
+    plan = pm.plan_launches(spec, "fp32", SMALL, pm.GPUS["h100"], onchip=True)
+    for pass_, save_h in (("forward", True), ("forward_no_grad", False)):
+        (k,) = oc[pass_]["kernels"]
+        (launch,) = plan[pass_]
+        assert k["direction"] == "onchip" and k["kernel"].startswith("gspn_fwd_oc<") and k["ctas"] == 16
+        assert oc[pass_]["bytes_moved_over_minimal"] == pytest.approx(30 / 26 if save_h else 1.0)
+        assert launch.directions == 4 and len(launch.loops) == 4
+        # lr and rl: the steps kernels (reversed for rl); tb and bt: one lanes kernel
+        assert len({n for n, _ in launch.loops}) == 3 and launch.loops[2] == launch.loops[3]
+        facts = pm.kernel_facts(render_cuda.kernel_source(spec, "fp32"),
+                                [n for n, _ in launch.loops], "sm_90")
+        want = sum(facts[n].loop_instructions / e for n, e in launch.loops) / 4
+        assert k["instructions_per_element"] == pytest.approx(want)
+        # four directions' element updates: the instruction term of four launches of the same loops
+        t_inst = 4 * 16 * 128 * 128 * want / 32 / (16 * min(4, 4 / 4) * 1.98e9) * 1e3
+        assert k["predicted_ms"] >= t_inst
+        assert k["spill_bytes"] == 0 and k["shared_bytes"] >= 128 * 128 * 4
+    assert oc["backward"] == base["backward"]
+    assert [k["direction"] for k in paper["forward"]["kernels"]] == ["lr", "rl", "tb", "bt"]  # 1024^2: no fit
 
 
 def test_gpu_and_dtype_errors_name_the_argument():
