@@ -34,6 +34,8 @@ The forward tuning oc=1 (one launch, a block per plane running every direction) 
 :func:`onchip_launch`: its instructions per element are the mean over its directions of the tile loops
 it runs (those of the per-direction kernels with its tunings), its instruction term counts every
 direction's element updates, and its scattered term applies to its lr/rl directions' own bytes.
+Under cc=1 (directions on side streams at once, each into its own output slice, then a PyTorch sum)
+the launches are predicted together by :func:`predict_group`.
 
 Prediction (everything here is *predicted*, none of it measured): per launch
 
@@ -136,7 +138,7 @@ def gpu_by_name(name: str) -> GPU:
 # ---------------------------------------------------------------------------
 
 def launch_bytes(spec: Spec, kind: str, d: int, shape: tuple[int, int, int, int], dname: str,
-                 save_h: bool = True) -> dict[str, dict[str, int]]:
+                 save_h: bool = True, acc: Optional[bool] = None) -> dict[str, dict[str, int]]:
     """Bytes one direction's fused launch touches, per tensor: ``{"read"|"write"|"atomic": {name: bytes}}``.
 
     Mirrors the loads and stores of ``templates/cuda/fused.cuh.j2`` (held equal to the emulator's count
@@ -144,7 +146,9 @@ def launch_bytes(spec: Spec, kind: str, d: int, shape: tuple[int, int, int, int]
     direction, the y the earlier ones wrote; it writes y and, with ``save_h``, h. The backward reads gy,
     the forward inputs, the saved h (when the adjoint uses it) and the gx so far; it writes every
     gradient, and adds weight gradients shared by several channels in fp32 atomics (only for
-    neighbours that exist) and the merge weight's gradient once per block.
+    neighbours that exist) and the merge weight's gradient once per block. ``acc``: whether the launch
+    adds to the output so far (None: every direction after the first, as launched one after another;
+    False under cc=1, where each direction writes its own slice).
     """
     from .render import cuda as rc
     from .validate import expected_shapes
@@ -159,7 +163,8 @@ def launch_bytes(spec: Spec, kind: str, d: int, shape: tuple[int, int, int, int]
     per_dir = {n: math.prod(shapes[n]) * es // D for n in ("lam", "u", "s") if n in shapes}
     w_c = math.prod(shapes["w"]) * es // (D * k)  # one connection's weights of one direction
     facts = rc.host_facts(spec)
-    acc = d > 0 and (kind == "bwd" or spec.merge != "stack")
+    if acc is None:
+        acc = d > 0 and (kind == "bwd" or spec.merge != "stack")
     read: dict[str, int] = {"x": plane, **per_dir}
     write: dict[str, int] = {}
     atomic: dict[str, int] = {}
@@ -219,6 +224,10 @@ class Launch:
     directions: int = 1
     scattered_share: float = 1.0
     loops: tuple = ()
+    # cc=1: launches of one pass on side streams at the same time share a non-empty group; "external": not
+    # a gspngen kernel (the sum of cc=1's slices, a PyTorch reduction): no SASS, memory-bound on every SM
+    group: str = ""
+    external: bool = False
 
 
 SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
@@ -268,32 +277,38 @@ def onchip_launch(spec: Spec, dname: str, shape: tuple[int, int, int, int], oc, 
     own = sum(one["read"][t] for t in mine) + one["write"].get("h", 0)
     es = rc.ELEM_BYTES[dname]
     loops, steps_bytes = [], 0
-    for direction in spec.directions:
+    for d, direction in enumerate(spec.directions):
         mapping = rc.thread_map(spec, direction)
         cfg, vec = (oc.steps, oc.vec_steps) if mapping == rc.STEPS else (oc.lanes, oc.vec_lanes)
         loops.append((rc.fused_name("fwd", mapping, DIRECTION_TABLE[direction].reverse, cfg, vec, False, save_h),
                       cfg.tile_elements(mapping)))
-        steps_bytes += own if mapping == rc.STEPS else 0
+        if mapping == rc.STEPS:  # x comes from DRAM in the first direction (then from L2)
+            steps_bytes += own + (read["x"] if d == 0 else 0)
     return Launch(pass_, "onchip", oc.name(save_h), N * C, oc.threads, oc.smem, 1,
                   sector_use(rc.STEPS, oc.steps, es, C) if steps_bytes else 1.0, parts,
                   directions=D, scattered_share=steps_bytes / total_bytes(parts), loops=tuple(loops))
 
 
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
-                  configs=None, transposed: bool = False, onchip: bool = False) -> dict[str, list[Launch]]:
+                  configs=None, transposed: bool = False, onchip: bool = False,
+                  concurrent: tuple = ()) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
     a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
     passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes);
     ``onchip``: the forward tuning oc=1 (one launch for every direction where the plane fits on chip,
     :func:`gspngen.render.cuda.onchip_plan`; elsewhere the backend, and so the model, keeps the launches
-    per direction)."""
+    per direction); ``concurrent``: the passes ("fwd", "bwd") under cc=1, whose directions run at once on
+    side streams, each writing its own slice of the output (y, or gx) with nothing to read back, and a
+    PyTorch sum of the slices after them (not with tr=1, as in the backend)."""
     from .backends.cuda import CudaBackend, left_right, transposed_as
     from .render import cuda as rc
 
     N, C, H, W = shape
     be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
-    oc = rc.onchip_plan(spec, dname, H, W, gpu.smem_per_block) if onchip else None
+    # as in CudaBackend.forward: tr=1 first, then oc=1 where the plane fits
+    oc = (rc.onchip_plan(spec, dname, H, W, gpu.smem_per_block)
+          if onchip and not (transposed and be.transpose_applies(spec)) else None)
     watom = spec.groups(C) != C
     es = rc.ELEM_BYTES[dname]
     plane = N * C * H * W * es  # one image of C channels per batch item, in bytes
@@ -305,6 +320,7 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             out[pass_] = [onchip_launch(spec, dname, shape, oc, pass_, save_h)]
             continue
         launches = []
+        cc = kind in concurrent and be.concurrency_applies(spec, kind) and not transposed
         tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
         side = left_right(spec) if tr else []
         order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
@@ -343,7 +359,9 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                                        rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, {"read": per, "write": dict(per)}))
             launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.tile_elements(mapping),
                                    sector_use(mapping, cfg, es, C),
-                                   launch_bytes(spec, kind, d if not first else 0, shape, dname, save_h)))
+                                   launch_bytes(spec, kind, d if not first else 0, shape, dname, save_h,
+                                                acc=False if cc else None),
+                                   group="cc" if cc else ""))
         if side:  # the transposed output (gx in the backward) back: read it (and the target, when added to)
             target = "y" if kind == "fwd" else "gx"
             back = {"read": {target: (2 if len(order) > len(side) else 1) * plane}, "write": {target: plane}}
@@ -352,6 +370,15 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             launches.append(Launch(pass_, "transpose back", rc.transpose_name(len(order) > len(side)),
                                    N * C * tiles * (len(side) if spec.merge == "stack" and kind == "fwd" else 1),
                                    rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, back))
+        if cc:  # the slices summed into the output (fp32 accumulation, then a copy, for 16-bit storage)
+            target = "y" if kind == "fwd" else "gx"
+            D = spec.num_directions
+            moved = {"read": {target: D * plane}, "write": {target: plane}}
+            if es < 4:
+                moved = {"read": {target: D * plane, "fp32 sum": 4 // es * plane},
+                         "write": {target: plane, "fp32 sum": 4 // es * plane}}
+            launches.append(Launch(pass_, "sum of slices", "torch.sum", gpu.sms, 256, 0, 1, 1.0, moved,
+                                   external=True))
         out[pass_] = launches
     return out
 
@@ -581,17 +608,51 @@ def scattered_ms(gpu: GPU, ctas: int, nbytes: int, sector_use: float, share: flo
     return share * nbytes / (SECTOR * sector_use) / (scattered_sectors_per_s(gpu) * busy / gpu.sms) * 1e3
 
 
+def predict_group(gpu: GPU, members: list[dict]) -> tuple[float, str]:
+    """(predicted ms, bound) of launches that run at the same time (cc=1: one per direction, on side
+    streams). Each member is held to what it would take alone (its CTAs are all the SMs it can use, so
+    a launch of 4 CTAs stays as slow as it was); together they add up on what they share: their bytes
+    over the SMs all their CTAs cover, their scattered requests likewise, and, where their CTAs outnumber
+    the SMs, their instructions over every SM. One launch latency (the streams' launches overlap).
+    ``members``: predict_launch's arguments per launch, as dicts."""
+    alone = [predict_launch(gpu, m["ctas"], m["warps_per_block"], m["warps_per_sm"], m["elements"],
+                            m["instructions_per_element"], m["nbytes"], m["sector_use"],
+                            m["scattered_share"])[0] * 1e-3 - LAUNCH_US * 1e-6 for m in members]
+    ctas = sum(m["ctas"] for m in members)
+    busy = max(1, min(ctas, gpu.sms))
+    nbytes = sum(m["nbytes"] for m in members)
+    t_mem = nbytes / (COPY_EFFICIENCY * gpu.hbm_gbps * 1e9 * busy / gpu.sms)
+    t_inst = 0.0
+    if ctas > gpu.sms:  # the SMs are shared: the members' work over all of them
+        resident = max(1, min(min(m["warps_per_sm"] for m in members),
+                              -(-ctas // gpu.sms) * max(m["warps_per_block"] for m in members)))
+        issue = min(SCHEDULERS, resident / WARP_ISSUE_CLOCKS)
+        t_inst = sum(m["elements"] * m["instructions_per_element"] for m in members) / 32 / (
+            gpu.sms * issue * gpu.clock_ghz * 1e9)
+    t_scat = 0.0
+    if nbytes > gpu.l2_bytes:
+        rate = scattered_sectors_per_s(gpu) * busy / gpu.sms
+        t_scat = sum(m["scattered_share"] * m["nbytes"] / (SECTOR * m["sector_use"]) / rate
+                     for m in members if m["sector_use"] < 1)
+    t = max(max(alone), t_mem, t_inst, t_scat)
+    bound = ("memory" if t == t_mem else "scattered requests" if t == t_scat else
+             "instructions" if t == t_inst else "its slowest launch")
+    return t * 1e3 + LAUNCH_US * 1e-3, bound
+
+
 def copy_ms(gpu: GPU, nbytes: int) -> float:
     """A copy's time for ``nbytes`` (read + write counted) at 0.9 x peak."""
     return nbytes / (COPY_EFFICIENCY * gpu.hbm_gbps * 1e9) * 1e3
 
 
 def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
-                   configs=None, transposed: bool = False, onchip: bool = False) -> dict:
+                   configs=None, transposed: bool = False, onchip: bool = False, concurrent: tuple = ()) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
     ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings);
-    ``transposed``, ``onchip``: the tunings tr=1 and oc=1 (:func:`plan_launches`)."""
+    ``transposed``, ``onchip``, ``concurrent``: the tunings tr=1, oc=1 and cc=1 (:func:`plan_launches`).
+    Launches that run at once (cc=1) are predicted together (:func:`predict_group`); each member's
+    ``predicted_ms`` is its equal share of the group's time and ``concurrent`` is true."""
     from .bench import minimal_bytes
     from .render import cuda as rc
 
@@ -600,8 +661,8 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip)
-    names = list(dict.fromkeys([l.name for ls in plans.values() for l in ls]
+    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip, concurrent)
+    names = list(dict.fromkeys([l.name for ls in plans.values() for l in ls if not l.external]
                                + [n for ls in plans.values() for l in ls for n, _ in l.loops]))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
     elements = N * C * H * W
@@ -613,16 +674,18 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
     for pass_, launches in plans.items():
         kernels = []
         for l in launches:
-            f = facts[l.name]
+            f = KernelFacts(0, 0, 0, 0, 0, 0) if l.external else facts[l.name]
             smem = l.dynamic_smem + f.static_smem
             blocks, warps = occupancy(g, l.threads, f.registers, smem)
-            if l.loops:  # oc=1: per direction, the tile loop it runs; the mean over its directions
+            if l.loops:  # oc=1: per direction, the tile loop it runs; means over its directions
                 loop_ins = sum(facts[n].loop_instructions for n, _ in l.loops) / len(l.loops)
                 ipe = sum(facts[n].loop_instructions / e for n, e in l.loops) / len(l.loops)
-                epi = sum(e for _, e in l.loops) / len(l.loops)
+                epi = loop_ins / ipe  # elements per iteration as their ratio implies
             else:
                 loop_ins, ipe, epi = f.loop_instructions, f.loop_instructions / l.elements_per_iteration, \
                     l.elements_per_iteration
+            if l.external:  # a PyTorch elementwise reduction: every SM busy, memory-bound
+                blocks, warps = 0, g.max_warps
             nbytes = total_bytes(l.bytes)
             ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements * l.directions, ipe, nbytes,
                                         l.sector_use, l.scattered_share)
@@ -638,7 +701,17 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                           "scattered requests" if ms - LAUNCH_US * 1e-3 <= scattered_ms(
                               g, l.ctas, nbytes, l.sector_use, l.scattered_share) * (1 + 1e-9)
                           else "instructions"),
+                "concurrent": bool(l.group),
             })
+        for group in dict.fromkeys(l.group for l in launches if l.group):
+            members = [(l, k) for l, k in zip(launches, kernels) if l.group == group]
+            ms, bound = predict_group(g, [dict(ctas=l.ctas, warps_per_block=l.threads // 32,
+                                               warps_per_sm=k["warps_per_sm"], elements=elements * l.directions,
+                                               instructions_per_element=k["instructions_per_element"],
+                                               nbytes=k["bytes_moved"], sector_use=l.sector_use,
+                                               scattered_share=l.scattered_share) for l, k in members])
+            for _, k in members:
+                k["predicted_ms"], k["bound"] = ms / len(members), bound
         moved = sum(k["bytes_moved"] for k in kernels)
         ms = sum(k["predicted_ms"] for k in kernels)
         out[pass_] = {

@@ -197,7 +197,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                     from gspngen.perfmodel import static_figures
 
                     st = static_figures(spec, dname, shape, args.gpu, configs=be.configs, transposed=be.transposed,
-                                       onchip=be.onchip)
+                                       onchip=be.onchip, concurrent=be.concurrent)
                     sp = st["forward" if p == "fwd" else "backward"]
                     pred = {}
                     for k in sp["kernels"]:  # the model's transpose launches summed as the probe sums them

@@ -501,7 +501,7 @@ def test_math_primitives_at_the_edges(tmp_path):
     got = _apply(lib, 3, edge)
     assert got[:4].isinf().all() and (got[:4] > 0).all()
     assert (got[4:8] == 0).all() and got[8].isnan() and got[9] == 1.0
-    far = torch.tensor([127.5, 2.0**22 + 2, 2.0**23, 1e10, 3e38, -126.6, -127.5, -(2.0**22) - 2, -12582913.0,
+    far = torch.tensor([128.0, 2.0**22 + 2, 2.0**23, 1e10, 3e38, -126.6, -127.5, -(2.0**22) - 2, -12582913.0,
                         -1.3e7, -2.5e7, -(2.0**25), -1e10, -3e38])
     assert torch.equal(_apply(lib, 3, far), torch.tensor([float("inf")] * 5 + [0.0] * 9))
     assert _apply(lib, 3, torch.tensor([-float("nan")])).isnan().all()

@@ -244,6 +244,43 @@ def test_onchip_forward_is_modelled():
     assert [k["direction"] for k in paper["forward"]["kernels"]] == ["lr", "rl", "tb", "bt"]  # 1024^2: no fit
 
 
+def test_concurrent_directions_are_modelled():
+    """cc=1: every direction's launch writes its own slice (nothing read back) and a sum follows: two planes
+    more per pass (37 against 35 without gradients at the emulator's shape); the launches are predicted
+    together, no faster than the slowest alone, with the bytes of all of them over the SMs their CTAs cover."""
+    spec = load_spec("examples/gspn4.yaml")
+    h100 = pm.GPUS["h100"]
+    base = pm.plan_launches(spec, "fp32", SHAPE, h100)
+    cc = pm.plan_launches(spec, "fp32", SHAPE, h100, concurrent=("fwd", "bwd"))
+    for pass_ in pm.PASSES:
+        planes = [sum(pm.total_bytes(l.bytes) for l in ls[pass_]) / ELEMENT_BYTES for ls in (base, cc)]
+        assert planes[1] == pytest.approx(planes[0] + 2, abs=0.01)
+        assert [l.group for l in cc[pass_]] == ["cc"] * 4 + [""] and cc[pass_][-1].external
+        assert [l.name for l in cc[pass_][:4]] == [l.name for l in base[pass_]]
+    assert pm.plan_launches(spec, "bf16", SHAPE, h100, concurrent=("fwd",))["forward"][-1].bytes["read"][
+        "fp32 sum"] == ELEMENT_BYTES  # bf16 slices summed in fp32, then copied
+    assert all(not l.group for l in pm.plan_launches(spec, "fp32", SHAPE, h100, concurrent=("bwd",))["forward"])
+    # a group: each member no faster than alone; shared bytes add up
+    few = dict(ctas=4, warps_per_block=4, warps_per_sm=16, elements=1 << 20, instructions_per_element=100.0,
+               nbytes=1 << 20, sector_use=1.0, scattered_share=1.0)
+    alone = pm.predict_launch(h100, 4, 4, 16, 1 << 20, 100.0, 1 << 20)[0]
+    ms, bound = pm.predict_group(h100, [few, dict(few, ctas=64)])
+    assert ms == pytest.approx(alone) and bound == "its slowest launch"
+    big = dict(few, ctas=132, nbytes=10 << 30)
+    ms, bound = pm.predict_group(h100, [big, big])
+    assert bound == "memory" and ms == pytest.approx(pm.copy_ms(h100, 20 << 30) + pm.LAUNCH_US * 1e-3)
+    try:
+        small = [pm.static_figures(spec, "fp32", SMALL, "h200", concurrent=c)["forward"] for c in ((), ("fwd",))]
+    except pm.ToolMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"static model tools missing in CI: {exc}")
+        pytest.skip(str(exc))
+    assert [k["concurrent"] for k in small[1]["kernels"]] == [True] * 4 + [False]
+    assert small[1]["predicted_ms"] == pytest.approx(sum(k["predicted_ms"] for k in small[1]["kernels"]))
+    # 1x16x128^2: one direction's launch leaves most SMs idle; together they are predicted faster
+    assert small[1]["predicted_ms"] < small[0]["predicted_ms"] / 2
+
+
 def test_gpu_and_dtype_errors_name_the_argument():
     spec = load_spec("examples/gspn4.yaml")
     with pytest.raises(ValueError, match="gpu: expected one of a100, h100, h200"):

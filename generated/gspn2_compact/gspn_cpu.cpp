@@ -173,14 +173,16 @@ GS_INLINE float gs_exp(float x)
 
 // 2^x in fp32, branch-free like gs_exp (the lowering's exponentials are base 2: one multiply-add
 // for the argument): x = k + f with k = round(x) read off the magic constant's sum, f = x - k exact
-// and |f| <= 1/2; 2^f by a degree-5 polynomial with 1 as its constant term, fitted for the least
-// largest relative error over [-1/2, 1/2] (below 1.7e-7 evaluated in fp32, against 2.3e-7 for
-// exp's degree-6 Taylor polynomial in f ln2, with two operations fewer); 2^k from exponent bits.
-// k is clamped above in the integer domain (x >= 127.5 gives +inf: k = 128, f >= 0); below, one
-// select on x itself gives 0 for x < -127 (k = -127 builds +0 too: flushed below -126.5), where
-// the sum's bits, and so k and f, mean nothing; NaN stays NaN (x < -127 is false for it, and it
-// reaches the polynomial). A float clamp of x first would be one more select, which GCC turns
-// into a tangle of mask operations with the sum that follows it.
+// and |f| <= 1/2; 2^f by a degree-5 polynomial with 1 as its constant term, fitted by weighted
+// least squares towards the least largest relative error over [-1/2, 1/2] (at most 1.72e-7 over
+// every fp32 input, evaluated in fp32, against 2.3e-7 for exp's degree-6 Taylor polynomial in
+// f ln2, with two operations fewer); 2^k from exponent bits. k is clamped above in the integer
+// domain: x >= 127.5 gives +inf (k = 128 builds +inf, times a positive polynomial; as before,
+// though 2^x is still finite below 128); below, one select on x itself gives 0 for x < -127
+// (k = -127 builds +0 too: flushed below -126.5), where the sum's bits, and so k and f, mean
+// nothing; NaN stays NaN (x < -127 is false for it, and it reaches the polynomial). A float clamp
+// of x first would be one more select, which GCC turns into a tangle of mask operations with the
+// sum that follows it.
 GS_INLINE float gs_exp2(float x)
 {
     const float t = x + GS_MAGIC;
