@@ -25,7 +25,7 @@ from gspngen.backends.cpu import CpuBackend
 from gspngen.backends.reference import ReferenceBackend
 from gspngen.render import cpu as render_cpu
 from gspngen.runtime import cpu_build
-from gspngen.spec import Spec
+from gspngen.spec import Spec, load_spec
 from gspngen.testing import ARG_NAMES, make_inputs, rel_error, spec_strategy, tolerance
 
 GRAD_NAMES = ("gx", "gw", "glam", "gu", "gs", "gm")
@@ -316,6 +316,38 @@ def test_cb_is_rejected_for_nchw_specs():
         CpuBackend("cb=8").forward(spec, *[make_inputs(spec, 1, 1, 2, 2)[n] for n in ARG_NAMES])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_transposed_staging_is_exact(dtype):
+    """lr/rl rows of 16-bit tensors move through 16 x 16 register transposes (converted to fp32 on the
+    way in, rounded as gs_put rounds on the way out) where a tile holds a multiple of 16 steps (tile=32),
+    element by element otherwise (tile=8): the two must agree bit for bit, forward (y, h) and every
+    gradient, NaN and infinity included."""
+    spec = Spec.from_dict({"name": "st16", "precision": ["fp32", "bf16", "fp16"], "chunk": 24})
+    inputs = make_inputs(spec, 2, 3, 32, 48, dtype=dtype, seed=7)
+    args = [inputs[n] for n in ARG_NAMES]
+    args[0][0, 0, 5, 17] = float("nan")
+    args[0][1, 2, 20, 33] = float("inf")
+    outs = []
+    for key in ("tile=8", "tile=32"):
+        be = CpuBackend(key, key, poison=True)
+        y, saved = be.forward(spec, *args)
+        gy = torch.linspace(-2, 2, y.numel()).reshape(y.shape).to(dtype)
+        outs.append([y, saved, *[g for g in be.backward(spec, gy, *args, saved) if g is not None]])
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert outs[0][0].isnan().any() and outs[0][0].isfinite().any()
+
+
+def test_channels_not_in_whole_weight_groups_are_an_error_not_a_crash():
+    # the public API checks first; a direct backend call must not reach the kernels' C / G division
+    spec = load_spec("examples/wide5.yaml")
+    x = torch.randn(1, 8, 8, 3)  # nhwc: C = 3, weight_groups 4
+    args = [make_inputs(spec, 1, 4, 8, 8)[n] for n in ARG_NAMES]
+    args[0] = x
+    with pytest.raises(ValueError, match="x: weight_groups=4 must divide the channel count, got C=3"):
+        CpuBackend().forward(spec, *args)
+
+
 def test_saved_and_gy_are_checked():
     spec = feature_spec(0)
     args = [make_inputs(spec, 1, 2, 3, 4)[n] for n in ARG_NAMES]
@@ -392,7 +424,7 @@ def test_concurrent_builds_of_one_key(tmp_path, monkeypatch):
 SANITIZE_SWEEP = """
 import torch
 from gspngen.backends.cpu import CpuBackend
-from gspngen.spec import Spec
+from gspngen.spec import Spec, load_spec
 from gspngen.testing import ARG_NAMES, make_inputs
 specs = [
     {"connection": 3, "precision": ["fp32", "fp16"], "chunk": 7},

@@ -451,16 +451,46 @@ GS_INLINE __m512 gs_rev16(__m512 v)
     return _mm512_permutexvar_ps(_mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), v);
 }
 
-// gs_move's nchw step-along-W case for fp32, in 16 lanes x 16 steps blocks; nt a multiple of 16.
-// Returns the lanes it covered (the caller does the rest element by element). A group of 16
-// rows is done across the whole tile before the next group, so each row is read (or written)
-// as one contiguous run of nt elements: long runs keep the hardware prefetchers streaming.
+// One image row's 16 consecutive elements as fp32 (exact for the 16-bit types), and back with
+// gs_put's rounding: bf16 to nearest even by integer arithmetic, a NaN kept a (quiet) NaN; fp16 by
+// the same conversion instruction a scalar (_Float16) cast compiles to here (F16C).
+GS_INLINE __m512 gs_row16(const float* p) { return _mm512_loadu_ps(p); }
+GS_INLINE __m512 gs_row16(const gs_bf16* p)
+{
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+GS_INLINE __m512 gs_row16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+GS_INLINE void gs_put16(gs_bf16* p, __m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i q = _mm512_mask_mov_epi32(rne, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(q));
+}
+GS_INLINE void gs_put16(_Float16* p, __m512 v)
+{
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_CUR_DIRECTION));
+}
+
+// gs_move's nchw step-along-W case for an fp32 tile and fp32, bf16 or fp16 storage, in 16 lanes x 16
+// steps blocks; nt a multiple of 16. Returns the lanes it covered (the caller does the rest element
+// by element). A group of 16 rows is done across the whole tile before the next group, so each row is
+// read (or written) as one contiguous run of nt elements: long runs keep the hardware prefetchers
+// streaming. (16-bit storage element by element, a scalar conversion and a strided tile store each,
+// made the bf16 forward at (2, 32, 128, 128) several times slower than fp32.)
 template <bool ToTile, class Op, class A, class B>
 static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt)
 {
-    constexpr bool fp32 = std::is_same_v<std::remove_const_t<A>, float> && std::is_same_v<std::remove_const_t<B>, float>;
-    constexpr bool ok = fp32 && (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsStream> ||
-                                 std::is_same_v<Op, GsAdd>);
+    using AS = std::remove_const_t<A>;
+    constexpr bool fp32 = std::is_same_v<AS, float>;
+    constexpr bool half = std::is_same_v<AS, gs_bf16> || std::is_same_v<AS, _Float16>;
+    constexpr bool ok = std::is_same_v<std::remove_const_t<B>, float> && (fp32 || half) &&
+                        (ToTile || std::is_same_v<Op, GsPut> || std::is_same_v<Op, GsStream> ||
+                         (fp32 && std::is_same_v<Op, GsAdd>));
     if constexpr (!ok) {
         return 0;
     } else {
@@ -474,7 +504,7 @@ static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i 
                 __m512 r[16];
                 if constexpr (ToTile) {
                     for (int q = 0; q < 16; ++q) {
-                        const __m512 v = _mm512_loadu_ps(img + (i0 + q) * W + col0);
+                        const __m512 v = gs_row16(img + (i0 + q) * W + col0);
                         r[q] = g.rev ? gs_rev16(v) : v;
                     }
                     gs_tr16(r);
@@ -483,11 +513,15 @@ static gs_i gs_move_tr16(A* img, B* tile, gs_i ls, const GsDir& g, gs_i W, gs_i 
                     for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tb + q * ls);
                     gs_tr16(r);
                     for (int q = 0; q < 16; ++q) {
-                        float* dst = img + (i0 + q) * W + col0;
+                        AS* dst = img + (i0 + q) * W + col0;
                         __m512 v = g.rev ? gs_rev16(r[q]) : r[q];
-                        if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
-                        if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
-                        else _mm512_storeu_ps(dst, v);
+                        if constexpr (half) {
+                            gs_put16(dst, v);
+                        } else {
+                            if constexpr (std::is_same_v<Op, GsAdd>) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
+                            if (std::is_same_v<Op, GsStream> && ((uintptr_t)dst & 63) == 0) _mm512_stream_ps(dst, v);
+                            else _mm512_storeu_ps(dst, v);
+                        }
                     }
                 }
             }
@@ -844,6 +878,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                       const gs_i* a)
 {
     const GsShape sh(a);
+    if (sh.G < 1 || sh.C % sh.G) return 2;  // host contract (checked there): whole weight groups
     const gs_i TS = sh.tile, tl = gs_skew(TS * sh.nmax), acc_n = gs_skew(sh.HW * sh.V0);
     const gs_i nstream = 2 + GS_K + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0) + 1;  // x, lam, w.., u, s, y
     const gs_i scratch = acc_n + nstream * tl + (TS + 1) * sh.lsp;
@@ -1123,6 +1158,7 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
                        const T* hs, T* gx, T* gw, F* gwide, T* glam, T* gu, T* gs, T* gm, const gs_i* a)
 {
     const GsShape sh(a);
+    if (sh.G < 1 || sh.C % sh.G) return 2;  // host contract (checked there): whole weight groups
     if (!gwide && sh.G != sh.C && !(GS_NHWC && sh.V0 % (sh.C / sh.G) == 0)) return 2;  // host contract
     F* gmpart = nullptr;
     if (GS_LEARNED) {

@@ -110,6 +110,8 @@ class CpuBackend:
     def _args(self, spec: Spec, x: torch.Tensor, key: str) -> ctypes.Array:
         cfg = rc.parse_config(spec, key, "backend")
         N, C, H, W = _dims(spec, x)
+        if C % spec.groups(C):  # the public API checks this first; the kernels divide by C / G
+            raise ValueError(f"x: weight_groups={spec.groups(C)} must divide the channel count, got C={C}")
         threads = cfg.thread_count(int(torch.get_num_threads()))
         chunk = int(spec.chunk) if spec.chunk is not None else 0
         return (ctypes.c_int64 * 9)(N, C, spec.groups(C), H, W, chunk, threads, cfg.tile, cfg.cb)
