@@ -228,6 +228,7 @@ class Launch:
     # a gspngen kernel (the sum of cc=1's slices, a PyTorch reduction): no SASS, memory-bound on every SM
     group: str = ""
     external: bool = False
+    launches: int = 1  # an external step's kernel launches (a 16-bit sum: the fp32 sum, then the copy)
 
 
 SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
@@ -320,8 +321,8 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             out[pass_] = [onchip_launch(spec, dname, shape, oc, pass_, save_h)]
             continue
         launches = []
-        cc = kind in concurrent and be.concurrency_applies(spec, kind) and not transposed
         tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
+        cc = kind in concurrent and be.concurrency_applies(spec, kind) and not tr
         side = left_right(spec) if tr else []
         order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
         for i, d in enumerate(order):
@@ -378,7 +379,7 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                 moved = {"read": {target: D * plane, "fp32 sum": 4 // es * plane},
                          "write": {target: plane, "fp32 sum": 4 // es * plane}}
             launches.append(Launch(pass_, "sum of slices", "torch.sum", gpu.sms, 256, 0, 1, 1.0, moved,
-                                   external=True))
+                                   external=True, launches=1 if es == 4 else 2))
         out[pass_] = launches
     return out
 
@@ -610,10 +611,11 @@ def scattered_ms(gpu: GPU, ctas: int, nbytes: int, sector_use: float, share: flo
 
 def predict_group(gpu: GPU, members: list[dict]) -> tuple[float, str]:
     """(predicted ms, bound) of launches that run at the same time (cc=1: one per direction, on side
-    streams). Each member is held to what it would take alone (its CTAs are all the SMs it can use, so
-    a launch of 4 CTAs stays as slow as it was); together they add up on what they share: their bytes
-    over the SMs all their CTAs cover, their scattered requests likewise, and, where their CTAs outnumber
-    the SMs, their instructions over every SM. One launch latency (the streams' launches overlap).
+    streams): the span from the first start to the last end. Each member is held to what it would take
+    alone (its CTAs are all the SMs it can use, so a launch of 4 CTAs stays as slow as it was); together
+    they add up on what they share: their bytes over the SMs all their CTAs cover, their scattered
+    requests likewise (those of members whose data exceeds L2), and, where their CTAs outnumber the SMs,
+    their instructions over every SM. One launch latency (the streams' launches overlap).
     ``members``: predict_launch's arguments per launch, as dicts."""
     alone = [predict_launch(gpu, m["ctas"], m["warps_per_block"], m["warps_per_sm"], m["elements"],
                             m["instructions_per_element"], m["nbytes"], m["sector_use"],
@@ -629,11 +631,11 @@ def predict_group(gpu: GPU, members: list[dict]) -> tuple[float, str]:
         issue = min(SCHEDULERS, resident / WARP_ISSUE_CLOCKS)
         t_inst = sum(m["elements"] * m["instructions_per_element"] for m in members) / 32 / (
             gpu.sms * issue * gpu.clock_ghz * 1e9)
-    t_scat = 0.0
-    if nbytes > gpu.l2_bytes:
-        rate = scattered_sectors_per_s(gpu) * busy / gpu.sms
-        t_scat = sum(m["scattered_share"] * m["nbytes"] / (SECTOR * m["sector_use"]) / rate
-                     for m in members if m["sector_use"] < 1)
+    # scattered requests: where a member's own data exceeds L2, as for a launch alone (their sum counts the
+    # inputs they share once per member, so it is no measure of the working set)
+    rate = scattered_sectors_per_s(gpu) * busy / gpu.sms
+    t_scat = sum(m["scattered_share"] * m["nbytes"] / (SECTOR * m["sector_use"]) / rate
+                 for m in members if m["sector_use"] < 1 and m["nbytes"] > gpu.l2_bytes)
     t = max(max(alone), t_mem, t_inst, t_scat)
     bound = ("memory" if t == t_mem else "scattered requests" if t == t_scat else
              "instructions" if t == t_inst else "its slowest launch")
@@ -651,8 +653,11 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
     ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings);
     ``transposed``, ``onchip``, ``concurrent``: the tunings tr=1, oc=1 and cc=1 (:func:`plan_launches`).
-    Launches that run at once (cc=1) are predicted together (:func:`predict_group`); each member's
-    ``predicted_ms`` is its equal share of the group's time and ``concurrent`` is true."""
+    Launches that run at once (cc=1) are predicted together (:func:`predict_group`): each member has
+    ``concurrent`` true, ``predicted_ms`` and ``group_ms`` the group's span (each runs over it),
+    ``group_bound`` what bounds the group, and ``alone_ms`` and ``bound`` its own prediction as if it
+    ran alone; the pass counts the span once. The sum of cc=1's slices is an ``external`` entry (a
+    PyTorch reduction), left out of the pass's instruction, register, occupancy and CTA figures."""
     from .bench import minimal_bytes
     from .render import cuda as rc
 
@@ -685,10 +690,11 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                 loop_ins, ipe, epi = f.loop_instructions, f.loop_instructions / l.elements_per_iteration, \
                     l.elements_per_iteration
             if l.external:  # a PyTorch elementwise reduction: every SM busy, memory-bound
-                blocks, warps = 0, g.max_warps
+                blocks, warps = g.max_warps // (l.threads // 32), g.max_warps
             nbytes = total_bytes(l.bytes)
             ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements * l.directions, ipe, nbytes,
                                         l.sector_use, l.scattered_share)
+            ms += (l.launches - 1) * LAUNCH_US * 1e-3
             kernels.append({
                 "direction": l.direction, "kernel": l.name, "instructions_per_element": ipe,
                 "loop_instructions": loop_ins, "elements_per_iteration": epi,
@@ -701,32 +707,37 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                           "scattered requests" if ms - LAUNCH_US * 1e-3 <= scattered_ms(
                               g, l.ctas, nbytes, l.sector_use, l.scattered_share) * (1 + 1e-9)
                           else "instructions"),
-                "concurrent": bool(l.group),
+                "concurrent": bool(l.group), "external": l.external,
             })
+        # cc=1: the side-stream launches predicted together; each runs over the group's span (what a
+        # probe timing one of them sees), the pass counts the span once
+        ms = sum(k["predicted_ms"] for l, k in zip(launches, kernels) if not l.group)
         for group in dict.fromkeys(l.group for l in launches if l.group):
             members = [(l, k) for l, k in zip(launches, kernels) if l.group == group]
-            ms, bound = predict_group(g, [dict(ctas=l.ctas, warps_per_block=l.threads // 32,
-                                               warps_per_sm=k["warps_per_sm"], elements=elements * l.directions,
-                                               instructions_per_element=k["instructions_per_element"],
-                                               nbytes=k["bytes_moved"], sector_use=l.sector_use,
-                                               scattered_share=l.scattered_share) for l, k in members])
+            span, bound = predict_group(g, [dict(ctas=l.ctas, warps_per_block=l.threads // 32,
+                                                 warps_per_sm=k["warps_per_sm"], elements=elements * l.directions,
+                                                 instructions_per_element=k["instructions_per_element"],
+                                                 nbytes=k["bytes_moved"], sector_use=l.sector_use,
+                                                 scattered_share=l.scattered_share) for l, k in members])
             for _, k in members:
-                k["predicted_ms"], k["bound"] = ms / len(members), bound
+                k["alone_ms"], k["predicted_ms"], k["group_ms"], k["group_bound"] = (k["predicted_ms"], span,
+                                                                                   span, bound)
+            ms += span
         moved = sum(k["bytes_moved"] for k in kernels)
-        ms = sum(k["predicted_ms"] for k in kernels)
+        own = [k for l, k in zip(launches, kernels) if not l.external]  # gspngen's kernels (not the sum)
         out[pass_] = {
             "gpu": gpu, "sms": g.sms,
-            "instructions_per_element": sum(k["instructions_per_element"] for k in kernels) / len(kernels),
+            "instructions_per_element": sum(k["instructions_per_element"] for k in own) / len(own),
             "bytes_minimal": minimal[pass_],
             "bytes_moved": moved,
             "bytes_moved_over_minimal": moved / minimal[pass_],
             "bytes_moved_over_minimal_no_grad": (no_grad_bytes / minimal[pass_]) if pass_ != "backward" else None,
-            "registers": max(k["registers"] for k in kernels),
-            "shared_bytes": max(k["shared_bytes"] for k in kernels),
-            "spill_bytes": max(k["spill_bytes"] for k in kernels),
-            "sector_use": min(k["sector_use"] for k in kernels),
-            "warps_per_sm": min(k["warps_per_sm"] for k in kernels),
-            "ctas": min(k["ctas"] for k in kernels),
+            "registers": max(k["registers"] for k in own),
+            "shared_bytes": max(k["shared_bytes"] for k in own),
+            "spill_bytes": max(k["spill_bytes"] for k in own),
+            "sector_use": min(k["sector_use"] for k in own),
+            "warps_per_sm": min(k["warps_per_sm"] for k in own),
+            "ctas": min(k["ctas"] for k in own),
             "predicted_ms": ms,
             "predicted_pct_copy": 100 * copy_ms(g, minimal[pass_]) / ms,
             "predicted_pct_copy_moved": 100 * copy_ms(g, moved) / ms,

@@ -17,7 +17,7 @@ from gspngen import perfmodel as pm
 from gspngen.bench import BenchConfig, format_table, minimal_bytes, run_bench
 from gspngen.cli import main
 from gspngen.render import cuda as render_cuda
-from gspngen.spec import load_spec
+from gspngen.spec import Spec, load_spec
 from test_cuda_byte_counts import ELEMENT_BYTES, PINNED, SHAPE
 
 PAPER, SMALL = (16, 8, 1024, 1024), (1, 16, 128, 128)
@@ -246,39 +246,80 @@ def test_onchip_forward_is_modelled():
 
 def test_concurrent_directions_are_modelled():
     """cc=1: every direction's launch writes its own slice (nothing read back) and a sum follows: two planes
-    more per pass (37 against 35 without gradients at the emulator's shape); the launches are predicted
-    together, no faster than the slowest alone, with the bytes of all of them over the SMs their CTAs cover."""
+    more per pass in fp32 (37 against 35 without gradients at the emulator's shape), six in bf16 (an fp32
+    sum, then a copy); the launches are predicted together, none faster than alone, what they share
+    adding up."""
     spec = load_spec("examples/gspn4.yaml")
     h100 = pm.GPUS["h100"]
-    base = pm.plan_launches(spec, "fp32", SHAPE, h100)
-    cc = pm.plan_launches(spec, "fp32", SHAPE, h100, concurrent=("fwd", "bwd"))
-    for pass_ in pm.PASSES:
-        planes = [sum(pm.total_bytes(l.bytes) for l in ls[pass_]) / ELEMENT_BYTES for ls in (base, cc)]
-        assert planes[1] == pytest.approx(planes[0] + 2, abs=0.01)
-        assert [l.group for l in cc[pass_]] == ["cc"] * 4 + [""] and cc[pass_][-1].external
-        assert [l.name for l in cc[pass_][:4]] == [l.name for l in base[pass_]]
-    assert pm.plan_launches(spec, "bf16", SHAPE, h100, concurrent=("fwd",))["forward"][-1].bytes["read"][
-        "fp32 sum"] == ELEMENT_BYTES  # bf16 slices summed in fp32, then copied
+    for dname, extra in (("fp32", 2), ("bf16", 6)):
+        base = pm.plan_launches(spec, dname, SHAPE, h100)
+        cc = pm.plan_launches(spec, dname, SHAPE, h100, concurrent=("fwd", "bwd"))
+        for pass_ in pm.PASSES:
+            planes = [sum(pm.total_bytes(l.bytes) for l in ls[pass_]) / (ELEMENT_BYTES * (2 if dname == "bf16"
+                                                                                          else 4) // 4)
+                      for ls in (base, cc)]
+            assert planes[1] == pytest.approx(planes[0] + extra, abs=0.01)
+            assert [l.group for l in cc[pass_]] == ["cc"] * 4 + [""] and cc[pass_][-1].external
+            assert [l.name for l in cc[pass_][:4]] == [l.name for l in base[pass_]]
+            assert all("y" not in l.bytes["read"] and "gx" not in l.bytes["read"] for l in cc[pass_][:4])
     assert all(not l.group for l in pm.plan_launches(spec, "fp32", SHAPE, h100, concurrent=("bwd",))["forward"])
-    # a group: each member no faster than alone; shared bytes add up
+    stack = pm.plan_launches(Spec.from_dict({"name": "stk", "merge": "stack"}), "fp32", SHAPE, h100,
+                             concurrent=("fwd", "bwd"))  # stack's forward has nothing to sum: no cc
+    assert not any(l.group for l in stack["forward"]) and all(l.group for l in stack["backward"][:4])
+    # a group: a member with few CTAs holds it to its time alone
     few = dict(ctas=4, warps_per_block=4, warps_per_sm=16, elements=1 << 20, instructions_per_element=100.0,
                nbytes=1 << 20, sector_use=1.0, scattered_share=1.0)
     alone = pm.predict_launch(h100, 4, 4, 16, 1 << 20, 100.0, 1 << 20)[0]
     ms, bound = pm.predict_group(h100, [few, dict(few, ctas=64)])
     assert ms == pytest.approx(alone) and bound == "its slowest launch"
+    # memory: their bytes add up over the SMs their CTAs cover
     big = dict(few, ctas=132, nbytes=10 << 30)
     ms, bound = pm.predict_group(h100, [big, big])
     assert bound == "memory" and ms == pytest.approx(pm.copy_ms(h100, 20 << 30) + pm.LAUNCH_US * 1e-3)
+    # instructions: more CTAs than SMs share every SM; with no room for more resident warps (one block of 4
+    # per SM), two launches of 132 CTAs take twice one alone's instruction term (with room, the extra warps
+    # raise the issue rate instead: the same time as one)
+    busy = dict(few, ctas=132, warps_per_sm=4, elements=1 << 30, nbytes=1 << 20)
+    one = pm.predict_launch(h100, 132, 4, 4, 1 << 30, 100.0, 1 << 20)[0] - pm.LAUNCH_US * 1e-3
+    assert pm.predict_group(h100, [dict(busy, warps_per_sm=16)] * 2)[0] == pytest.approx(
+        pm.predict_launch(h100, 132, 4, 16, 1 << 30, 100.0, 1 << 20)[0])
+    ms, bound = pm.predict_group(h100, [busy, busy])
+    assert bound == "instructions" and ms == pytest.approx(2 * one + pm.LAUNCH_US * 1e-3)
+    # scattered requests: only members whose own data exceeds L2 (here 40 MB each: none; 80 MB: both)
+    part = dict(few, ctas=132, nbytes=40 << 20, sector_use=0.5)
+    assert pm.predict_group(h100, [part, part, part])[1] != "scattered requests"
+    part = dict(part, nbytes=80 << 20)
+    ms, bound = pm.predict_group(h100, [part, part])
+    rate = pm.scattered_sectors_per_s(h100)
+    assert bound == "scattered requests" and ms == pytest.approx(
+        2 * (80 << 20) / (pm.SECTOR * 0.5) / rate * 1e3 + pm.LAUNCH_US * 1e-3)
     try:
-        small = [pm.static_figures(spec, "fp32", SMALL, "h200", concurrent=c)["forward"] for c in ((), ("fwd",))]
+        small = [pm.static_figures(spec, "fp32", SMALL, "h200", concurrent=c) for c in ((), ("fwd", "bwd"))]
+        bf16 = pm.static_figures(spec, "bf16", SMALL, "h200", concurrent=("fwd",))["forward"]
     except pm.ToolMissing as exc:
         if os.environ.get("CI"):
             pytest.fail(f"static model tools missing in CI: {exc}")
         pytest.skip(str(exc))
-    assert [k["concurrent"] for k in small[1]["kernels"]] == [True] * 4 + [False]
-    assert small[1]["predicted_ms"] == pytest.approx(sum(k["predicted_ms"] for k in small[1]["kernels"]))
-    # 1x16x128^2: one direction's launch leaves most SMs idle; together they are predicted faster
-    assert small[1]["predicted_ms"] < small[0]["predicted_ms"] / 2
+    for pass_ in ("forward", "backward"):
+        p = small[1][pass_]
+        ks = p["kernels"]
+        assert [k["concurrent"] for k in ks] == [True] * 4 + [False] and ks[-1]["external"]
+        span = ks[0]["group_ms"]
+        assert all(k["predicted_ms"] == k["group_ms"] == span for k in ks[:4])
+        assert span >= max(k["alone_ms"] for k in ks[:4])
+        assert p["predicted_ms"] == pytest.approx(span + ks[-1]["predicted_ms"])
+        want, _ = pm.predict_group(pm.GPUS["h200"], [dict(
+            ctas=k["ctas"], warps_per_block=k["threads"] // 32, warps_per_sm=k["warps_per_sm"],
+            elements=1 * 16 * 128 * 128, instructions_per_element=k["instructions_per_element"],
+            nbytes=k["bytes_moved"], sector_use=k["sector_use"], scattered_share=1.0) for k in ks[:4]])
+        assert span == pytest.approx(want)
+        # the sum is left out of the pass's kernel figures
+        assert p["instructions_per_element"] == pytest.approx(small[0][pass_]["instructions_per_element"])
+        assert p["ctas"] == small[0][pass_]["ctas"]
+        # 1x16x128^2: one direction's launch leaves most SMs idle; together they are predicted faster
+        assert p["predicted_ms"] < small[0][pass_]["predicted_ms"] / 1.5
+    # bf16: the fp32 sum and its copy, two launches
+    assert bf16["kernels"][-1]["predicted_ms"] > pm.LAUNCH_US * 2e-3
 
 
 def test_gpu_and_dtype_errors_name_the_argument():

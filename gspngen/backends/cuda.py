@@ -228,8 +228,9 @@ class CudaBackend(_CudaBase):
     # key is re-planned for each shape and never names a tuning that does not fit it.
     # Key "cc=1" (alone or with v=i): the directions run concurrently, each into its own slice of a
     # temporary that is summed afterwards, instead of one after another into the output (read-add-write).
-    # It costs two planes of traffic per direction; it pays where one direction's launch leaves most SMs
-    # idle (small images, few channels), which only a measurement decides.
+    # It costs two planes of traffic per pass (six in 16-bit storage: an fp32 sum, then a copy); it pays
+    # where one direction's launch leaves most SMs idle (small images, few channels), which the static
+    # model predicts (perfmodel.predict_group) and only a measurement decides.
     def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
         _, C, H, W = shape
         kind = "fwd" if pass_ == "fwd" else "bwd"
