@@ -184,10 +184,11 @@ def test_nhwc_groups_split_over_items():
     check_against_reference(spec, 1, 16, 5, 6, dtype=torch.float32, key="cb=8,tile=32")
 
 
-@pytest.mark.parametrize("C,key", [(8, "cb=4"), (40, "")])
+@pytest.mark.parametrize("C,key", [(8, "cb=4"), (40, ""), (6, "")])
 def test_nhwc_channel_weights_over_several_items(C, key):
     # one weight per channel (G == C) and more channels than an item holds: each item reads its own
-    # channels' weights (every item after the first read the first item's weights before)
+    # channels' weights (every item after the first read the first item's weights before); C = 6 in
+    # one item: tb/bt read every tensor's rows where they lie, the weights too
     spec = Spec.from_dict({"name": "nhwcw", "connection": 3, "layout": "nhwc", "weight_groups": "channel",
                            "precision": ["fp32"]})
     check_against_reference(spec, 2, C, 5, 6, dtype=torch.float64, key=key)

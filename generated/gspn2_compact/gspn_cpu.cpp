@@ -575,22 +575,47 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
                 }
             }
         }
-    } else {
-        // co == nullptr: the channels are consecutive (every tensor but the weights)
+    } else if (co == nullptr) {
+        // the channels are consecutive (every tensor but shared weights)
         for (int s = 0; s < nt; ++s) {
             for (gs_i i = 0; i < g.L; ++i) {
                 A* q = img + gs_pix(g, W, t0 + s, i) * ps;
                 B* d = tile + s * ls + i * V;
-                if (co == nullptr) {
 #pragma omp simd
-                    for (int cb = 0; cb < V; ++cb) {
-                        if constexpr (ToTile) op(d[cb], q[cb]);
-                        else op(q[cb], d[cb]);
-                    }
-                } else {
-                    for (int cb = 0; cb < V; ++cb) {
-                        if constexpr (ToTile) op(d[cb], q[co[cb]]);
-                        else op(q[co[cb]], d[cb]);
+                for (int cb = 0; cb < V; ++cb) {
+                    if constexpr (ToTile) op(d[cb], q[cb]);
+                    else op(q[cb], d[cb]);
+                }
+            }
+        }
+    } else {
+        // weights shared by groups of channels, into the tile (the gradients go out through
+        // gs_store_groups): channel cb reads the pixel's value co[cb], equal over runs of a group's
+        // channels, so each run is one value stored len times (vector stores; channel by channel with
+        // an indirect index, the weights were a third of an nhwc forward: wide5, 1 x 32 x 128^2)
+        int r0[64], rl[64], nr = 0;
+        gs_i ro[64];
+        for (int cb = 0; cb < V; ++nr) {
+            int e = cb + 1;
+            while (e < V && co[e] == co[cb]) ++e;
+            r0[nr] = cb;
+            rl[nr] = e - cb;
+            ro[nr] = co[cb];
+            cb = e;
+        }
+        for (int s = 0; s < nt; ++s) {
+            for (gs_i i = 0; i < g.L; ++i) {
+                A* q = img + gs_pix(g, W, t0 + s, i) * ps;
+                B* d = tile + s * ls + i * V;
+                for (int r = 0; r < nr; ++r) {
+                    if constexpr (ToTile) {
+                        B v;
+                        op(v, q[ro[r]]);
+                        B* dr = d + r0[r];
+#pragma omp simd
+                        for (int c = 0; c < rl[r]; ++c) dr[c] = v;
+                    } else {
+                        for (int c = 0; c < rl[r]; ++c) op(q[ro[r]], d[r0[r] + c]);
                     }
                 }
             }
@@ -922,20 +947,24 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 T* yP = GS_STACK ? y + im.off(sh, nd, sh.C, im.c0) : nullptr;
                 const F md = GS_LEARNED ? (F)gs_ld(m[d]) : F(0);
                 std::memset(th, 0, sizeof(F) * (TS + 1) * sh.lsp);  // zero padding, no previous line
-                // tb/bt in nchw with the math type as storage (fp32, fp64): a line is one contiguous row
-                // of every input tensor, read where it lies rather than copied into a tile first
-                const bool direct = !GS_NHWC && std::is_same_v<T, F> && !g.stepw;
+                // tb/bt with the math type as storage (fp32, fp64), where the item holds every channel
+                // (nchw: one plane; nhwc: V == C): a line is one contiguous row of every per-pixel
+                // tensor, read where it lies rather than copied into a tile first; the weights too
+                // where each channel has its own (nchw, or nhwc with G == C)
+                const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
+                const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
                 for (gs_i t0 = 0; t0 < g.T; t0 += TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     const GsLoad ld;
                     if (!direct) {
                         gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                        for (int c = 0; c < GS_K; ++c)
-                            if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
+                    if (!wdirect)
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_fwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
                     for (int q = 0; q < nt; ++q) {
                         const gs_i o = q * sh.nmax, tn = t0 + TS;  // the next tile
                         if (d == 0) gs_prefetch(xP, ps, im.V, g, sh.W, tn, (int)TS, q, nt);
@@ -950,11 +979,12 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         if constexpr (std::is_same_v<T, F>) {
                             if (direct) {
                                 const gs_i t = t0 + q, row = (g.rev ? g.T - 1 - t : t) * sh.W;
-                                xl = xP + row;
-                                laml = lamP + row;
-                                for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row;
-                                if (GS_MOD) ul = uP + row;
-                                if (GS_SKIP) sl = sP + row;
+                                xl = xP + row * ps;
+                                laml = lamP + row * ps;
+                                if (wdirect)
+                                    for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row * psw;
+                                if (GS_MOD) ul = uP + row * ps;
+                                if (GS_SKIP) sl = sP + row * ps;
                             }
                         }
                         const F* hprev = th + q * sh.lsp + sh.pad;
@@ -1063,18 +1093,20 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 const GsLoad ld;
                 // as in the forward: tb/bt rows of the inputs read where they lie (h stays staged: the
                 // line function reads the previous line's h with its zero padding)
-                const bool direct = !GS_NHWC && std::is_same_v<T, F> && !g.stepw;
+                const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
+                const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     if (!direct) {
                         gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                        for (int c = 0; c < GS_K; ++c)
-                            if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
+                    if (!wdirect)
+                        for (int c = 0; c < GS_K; ++c)
+                            if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
                     if (GS_BWD_H || GS_BWD_HP) {
                         // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step)
                         if (t0 > 0)
@@ -1100,12 +1132,13 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         if constexpr (std::is_same_v<T, F>) {
                             if (direct) {
                                 const gs_i row = (g.rev ? g.T - 1 - t : t) * sh.W;
-                                gyl = gyP + row;
-                                xl = xP + row;
-                                laml = lamP + row;
-                                for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row;
-                                if (GS_MOD) ul = uP + row;
-                                if (GS_SKIP) sl = sP + row;
+                                gyl = gyP + row * ps;
+                                xl = xP + row * ps;
+                                laml = lamP + row * ps;
+                                if (wdirect)
+                                    for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row * psw;
+                                if (GS_MOD) ul = uP + row * ps;
+                                if (GS_SKIP) sl = sP + row * ps;
                             }
                         }
                         const F* hl = th + (q + 1) * sh.lsp + sh.pad;
