@@ -347,6 +347,30 @@ def test_channels_not_in_whole_weight_groups_are_an_error_not_a_crash():
     args[0] = x
     with pytest.raises(ValueError, match="x: weight_groups=4 must divide the channel count, got C=3"):
         CpuBackend().forward(spec, *args)
+    saved = torch.zeros(1, 4, 8, 8, 3)  # the h a forward at C = 3 would have stored
+    with pytest.raises(ValueError, match="x: weight_groups=4 must divide the channel count, got C=3"):
+        CpuBackend().backward(spec, torch.ones(1, 8, 8, 3), *args, saved)
+
+
+@pytest.mark.parametrize("groups", ["channel", 2])
+def test_nhwc_direct_rows_match_staged_ones(groups):
+    """nhwc tb/bt rows read where they lie (an item holds every channel: cb=32) or staged into tiles
+    (cb=4): the same math per element, so the same bits for y, h and glam; gx and the weight gradients
+    within a rounding (which elements of a line fall in the vector loop's remainder, where the compiler
+    may contract differently, changes with the line length; shared groups sum in another order)."""
+    spec = Spec.from_dict({"name": f"nd{groups}", "connection": 5, "layout": "nhwc", "weight_groups": groups,
+                           "directions": ["tb", "bt", "lr"], "merge": "learned", "precision": ["fp32"]})
+    args = [make_inputs(spec, 2, 6, 9, 20, dtype=torch.float32, seed=3)[n] for n in ARG_NAMES]
+    outs = []
+    for key in ("cb=32", "cb=4"):
+        be = CpuBackend(key, key, poison=True)
+        y, saved = be.forward(spec, *args)
+        gx, gw, glam, *_ = be.backward(spec, torch.linspace(-1, 1, y.numel()).reshape(y.shape), *args, saved)
+        outs.append((y, saved, gx, glam, gw))
+    for i in (0, 1, 3):
+        assert torch.equal(outs[0][i], outs[1][i])
+    for i in (2, 4):
+        assert rel_error(outs[0][i], outs[1][i]) <= 1e-6
 
 
 def test_saved_and_gy_are_checked():

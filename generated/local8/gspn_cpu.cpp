@@ -101,7 +101,7 @@ GS_INLINE float gs_ld(gs_bf16 v)
 }
 GS_INLINE void gs_put(float& d, float v) { d = v; }
 GS_INLINE void gs_put(double& d, double v) { d = v; }
-GS_INLINE void gs_put(_Float16& d, float v) { d = (_Float16)v; }  // round to nearest even
+GS_INLINE void gs_put(_Float16& d, float v) { d = (_Float16)v; }  // the current rounding mode: to nearest even by default
 GS_INLINE void gs_put(gs_bf16& d, float v)
 {
     uint32_t u;
@@ -605,12 +605,12 @@ static void gs_move(A* img, gs_i ps, const gs_i* co, int V, B* tile, gs_i ls, co
                 B* d = tile + s * ls + i * V;
                 for (int r = 0; r < nr; ++r) {
                     if constexpr (ToTile) {
-                        B v;
-                        op(v, q[ro[r]]);
+                        B v{};
+                        op(v, q[ro[r]]);  // GsLoad: the one op that fills tiles
                         B* dr = d + r0[r];
 #pragma omp simd
                         for (int c = 0; c < rl[r]; ++c) dr[c] = v;
-                    } else {
+                    } else {  // unused (weight gradients leave through gs_store_groups): as before, the last channel's value
                         for (int c = 0; c < rl[r]; ++c) op(q[ro[r]], d[r0[r] + c]);
                     }
                 }
@@ -1236,8 +1236,9 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
 // ---------------------------------------------------------------------------
 // Entry points, one pair per storage dtype. p: the tensors' data pointers
 // (nullptr for unused ones); a: N, C, G, H, W, chunk (0: global), threads,
-// tile, cb. Returns 0, 1 when scratch memory could not be allocated, 2 when gwide is
-// missing but needed (G != C, except nhwc items holding whole groups).
+// tile, cb. Returns 0, 1 when scratch memory could not be allocated, 2 when the host's contract
+// is broken: C not a multiple of G, or gwide missing but needed (G != C, except nhwc items holding
+// whole groups).
 // forward p: x, w, lam, u, s, m, y, h (h nullptr: not saved, no input needs a gradient).
 // backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (see gs_backward), glam, gu, gs, gm.
 // ---------------------------------------------------------------------------

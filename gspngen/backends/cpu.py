@@ -41,6 +41,14 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+def _check_groups(spec: Spec, C: int) -> None:
+    """The public API checks this first; a direct backend call must not reach the C / G divisions
+    (here and in the kernels) with channels that are not whole weight groups."""
+    G = spec.groups(C)
+    if G < 1 or C % G:
+        raise ValueError(f"x: weight_groups={G} must divide the channel count, got C={C}")
+
+
 class CpuBackend:
     """The generated C++ kernels. ``poison``: tests NaN-fill every output the kernels must write."""
 
@@ -110,8 +118,7 @@ class CpuBackend:
     def _args(self, spec: Spec, x: torch.Tensor, key: str) -> ctypes.Array:
         cfg = rc.parse_config(spec, key, "backend")
         N, C, H, W = _dims(spec, x)
-        if C % spec.groups(C):  # the public API checks this first; the kernels divide by C / G
-            raise ValueError(f"x: weight_groups={spec.groups(C)} must divide the channel count, got C={C}")
+        _check_groups(spec, C)
         threads = cfg.thread_count(int(torch.get_num_threads()))
         chunk = int(spec.chunk) if spec.chunk is not None else 0
         return (ctypes.c_int64 * 9)(N, C, spec.groups(C), H, W, chunk, threads, cfg.tile, cfg.cb)
@@ -153,6 +160,7 @@ class CpuBackend:
         gy, x, w, lam, u, s, m, saved = (None if t is None else t.contiguous()
                                          for t in (gy, x, w, lam, u, s, m, saved))
         N, C, H, W = _dims(spec, x)
+        _check_groups(spec, C)
         G = spec.groups(C)
         gx = self._out(x.shape, x)
         glam = self._out(lam.shape, lam)
