@@ -566,3 +566,21 @@ def test_math_primitives_at_the_edges(tmp_path):
     n64 = torch.arange(-1030, 1030, dtype=torch.float64)
     want = torch.where(n64 < -1022, 0.0, torch.exp2(n64)).where(n64 < 1024, float("inf"))
     assert torch.equal(_apply(lib, 2, n64), want)
+
+
+def test_cpu_ab_script(tmp_path):
+    """scripts/cpu_ab.py, the A/B the README's kernel timings come from: emits the current source, times
+    two sources against each other and reports how far apart their outputs are (0 for the same text)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "cpu_ab.py")
+    src = tmp_path / "cur.cpp"
+    run = dict(cwd=root, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, script, "--emit", str(src)], **run)
+    assert res.returncode == 0 and src.read_text() == render_cpu.kernel_source(load_spec(
+        os.path.join(root, "examples", "gspn4.yaml")))
+    res = subprocess.run([sys.executable, script, str(src), str(src), "--shape", "1,2,16,16", "--rounds", "1",
+                          "--calls", "1", "--dtype", "bf16"], **run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "largest difference" in res.stdout and "y 0, gx 0" in res.stdout and "forward" in res.stdout
+    res = subprocess.run([sys.executable, script, "--shape", "1,2"], **run)
+    assert res.returncode == 2 and "sources" in res.stderr
