@@ -31,6 +31,14 @@ def expected_shapes(spec: Spec, N: int, C: int, H: int, W: int) -> dict[str, tup
     return shapes
 
 
+def check_whole_groups(spec: Spec, C: int, hint: str | None = None) -> None:
+    """ValueError (``hint`` if given, else naming x) unless C channels are whole weight groups; backends
+    called directly check this too, before any C / G division."""
+    G = spec.groups(C)
+    if G < 1 or C % G != 0:
+        raise ValueError(hint or f"x: weight_groups={G} must divide the channel count, got C={C}")
+
+
 def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
     args = {"x": x, "w": w, "lam": lam, "u": u, "s": s, "m": m}
     for name in ("x", "w", "lam"):
@@ -45,9 +53,7 @@ def validate_inputs(spec: Spec, x, w, lam, u=None, s=None, m=None) -> None:
     N, C, H, W = image_dims(x.shape, spec.layout)
     if min(N, C, H, W) < 1:
         raise ValueError(f"x: expected every dimension >= 1, got shape {tuple(x.shape)}")
-    G = spec.groups(C)
-    if C % G != 0:
-        raise ValueError(_layout_mixup(spec, args) or f"x: weight_groups={G} must divide the channel count, got C={C}")
+    check_whole_groups(spec, C, _layout_mixup(spec, args))
     shapes = expected_shapes(spec, N, C, H, W)
     needs = {"u": ("modulation: true", "modulation: false"), "s": ("skip: true", "skip: false"),
              "m": ("merge: learned", f"merge: {spec.merge}")}

@@ -21,6 +21,7 @@ from ..geometry import image_dims
 from ..render import cpu as rc
 from ..runtime import host_alloc
 from ..spec import Spec
+from ..validate import check_whole_groups
 from .base import Grads, result_shape
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -39,14 +40,6 @@ def saved_shape(spec: Spec, x: torch.Tensor) -> tuple[int, ...]:
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None or t.numel() == 0 else t.data_ptr()
-
-
-def _check_groups(spec: Spec, C: int) -> None:
-    """The public API checks this first; a direct backend call must not reach the C / G divisions
-    (here and in the kernels) with channels that are not whole weight groups."""
-    G = spec.groups(C)
-    if G < 1 or C % G:
-        raise ValueError(f"x: weight_groups={G} must divide the channel count, got C={C}")
 
 
 class CpuBackend:
@@ -118,7 +111,7 @@ class CpuBackend:
     def _args(self, spec: Spec, x: torch.Tensor, key: str) -> ctypes.Array:
         cfg = rc.parse_config(spec, key, "backend")
         N, C, H, W = _dims(spec, x)
-        _check_groups(spec, C)
+        check_whole_groups(spec, C)  # the public API checked it; a direct call must not reach C / G
         threads = cfg.thread_count(int(torch.get_num_threads()))
         chunk = int(spec.chunk) if spec.chunk is not None else 0
         return (ctypes.c_int64 * 9)(N, C, spec.groups(C), H, W, chunk, threads, cfg.tile, cfg.cb)
@@ -160,7 +153,7 @@ class CpuBackend:
         gy, x, w, lam, u, s, m, saved = (None if t is None else t.contiguous()
                                          for t in (gy, x, w, lam, u, s, m, saved))
         N, C, H, W = _dims(spec, x)
-        _check_groups(spec, C)
+        check_whole_groups(spec, C)  # the public API checked it; a direct call must not reach C / G
         G = spec.groups(C)
         gx = self._out(x.shape, x)
         glam = self._out(lam.shape, lam)
