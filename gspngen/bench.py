@@ -1,7 +1,8 @@
 """Benchmark harness: how far each backend is from the memory-bandwidth limit.
 
 For each shape, dtype and backend it times the forward op (``gspngen::scan``,
-no autograd) and exactly the backward op (``gspngen::scan_backward`` with the
+no autograd: the training forward, which stores h), the forward as a module
+runs it under ``torch.no_grad()`` (no h store), and exactly the backward op (``gspngen::scan_backward`` with the
 backend's own saved tensor and a fixed gy), counts the *minimal* bytes the
 pass must move, and divides: effective bandwidth = minimal bytes / median
 time. The bandwidth of a large copy (``dst.copy_(src)``, read + write) is
@@ -283,27 +284,39 @@ def _check_backend(spec: Spec, name: str, x: torch.Tensor) -> None:
 
 
 def _measure_backend(spec: Spec, name: str, copies: list[dict], gys: list[torch.Tensor], device: torch.device,
-                     warmup: int, iters: int, max_seconds: float) -> tuple[Timing, Timing]:
-    """Forward and backward timings of one backend over the rotated copies.
+                     warmup: int, iters: int, max_seconds: float) -> tuple[Timing, Timing, Timing]:
+    """Forward, no-gradient forward and backward timings of one backend over the rotated copies.
 
-    Forward is ``gspngen::scan`` under no_grad; backward is exactly
-    ``gspngen::scan_backward`` fed the backend's own ``saved`` tensor of the
-    same copy, so neither includes autograd bookkeeping or input validation.
+    Forward is ``gspngen::scan`` under no_grad: the training forward, which also stores h for the
+    backward. The no-gradient forward is the call a module makes under ``torch.no_grad()``
+    (inference): the backend's forward with ``need_saved=False``, no h stored. Backward is exactly
+    ``gspngen::scan_backward`` fed the backend's own ``saved`` tensor of the same copy. None
+    includes autograd bookkeeping or input validation.
     """
     from . import ops  # noqa: F401  (registers torch.ops.gspngen.*)
+    from .api import _accepts_need_saved
+    from .backends import get_backend
 
     spec_json = spec.to_json()
     n = len(copies)
     args = [[c[a] for a in ARG_NAMES] for c in copies]
     scan, scan_backward = torch.ops.gspngen.scan, torch.ops.gspngen.scan_backward
+    impl = get_backend(name)
+    if _accepts_need_saved(impl):
+        def no_grad_forward(i):
+            return impl.forward(spec, *args[i % n], need_saved=False)
+    else:  # a backend that always stores h: its inference forward is the op
+        def no_grad_forward(i):
+            return scan(*args[i % n], spec_json, name)
     with torch.no_grad():
         fwd_times = time_calls(lambda i: scan(*args[i % n], spec_json, name), device,
                                warmup=warmup, iters=iters, max_seconds=max_seconds)
+        fwd0_times = time_calls(no_grad_forward, device, warmup=warmup, iters=iters, max_seconds=max_seconds)
         saved = [scan(*a, spec_json, name)[1] for a in args]
         bwd_times = time_calls(lambda i: scan_backward(gys[i % n], *args[i % n], saved[i % n], spec_json, name),
                                device, warmup=warmup, iters=iters, max_seconds=max_seconds)
         del saved
-    return fwd_times, bwd_times
+    return fwd_times, fwd0_times, bwd_times
 
 
 def _one_line(exc: BaseException) -> str:
@@ -363,8 +376,8 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
 
             def add(backend: str, status: str, note: Optional[str], **extra) -> None:
                 group.append({"shape": list(shape), "dtype": dname, "backend": backend, "status": status,
-                              "note": note, "copies": None, "forward": None, "backward": None,
-                              "bytes": dict(nbytes), "label": label,
+                              "note": note, "copies": None, "forward": None, "forward_no_grad": None,
+                              "backward": None, "bytes": dict(nbytes), "label": label,
                               "suite_shape": None if suite_shape is None else list(suite_shape), **extra})
 
             G = spec.groups(C)
@@ -409,8 +422,8 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
                     b_warmup, b_iters = 2, min(iters, config.reference_iters)
                 log(f"{shape_label(shape)} {dname} {b}")
                 try:
-                    fwd_t, bwd_t = _measure_backend(spec, b, copies, gys, device, b_warmup, b_iters,
-                                                    config.max_seconds)
+                    fwd_t, fwd0_t, bwd_t = _measure_backend(spec, b, copies, gys, device, b_warmup, b_iters,
+                                                            config.max_seconds)
                 except torch.cuda.OutOfMemoryError:
                     _free(device)
                     add(b, "skipped", "out of memory")
@@ -419,7 +432,7 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
                     _free(device)
                     add(b, "error", _one_line(exc))
                     continue
-                runs = {len(fwd_t.ms), len(bwd_t.ms)}
+                runs = {len(fwd_t.ms), len(fwd0_t.ms), len(bwd_t.ms)}
                 note = None
                 if runs != {iters}:
                     note = f"{'/'.join(str(r) for r in sorted(runs))} timed runs"
@@ -427,6 +440,7 @@ def run_bench(spec: Spec, config: BenchConfig, log: Optional[Callable[[str], Non
                         note += f" (time cap {config.max_seconds:g} s)"
                 add(b, "ok", note, copies=len(copies),
                     forward=_pass_result(fwd_t, nbytes["forward"], parts["forward"], copy["gbps"]),
+                    forward_no_grad=_pass_result(fwd0_t, nbytes["forward"], parts["forward"], copy["gbps"]),
                     backward=_pass_result(bwd_t, nbytes["backward"], parts["backward"], copy["gbps"]))
             _add_speedups(group)
             rows += group
@@ -491,7 +505,7 @@ def _add_static(spec: Spec, config: BenchConfig, rows: list[dict[str, Any]], sta
                 log(f"static model {shape_label(shape)} {dname} {b}")
                 row = {"shape": list(shape), "dtype": dname, "backend": b, "status": "not_measured",
                        "note": "no GPU here: static model only (below)", "copies": None, "forward": None,
-                       "backward": None,
+                       "forward_no_grad": None, "backward": None,
                        "bytes": {p: minimal_bytes(spec, N, C, H, W, dname, p) for p in ("forward", "backward")},
                        "label": labels.get(shape, ""), "suite_shape": None}
                 if C % spec.groups(C):
@@ -512,8 +526,9 @@ def _add_speedups(group: list[dict[str, Any]]) -> None:
             ref = by_backend.get(base)
             if ref is None:
                 continue
-            for pass_ in ("forward", "backward"):
-                r[pass_][f"speedup_vs_{base}"] = ref[pass_]["median_ms"] / r[pass_]["median_ms"]
+            for pass_ in ("forward", "forward_no_grad", "backward"):
+                if r.get(pass_) and ref.get(pass_):
+                    r[pass_][f"speedup_vs_{base}"] = ref[pass_]["median_ms"] / r[pass_]["median_ms"]
 
 
 # ---------------------------------------------------------------------------
@@ -549,13 +564,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"timing: median of {cfg['iters']} runs after {cfg['warmup']} warm-up, {cfg['timing']}; "
         "inputs rotated over 'copies' sets",
         "GB/s = minimal bytes / median time; %copy = GB/s / copy bandwidth; xref, xper_step = speedup fwd/bwd",
+        "fwd: the training forward (h stored for the backward); fwd0: no gradient (inference, no h store), "
+        "on the same minimal bytes",
         "",
     ]
-    head = ["N,C,H,W", "dtype", "backend", "copies", "fwd ms", "fwd GB/s", "fwd %copy",
+    head = ["N,C,H,W", "dtype", "backend", "copies", "fwd ms", "fwd GB/s", "fwd %copy", "fwd0 ms", "fwd0 %copy",
             "bwd ms", "bwd GB/s", "bwd %copy", "xref", "xper_step", "note"]
     table = [head]
     for r in report["results"]:
-        f, b = r["forward"], r["backward"]
+        f, f0, b = r["forward"], r.get("forward_no_grad"), r["backward"]
 
         def speedup(base: str) -> str:
             key = f"speedup_vs_{base}"
@@ -568,6 +585,7 @@ def format_table(report: dict[str, Any]) -> str:
         table.append([
             shape_label(r["shape"]), r["dtype"], r["backend"], "-" if r["copies"] is None else str(r["copies"]),
             nm or _cell(f, "median_ms"), _cell(f, "gbps"), _cell(f, "fraction_of_copy", 100, "%"),
+            nm or _cell(f0, "median_ms"), _cell(f0, "fraction_of_copy", 100, "%"),
             nm or _cell(b, "median_ms"), _cell(b, "gbps"), _cell(b, "fraction_of_copy", 100, "%"),
             speedup("reference"), speedup("cuda_per_step"), note,
         ])
@@ -611,7 +629,7 @@ def format_static(report: dict[str, Any]) -> str:
         st = r["static"]
         for key, short in _STATIC_PASSES:
             ps = st[key]
-            measured = r.get(key) if key in ("forward", "backward") else None  # bench times the forward with h
+            measured = r.get(key)
             for k in [*ps["kernels"], None]:
                 f = ps if k is None else k
                 table.append([

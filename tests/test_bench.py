@@ -224,7 +224,34 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert row["status"] == "ok"
     assert {"median_ms", "bytes", "gbps", "fraction_of_copy", "speedup_vs_reference",
             "speedup_vs_cuda_per_step"} <= set(row["forward"])
+    assert set(row["forward_no_grad"]) == set(row["forward"]) and row["forward_no_grad"]["median_ms"] > 0
+    assert row["forward_no_grad"]["bytes"] == row["forward"]["bytes"]  # the same minimal bytes
+    assert "fwd0 ms" in captured.out
     assert {"torch", "cuda", "cupy", "triton", "gpu"} <= set(data["environment"])
+
+
+def test_no_grad_forward_is_timed_as_a_module_runs_it(monkeypatch):
+    """The fwd0 column times the backend's forward with need_saved=False (no h store), as
+    GSPN modules call it under torch.no_grad(); fwd times the op, which stores h."""
+    from gspngen.backends import get_backend
+    from gspngen.testing import make_inputs
+
+    real = get_backend("reference")
+    seen = []
+
+    class Spy:
+        def forward(self, spec, x, w, lam, u, s, m, need_saved=True):
+            seen.append(need_saved)
+            return real.forward(spec, x, w, lam, u, s, m, need_saved=need_saved)
+
+    monkeypatch.setattr("gspngen.backends.get_backend", lambda name: Spy())
+    spec = Spec.from_dict(BASE)
+    inputs = make_inputs(spec, 1, 2, 4, 4, dtype=torch.float32, seed=0)
+    gy = torch.randn(expected_shapes(spec, 1, 2, 4, 4)["x"])
+    fwd, fwd0, bwd = bench._measure_backend(spec, "reference", [inputs], [gy], torch.device("cpu"),
+                                            warmup=1, iters=3, max_seconds=10.0)
+    assert len(fwd.ms) == len(fwd0.ms) == len(bwd.ms) == 3
+    assert len(seen) == 4 and not any(seen)  # warm-up and timed calls, none storing h
 
 
 def test_cli_paper_suite_runs_scaled_on_cpu(tmp_path, capsys):
