@@ -568,6 +568,45 @@ def test_math_primitives_at_the_edges(tmp_path):
     assert torch.equal(_apply(lib, 2, n64), want)
 
 
+def test_vector_primitives_match_the_scalar_ones_on_every_input(tmp_path):
+    """The 16-lane gs_exp2 and gs_floor (roundscale, scalef) give the scalar functions' bits for all
+    2^32 fp32 inputs (any NaN for a NaN), and gs_pow2 for every whole number and infinity: the
+    vector line loops then compute exactly what the scalar loops do."""
+    import ctypes
+    import re
+
+    src = render_cpu.kernel_source(feature_spec(0))
+    scalar = src[src.index("template <class To, class From> GS_INLINE To gs_bits"):src.index("// Per-pixel math, printed")]
+    start = src.index("typedef float gs_vf ")
+    vector = src[start:start + re.search(r"\n// \w+ \(16 x float\)", src[start:]).start()]
+    harness = (
+        "#include <cmath>\n#include <cstdint>\n#include <cstring>\n#include <type_traits>\n#include <immintrin.h>\n"
+        "#define GS_INLINE static inline __attribute__((always_inline))\n" + scalar + vector + """
+static bool same(float a, float b) { return (a != a && b != b) || gs_bits<uint32_t>(a) == gs_bits<uint32_t>(b); }
+extern "C" void compare(uint64_t* bad, uint64_t* checked) {
+    for (uint64_t b0 = 0; b0 < (uint64_t(1) << 32); b0 += 16) {
+        float x[16];
+        for (int i = 0; i < 16; ++i) x[i] = gs_bits<float>(uint32_t(b0 + i));
+        const gs_vf v = gs_vld(x), e = gs_exp2(v), f = gs_floor(v), p = gs_pow2(f);
+        for (int i = 0; i < 16; ++i) {
+            bad[0] += !same(e[i], gs_exp2(x[i]));
+            bad[1] += !same(f[i], gs_floor(x[i]));
+            const float w = gs_floor(x[i]);  // pow2's inputs: whole numbers and infinities (floor's outputs)
+            if (w == w) { bad[2] += !same(p[i], gs_pow2(w)); ++*checked; }
+        }
+    }
+}
+""")
+    cpp, lib_path = tmp_path / "vprims.cpp", tmp_path / "vprims.so"
+    cpp.write_text(harness)
+    cxx, _ = cpu_build.find_compiler()
+    subprocess.run([cxx, "-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", str(cpp), "-o", str(lib_path)],
+                   check=True, capture_output=True)
+    bad, checked = (ctypes.c_uint64 * 3)(), ctypes.c_uint64()
+    ctypes.CDLL(str(lib_path)).compare(bad, ctypes.byref(checked))
+    assert list(bad) == [0, 0, 0] and checked.value > 4_000_000_000
+
+
 def test_cpu_ab_script(tmp_path):
     """scripts/cpu_ab.py, the A/B the README's kernel timings come from: emits the current source, times
     two sources against each other and reports how far apart their outputs are (0 for the same text)."""

@@ -37,8 +37,11 @@
 //
 // Exponentials: gs_exp below is branch-free (selects only) so that loops
 // calling it vectorise without -ffast-math, which would also let the
-// compiler drop NaN/inf handling. fp64 uses libm's accurate exp. The line
-// loops are specialised for the interior of a line, where every neighbour
+// compiler drop NaN/inf handling. fp64 uses libm's accurate exp. With
+// AVX-512 and GCC, the fp32 line loops run the printed blocks on 16 lanes
+// at once (GS_VECTOR_BLOCKS: the same lines, compiled for vector types), a
+// scalar loop taking a line's last few elements; both give the same bits.
+// The line loops are specialised for the interior of a line, where every neighbour
 // exists and the printed selections on the flags fold away (gs_line_ranges).
 //
 // Chunk starts: the first step of a chunk has no previous line; the update
@@ -53,6 +56,12 @@
 #include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+// The fp32 line loops on 16 lanes at once (below): GCC's vector extensions, selections included.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define GS_VECTOR_BLOCKS 1
+#else
+#define GS_VECTOR_BLOCKS 0
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -198,13 +207,15 @@ GS_INLINE float gs_exp2(float x)
     return x < -127.0f ? 0.0f : r;
 }
 
-// floor(x), branch-free: round to nearest by the magic constant, then one down where that rounded
-// up; |x| >= 2^22 is already a whole number (and a NaN stays NaN).
+// floor(x), branch-free: rounded to the nearest even whole number (one roundps / roundscale where
+// the loop is vectorised: GCC keeps floorf itself scalar unless -fno-trapping-math), then one down
+// where that rounded up. Exact for every input: whole numbers (all of |x| >= 2^23), infinities, -0
+// and NaN stay. (The magic-constant rounding before it took |x| >= 2^22 for whole, wrong for the
+// half-integers in [2^22, 2^23), and turned -0 into +0.)
 GS_INLINE float gs_floor(float x)
 {
-    const float r = (x + GS_MAGIC) - GS_MAGIC;
-    const float f = r - (r > x ? 1.0f : 0.0f);
-    return std::fabs(x) < 4194304.0f ? f : x;
+    const float r = __builtin_roundevenf(x);
+    return r > x ? r - 1.0f : r;
 }
 GS_INLINE double gs_floor(double x) { return std::floor(x); }
 
@@ -380,6 +391,148 @@ GS_INLINE void gs_blk_adjoint_output(const double gy, const double h, const doub
     o_gs = gs;
     o_gmd = gmd;
 }
+#if GS_VECTOR_BLOCKS
+
+// ---------------------------------------------------------------------------
+// The fp32 blocks again, on 16 lanes at once: the same printed lines with their declared types
+// swapped for GCC vector types (gs_vf: 16 floats; gs_vm: a flag per lane, -1 or 0, which is what
+// vector comparisons give and what `flag ? a : b` selects with). Operators are the IEEE ones,
+// lane by lane; fmaf, gs_floor, gs_pow2 and gs_exp2 are overloaded below, each giving bit for bit
+// what the scalar function gives (tests/test_cpu_backend.py compares every fp32 input). What
+// the vector forms buy is instructions: roundscale for the roundings, scalef for the powers of
+// two, 10 instructions an exponential where the auto-vectorised scalar code took 16.
+// ---------------------------------------------------------------------------
+typedef float gs_vf __attribute__((vector_size(64)));
+typedef int32_t gs_vm __attribute__((vector_size(64)));
+typedef float gs_vfu __attribute__((vector_size(64), aligned(4), __may_alias__));  // 16 floats anywhere
+
+GS_INLINE gs_vf gs_vld(const float* p) { return *(const gs_vfu*)p; }
+GS_INLINE void gs_vst(float* p, gs_vf v) { *(gs_vfu*)p = v; }
+GS_INLINE gs_vf gs_bc(gs_vf a) { return a; }
+GS_INLINE gs_vf gs_bc(float a) { return (gs_vf)_mm512_set1_ps(a); }
+GS_INLINE __m512 gs_m(gs_vf a) { return (__m512)a; }
+
+template <class A, class B, class C,
+          class = std::enable_if_t<std::is_same_v<A, gs_vf> || std::is_same_v<B, gs_vf> || std::is_same_v<C, gs_vf>>>
+GS_INLINE gs_vf fmaf(A a, B b, C c)
+{
+    return (gs_vf)_mm512_fmadd_ps(gs_m(gs_bc(a)), gs_m(gs_bc(b)), gs_m(gs_bc(c)));
+}
+
+// floor, every input (NaN and inf stay)
+GS_INLINE gs_vf gs_floor(gs_vf x) { return (gs_vf)_mm512_roundscale_ps(gs_m(x), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+
+// 2^n for a whole n as the scalar gs_pow2: 0 for n <= -127, +inf above 127 (scalef saturates);
+// a NaN gives NaN (the scalar one builds 0 or +inf: never read, see there)
+GS_INLINE gs_vf gs_pow2(gs_vf n)
+{
+    const __mmask16 keep = _mm512_cmp_ps_mask(gs_m(n), _mm512_set1_ps(-127.0f), _CMP_NLE_UQ);  // n > -127, or NaN
+    return (gs_vf)_mm512_maskz_scalef_ps(keep, _mm512_set1_ps(1.0f), gs_m(n));
+}
+
+// 2^x as the scalar gs_exp2, bit for bit: k = round(x) to nearest even (x clamped above at 128
+// first: the scalar k's clamp, and f stays finite for x = +inf), the same polynomial in f = x - k,
+// then p * 2^k by scalef (exact scaling, +inf above the range) and 0 where k <= -127 (the scalar
+// flush: x < -126.5, -inf included); a NaN stays NaN.
+GS_INLINE gs_vf gs_exp2(gs_vf x)
+{
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(128.0f), gs_m(x));  // a NaN x: minps returns its second operand
+    const __m512 k = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const gs_vf f = (gs_vf)_mm512_sub_ps(xc, k);
+    gs_vf p = gs_bc(1.326472731e-03f);
+    p = fmaf(p, f, 9.671512991e-03f);
+    p = fmaf(p, f, 5.550733581e-02f);
+    p = fmaf(p, f, 2.402224243e-01f);
+    p = fmaf(p, f, 6.931470037e-01f);
+    p = fmaf(p, f, 1.0f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(k, _mm512_set1_ps(-127.0f), _CMP_NLE_UQ);  // k > -127, or NaN
+    // k = 128 gives +inf, as the scalar 2^k from exponent bits does (p < 1 there would scale to a finite value)
+    const __m512 e = _mm512_mask_add_ps(k, _mm512_cmp_ps_mask(k, _mm512_set1_ps(128.0f), _CMP_EQ_OQ), k, k);
+    return (gs_vf)_mm512_maskz_scalef_ps(keep, gs_m(p), e);
+}
+
+// e^x lane by lane through the scalar gs_exp (no block the lowering prints uses it today)
+GS_INLINE gs_vf gs_exp(gs_vf x)
+{
+    gs_vf r;
+    for (int i = 0; i < 16; ++i) r[i] = gs_exp(x[i]);
+    return r;
+}
+
+// forward (16 x float): (w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (h)
+GS_INLINE void gs_blk_forward(const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vm e0, const gs_vm e2, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf lam, const gs_vf x, gs_vf& o_h)
+{
+    const gs_vf cse0 = (e0 ? w0 : w1);
+    const gs_vf cse1 = (e2 ? w2 : w1);
+    const gs_vf cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const gs_vf cse3 = gs_pow2(cse2);
+    const gs_vf cse4 = -cse2;
+    const gs_vf cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
+    const gs_vf cse6 = (e0 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4)))) : 0.0f);
+    const gs_vf cse7 = (e2 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4)))) : 0.0f);
+    const gs_vf cse8 = (1.0f/(cse5 + cse6 + cse7));
+    const gs_vf h = fmaf(cse5, cse8*hp1, fmaf(cse6, cse8*hp0, fmaf(cse7, cse8*hp2, lam*x)));
+    o_h = h;
+}
+
+// output (16 x float): (h, x, u, s, md) -> (y)
+GS_INLINE void gs_blk_output(const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, const gs_vf md, gs_vf& o_y)
+{
+    const gs_vf y = md*(fmaf(h, u, s*x));
+    o_y = y;
+}
+
+// adjoint (16 x float): (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx, gw0, gw1, gw2, ghp0, ghp1, ghp2)
+GS_INLINE void gs_blk_adjoint(const gs_vf gh, const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vm e0, const gs_vm e2, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf lam, const gs_vf x, gs_vf& o_glam, gs_vf& o_gx, gs_vf& o_gw0, gs_vf& o_gw1, gs_vf& o_gw2, gs_vf& o_ghp0, gs_vf& o_ghp1, gs_vf& o_ghp2)
+{
+    const gs_vf cse0 = (e0 ? w0 : w1);
+    const gs_vf cse1 = (e2 ? w2 : w1);
+    const gs_vf cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
+    const gs_vf cse3 = gs_pow2(cse2);
+    const gs_vf cse4 = -cse2;
+    const gs_vf cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4))));
+    const gs_vf cse6 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
+    const gs_vf cse7 = (e0 ? cse5 : 0.0f);
+    const gs_vf cse8 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4))));
+    const gs_vf cse9 = (e2 ? cse8 : 0.0f);
+    const gs_vf cse10 = (1.0f/(cse6 + cse7 + cse9));
+    const gs_vf cse11 = -cse10*(fmaf(cse6, hp1, fmaf(cse7, hp0, cse9*hp2)));
+    const gs_vf cse12 = cse10*gh;
+    const gs_vf cse13 = cse12*cse6;
+    const gs_vf glam = gh*x;
+    const gs_vf gx = gh*lam;
+    const gs_vf gw0 = (e0 ? cse5*(fmaf(-cse3, cse5, 1.0f))*(e0 ? cse12*(cse11 + hp0) : 0.0f) : 0.0f);
+    const gs_vf gw1 = cse13*(cse11 + hp1)*(fmaf(-cse3, cse6, 1.0f));
+    const gs_vf gw2 = (e2 ? cse8*(fmaf(-cse3, cse8, 1.0f))*(e2 ? cse12*(cse11 + hp2) : 0.0f) : 0.0f);
+    const gs_vf ghp0 = cse12*cse7;
+    const gs_vf ghp1 = cse13;
+    const gs_vf ghp2 = cse12*cse9;
+    o_glam = glam;
+    o_gx = gx;
+    o_gw0 = gw0;
+    o_gw1 = gw1;
+    o_gw2 = gw2;
+    o_ghp0 = ghp0;
+    o_ghp1 = ghp1;
+    o_ghp2 = ghp2;
+}
+
+// adjoint_output (16 x float): (gy, h, x, u, s, md) -> (gh, gx, gu, gs, gmd)
+GS_INLINE void gs_blk_adjoint_output(const gs_vf gy, const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, const gs_vf md, gs_vf& o_gh, gs_vf& o_gx, gs_vf& o_gu, gs_vf& o_gs, gs_vf& o_gmd)
+{
+    const gs_vf cse0 = gy*md;
+    const gs_vf gh = cse0*u;
+    const gs_vf gx = cse0*s;
+    const gs_vf gu = cse0*h;
+    const gs_vf gs = cse0*x;
+    const gs_vf gmd = gy*(fmaf(h, u, s*x));
+    o_gh = gh;
+    o_gx = gx;
+    o_gu = gu;
+    o_gs = gs;
+    o_gmd = gmd;
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Geometry and tile staging.
@@ -675,6 +828,22 @@ static void gs_store_groups(T* gw, gs_i G, const F* tile, gs_i ls, int V, gs_i c
         }
 }
 
+#if GS_VECTOR_BLOCKS
+// The 16-lane loops index lanes in 32 bits: lines (and their neighbours' offsets) far below 2^31.
+GS_INLINE bool gs_vector_line(gs_i n, gs_i V) { return n < ((gs_i)1 << 30) && (gs_i)GS_R * V < ((gs_i)1 << 20); }
+
+// Neighbour c's flags for the 16 elements from j (jo = j + c's offset), as the scalar loops set them.
+template <bool CS, bool EDGE>
+GS_INLINE gs_vm gs_flags(int c, gs_i jo, gs_i n)
+{
+    if (CS) return gs_vm{} + (c == GS_R ? -1 : 0);
+    if (!EDGE) return gs_vm{} - 1;
+    const gs_vm lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const gs_vm i = lane + (int32_t)jo;
+    return (i >= 0) & (i < (int32_t)n);
+}
+#endif
+
 // ---------------------------------------------------------------------------
 // One line of one step (j runs over the L*V elements of the line).
 // CS: the step starts a chunk (no previous line).
@@ -692,6 +861,35 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
 {
     const F* wl[GS_K];
     for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
+#if GS_VECTOR_BLOCKS
+    if constexpr (std::is_same_v<F, float>) {
+        if (gs_vector_line(n, V)) {
+            for (; j0 + 16 <= j1; j0 += 16) {
+                const gs_i j = j0;
+                [[maybe_unused]] gs_vf f_w[GS_K];
+                [[maybe_unused]] gs_vm f_e[GS_K];
+                [[maybe_unused]] gs_vf f_hp[GS_K];
+#pragma GCC unroll 16
+                for (int c = 0; c < GS_K; ++c) {
+                    const gs_i o = (gs_i)(c - GS_R) * V;
+                    f_e[c] = gs_flags<CS, EDGE>(c, j + o, n);
+                    f_w[c] = (CS || !gs_w_used_fwd(c)) ? gs_bc(0.0f) : gs_vld(wl[c] + j);
+                    f_hp[c] = CS ? gs_bc(0.0f) : gs_vld(hprev + j + o);
+                }
+                [[maybe_unused]] const gs_vf f_x = gs_vld(xl + j);
+                [[maybe_unused]] const gs_vf f_lam = gs_vld(laml + j);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(ul + j) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sl + j) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+                gs_vf f_h, f_y;
+                gs_blk_forward(f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_h);
+                gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
+                gs_vst(hout + j, f_h);
+                gs_vst(yout + j, f_y);
+            }
+        }
+    }
+#endif
 #pragma omp simd
     for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];
@@ -735,6 +933,52 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
         gwl[c] = gwl_[c];
     }
     F gm = 0;
+#if GS_VECTOR_BLOCKS
+    if constexpr (std::is_same_v<F, float>) {
+        if (gs_vector_line(n, V)) {
+            gs_vf gmv = gs_bc(0.0f);
+            for (; j0 + 16 <= j1; j0 += 16) {
+                const gs_i j = j0;
+                [[maybe_unused]] gs_vf f_w[GS_K];
+                [[maybe_unused]] gs_vm f_e[GS_K];
+                [[maybe_unused]] gs_vf f_hp[GS_K];
+                gs_vf f_ghp[GS_K], f_gw[GS_K];
+                gs_vf gin = gs_bc(0.0f);  // as in the scalar loop below
+#pragma GCC unroll 16
+                for (int c = 0; c < GS_K; ++c) {
+                    const gs_i o = (gs_i)(c - GS_R) * V;
+                    f_e[c] = gs_flags<CS, EDGE>(c, j + o, n);
+                    f_w[c] = (CS || !gs_w_used_bwd(c)) ? gs_bc(0.0f) : gs_vld(wl[c] + j);
+                    f_hp[c] = (CS || !GS_BWD_HP) ? gs_bc(0.0f) : gs_vld(hprev + j + o);
+                    gin += gs_vld(ghin[c] + j - o);
+                }
+                [[maybe_unused]] const gs_vf f_gy = gs_vld(gyl + j);
+                [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? gs_vld(hl + j) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_x = gs_vld(xl + j);
+                [[maybe_unused]] const gs_vf f_lam = gs_vld(laml + j);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(ul + j) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sl + j) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+                gs_vf f_gho, f_gxo, f_glam, f_gxa;
+                [[maybe_unused]] gs_vf f_gu = gs_bc(0.0f), f_gs = gs_bc(0.0f), f_gmd = gs_bc(0.0f);
+                gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_md, f_gho, f_gxo, f_gu, f_gs, f_gmd);
+                const gs_vf f_gh = f_gho + gin;
+                gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
+                gs_vst(gxl + j, f_gxa + f_gxo);
+                gs_vst(glaml + j, f_glam);
+                if (GS_MOD) gs_vst(gul + j, f_gu);
+                if (GS_SKIP) gs_vst(gsl + j, f_gs);
+                gmv += f_gmd;
+#pragma GCC unroll 16
+                for (int c = 0; c < GS_K; ++c) {
+                    gs_vst(gwl[c] + j, f_gw[c]);
+                    gs_vst(ghout[c] + j, f_ghp[c]);
+                }
+            }
+            if (GS_LEARNED) gm = _mm512_reduce_add_ps(gs_m(gmv));
+        }
+    }
+#endif
 #pragma omp simd reduction(+ : gm)
     for (gs_i j = j0; j < j1; ++j) {
         [[maybe_unused]] F f_w[GS_K];

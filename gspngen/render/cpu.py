@@ -62,21 +62,39 @@ def _print_block(block: CodeBlock, lang: str) -> list[str]:
     return print_block(block, lang)
 
 
+# The fp32 blocks are also compiled for 16 lanes at once (AVX-512): the same printed lines with the
+# declared types swapped for the template's vector types, whose operators and function overloads
+# (gs_exp2, gs_floor, gs_pow2, fmaf) take the place of the scalar ones.
+VECTOR_TYPES = {"float": "gs_vf", "bool": "gs_vm"}
+
+
+def _signature(used: list[str], outs: list[str], ctype: str, flag: str) -> str:
+    params = [f"const {flag if re.fullmatch(r'e[0-9]', v) else ctype} {v}" for v in used]
+    return ", ".join(params + [f"{ctype}& o_{o}" for o in outs])
+
+
 def _math_block(name: str, block: CodeBlock, lang: str) -> dict:
-    """An inline function for one printed block in one math type."""
+    """An inline function for one printed block in one math type (fp32: also its 16-lane form)."""
     ctype = "double" if lang == "cpu64" else "float"
     used = [_check_ident(v, f"block {name} input") for v in block.used_inputs]
     outs = [_check_ident(v, f"block {name} output") for v in block.outputs]
-    params = [f"const {'bool' if re.fullmatch(r'e[0-9]', v) else ctype} {v}" for v in used]
-    params += [f"{ctype}& o_{o}" for o in outs]
-    return {
+    lines = _check_lines(name, lang, _print_block(block, lang))
+    out = {
         "name": name,
         "ctype": ctype,
         "inputs": list(block.inputs),
         "outputs": outs,
-        "signature": ", ".join(params),
-        "lines": _check_lines(name, lang, _print_block(block, lang)),
+        "signature": _signature(used, outs, ctype, "bool"),
+        "lines": lines,
     }
+    if lang == "cpu":
+        # _check_lines has matched every line to "const (float|bool) name = expr;": the type changes, and
+        # the value goes through gs_bc / gs_bm, which broadcast an expression of constants alone
+        out["vsignature"] = _signature(used, outs, VECTOR_TYPES["float"], VECTOR_TYPES["bool"])
+        out["vlines"] = [_LINE.sub(lambda m: f"const {VECTOR_TYPES[m.group(1)]} {m.group(2)} = "
+                                   f"{'gs_bc' if m.group(1) == 'float' else 'gs_bm'}({m.group(3)});", line)
+                         for line in lines]
+    return out
 
 
 def _call(name: str, block: CodeBlock) -> str:
