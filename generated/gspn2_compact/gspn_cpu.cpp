@@ -410,6 +410,8 @@ GS_INLINE gs_vf gs_vld(const float* p) { return *(const gs_vfu*)p; }
 GS_INLINE void gs_vst(float* p, gs_vf v) { *(gs_vfu*)p = v; }
 GS_INLINE gs_vf gs_bc(gs_vf a) { return a; }
 GS_INLINE gs_vf gs_bc(float a) { return (gs_vf)_mm512_set1_ps(a); }
+GS_INLINE gs_vm gs_bm(gs_vm a) { return a; }
+GS_INLINE gs_vm gs_bm(bool a) { return gs_vm{} - (int32_t)a; }
 GS_INLINE __m512 gs_m(gs_vf a) { return (__m512)a; }
 
 template <class A, class B, class C,
@@ -462,51 +464,51 @@ GS_INLINE gs_vf gs_exp(gs_vf x)
 // forward (16 x float): (w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (h)
 GS_INLINE void gs_blk_forward(const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vm e0, const gs_vm e2, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf lam, const gs_vf x, gs_vf& o_h)
 {
-    const gs_vf cse0 = (e0 ? w0 : w1);
-    const gs_vf cse1 = (e2 ? w2 : w1);
-    const gs_vf cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
-    const gs_vf cse3 = gs_pow2(cse2);
-    const gs_vf cse4 = -cse2;
-    const gs_vf cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
-    const gs_vf cse6 = (e0 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4)))) : 0.0f);
-    const gs_vf cse7 = (e2 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4)))) : 0.0f);
-    const gs_vf cse8 = (1.0f/(cse5 + cse6 + cse7));
-    const gs_vf h = fmaf(cse5, cse8*hp1, fmaf(cse6, cse8*hp0, fmaf(cse7, cse8*hp2, lam*x)));
+    const gs_vf cse0 = gs_bc((e0 ? w0 : w1));
+    const gs_vf cse1 = gs_bc((e2 ? w2 : w1));
+    const gs_vf cse2 = gs_bc(gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)))));
+    const gs_vf cse3 = gs_bc(gs_pow2(cse2));
+    const gs_vf cse4 = gs_bc(-cse2);
+    const gs_vf cse5 = gs_bc((1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4)))));
+    const gs_vf cse6 = gs_bc((e0 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4)))) : 0.0f));
+    const gs_vf cse7 = gs_bc((e2 ? (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4)))) : 0.0f));
+    const gs_vf cse8 = gs_bc((1.0f/(cse5 + cse6 + cse7)));
+    const gs_vf h = gs_bc(fmaf(cse5, cse8*hp1, fmaf(cse6, cse8*hp0, fmaf(cse7, cse8*hp2, lam*x))));
     o_h = h;
 }
 
 // output (16 x float): (h, x, u, s, md) -> (y)
 GS_INLINE void gs_blk_output(const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, const gs_vf md, gs_vf& o_y)
 {
-    const gs_vf y = md*(fmaf(h, u, s*x));
+    const gs_vf y = gs_bc(md*(fmaf(h, u, s*x)));
     o_y = y;
 }
 
 // adjoint (16 x float): (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx, gw0, gw1, gw2, ghp0, ghp1, ghp2)
 GS_INLINE void gs_blk_adjoint(const gs_vf gh, const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vm e0, const gs_vm e2, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf lam, const gs_vf x, gs_vf& o_glam, gs_vf& o_gx, gs_vf& o_gw0, gs_vf& o_gw1, gs_vf& o_gw2, gs_vf& o_ghp0, gs_vf& o_ghp1, gs_vf& o_ghp2)
 {
-    const gs_vf cse0 = (e0 ? w0 : w1);
-    const gs_vf cse1 = (e2 ? w2 : w1);
-    const gs_vf cse2 = gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1))));
-    const gs_vf cse3 = gs_pow2(cse2);
-    const gs_vf cse4 = -cse2;
-    const gs_vf cse5 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4))));
-    const gs_vf cse6 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4))));
-    const gs_vf cse7 = (e0 ? cse5 : 0.0f);
-    const gs_vf cse8 = (1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4))));
-    const gs_vf cse9 = (e2 ? cse8 : 0.0f);
-    const gs_vf cse10 = (1.0f/(cse6 + cse7 + cse9));
-    const gs_vf cse11 = -cse10*(fmaf(cse6, hp1, fmaf(cse7, hp0, cse9*hp2)));
-    const gs_vf cse12 = cse10*gh;
-    const gs_vf cse13 = cse12*cse6;
-    const gs_vf glam = gh*x;
-    const gs_vf gx = gh*lam;
-    const gs_vf gw0 = (e0 ? cse5*(fmaf(-cse3, cse5, 1.0f))*(e0 ? cse12*(cse11 + hp0) : 0.0f) : 0.0f);
-    const gs_vf gw1 = cse13*(cse11 + hp1)*(fmaf(-cse3, cse6, 1.0f));
-    const gs_vf gw2 = (e2 ? cse8*(fmaf(-cse3, cse8, 1.0f))*(e2 ? cse12*(cse11 + hp2) : 0.0f) : 0.0f);
-    const gs_vf ghp0 = cse12*cse7;
-    const gs_vf ghp1 = cse13;
-    const gs_vf ghp2 = cse12*cse9;
+    const gs_vf cse0 = gs_bc((e0 ? w0 : w1));
+    const gs_vf cse1 = gs_bc((e2 ? w2 : w1));
+    const gs_vf cse2 = gs_bc(gs_floor(1.4426950408889634f*(0.0f < (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)) ? 0.0f : (cse0 > (cse1 > w1 ? cse1 : w1) ? cse0 : (cse1 > w1 ? cse1 : w1)))));
+    const gs_vf cse3 = gs_bc(gs_pow2(cse2));
+    const gs_vf cse4 = gs_bc(-cse2);
+    const gs_vf cse5 = gs_bc((1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse0, -cse4)))));
+    const gs_vf cse6 = gs_bc((1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, w1, -cse4)))));
+    const gs_vf cse7 = gs_bc((e0 ? cse5 : 0.0f));
+    const gs_vf cse8 = gs_bc((1.0f/(cse3 + gs_exp2(fmaf(-1.4426950408889634f, cse1, -cse4)))));
+    const gs_vf cse9 = gs_bc((e2 ? cse8 : 0.0f));
+    const gs_vf cse10 = gs_bc((1.0f/(cse6 + cse7 + cse9)));
+    const gs_vf cse11 = gs_bc(-cse10*(fmaf(cse6, hp1, fmaf(cse7, hp0, cse9*hp2))));
+    const gs_vf cse12 = gs_bc(cse10*gh);
+    const gs_vf cse13 = gs_bc(cse12*cse6);
+    const gs_vf glam = gs_bc(gh*x);
+    const gs_vf gx = gs_bc(gh*lam);
+    const gs_vf gw0 = gs_bc((e0 ? cse5*(fmaf(-cse3, cse5, 1.0f))*(e0 ? cse12*(cse11 + hp0) : 0.0f) : 0.0f));
+    const gs_vf gw1 = gs_bc(cse13*(cse11 + hp1)*(fmaf(-cse3, cse6, 1.0f)));
+    const gs_vf gw2 = gs_bc((e2 ? cse8*(fmaf(-cse3, cse8, 1.0f))*(e2 ? cse12*(cse11 + hp2) : 0.0f) : 0.0f));
+    const gs_vf ghp0 = gs_bc(cse12*cse7);
+    const gs_vf ghp1 = gs_bc(cse13);
+    const gs_vf ghp2 = gs_bc(cse12*cse9);
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -520,12 +522,12 @@ GS_INLINE void gs_blk_adjoint(const gs_vf gh, const gs_vf w0, const gs_vf w1, co
 // adjoint_output (16 x float): (gy, h, x, u, s, md) -> (gh, gx, gu, gs, gmd)
 GS_INLINE void gs_blk_adjoint_output(const gs_vf gy, const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, const gs_vf md, gs_vf& o_gh, gs_vf& o_gx, gs_vf& o_gu, gs_vf& o_gs, gs_vf& o_gmd)
 {
-    const gs_vf cse0 = gy*md;
-    const gs_vf gh = cse0*u;
-    const gs_vf gx = cse0*s;
-    const gs_vf gu = cse0*h;
-    const gs_vf gs = cse0*x;
-    const gs_vf gmd = gy*(fmaf(h, u, s*x));
+    const gs_vf cse0 = gs_bc(gy*md);
+    const gs_vf gh = gs_bc(cse0*u);
+    const gs_vf gx = gs_bc(cse0*s);
+    const gs_vf gu = gs_bc(cse0*h);
+    const gs_vf gs = gs_bc(cse0*x);
+    const gs_vf gmd = gs_bc(gy*(fmaf(h, u, s*x)));
     o_gh = gh;
     o_gx = gx;
     o_gu = gu;

@@ -432,6 +432,8 @@ GS_INLINE gs_vf gs_vld(const float* p) { return *(const gs_vfu*)p; }
 GS_INLINE void gs_vst(float* p, gs_vf v) { *(gs_vfu*)p = v; }
 GS_INLINE gs_vf gs_bc(gs_vf a) { return a; }
 GS_INLINE gs_vf gs_bc(float a) { return (gs_vf)_mm512_set1_ps(a); }
+GS_INLINE gs_vm gs_bm(gs_vm a) { return a; }
+GS_INLINE gs_vm gs_bm(bool a) { return gs_vm{} - (int32_t)a; }
 GS_INLINE __m512 gs_m(gs_vf a) { return (__m512)a; }
 
 template <class A, class B, class C,
@@ -484,61 +486,61 @@ GS_INLINE gs_vf gs_exp(gs_vf x)
 // forward (16 x float): (w0, w1, w2, w3, w4, e0, e1, e2, e3, e4, hp0, hp1, hp2, hp3, hp4, lam, x) -> (h)
 GS_INLINE void gs_blk_forward(const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vf w3, const gs_vf w4, const gs_vm e0, const gs_vm e1, const gs_vm e3, const gs_vm e4, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf hp3, const gs_vf hp4, const gs_vf lam, const gs_vf x, gs_vf& o_h)
 {
-    const gs_vf cse0 = (e0 ? w0 : w2);
-    const gs_vf cse1 = (e1 ? w1 : w2);
-    const gs_vf cse2 = (e3 ? w3 : w2);
-    const gs_vf cse3 = (e4 ? w4 : w2);
-    const gs_vf cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const gs_vf cse5 = gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2));
-    const gs_vf cse6 = (e0 ? gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4)) : 0.0f);
-    const gs_vf cse7 = (e1 ? gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4)) : 0.0f);
-    const gs_vf cse8 = (e3 ? gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4)) : 0.0f);
-    const gs_vf cse9 = (e4 ? gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4)) : 0.0f);
-    const gs_vf cse10 = (1.0f/(cse5 + cse6 + cse7 + cse8 + cse9));
-    const gs_vf h = fmaf(cse10, cse5*hp2, fmaf(cse10, cse6*hp0, fmaf(cse10, cse7*hp1, fmaf(cse10, cse8*hp3, fmaf(cse10, cse9*hp4, lam*x)))));
+    const gs_vf cse0 = gs_bc((e0 ? w0 : w2));
+    const gs_vf cse1 = gs_bc((e1 ? w1 : w2));
+    const gs_vf cse2 = gs_bc((e3 ? w3 : w2));
+    const gs_vf cse3 = gs_bc((e4 ? w4 : w2));
+    const gs_vf cse4 = gs_bc(-(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)))));
+    const gs_vf cse5 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2)));
+    const gs_vf cse6 = gs_bc((e0 ? gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4)) : 0.0f));
+    const gs_vf cse7 = gs_bc((e1 ? gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4)) : 0.0f));
+    const gs_vf cse8 = gs_bc((e3 ? gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4)) : 0.0f));
+    const gs_vf cse9 = gs_bc((e4 ? gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4)) : 0.0f));
+    const gs_vf cse10 = gs_bc((1.0f/(cse5 + cse6 + cse7 + cse8 + cse9)));
+    const gs_vf h = gs_bc(fmaf(cse10, cse5*hp2, fmaf(cse10, cse6*hp0, fmaf(cse10, cse7*hp1, fmaf(cse10, cse8*hp3, fmaf(cse10, cse9*hp4, lam*x))))));
     o_h = h;
 }
 
 // output (16 x float): (h, x, u, s) -> (y)
 GS_INLINE void gs_blk_output(const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, gs_vf& o_y)
 {
-    const gs_vf y = fmaf(h, u, s*x);
+    const gs_vf y = gs_bc(fmaf(h, u, s*x));
     o_y = y;
 }
 
 // adjoint (16 x float): (gh, w0, w1, w2, w3, w4, e0, e1, e2, e3, e4, hp0, hp1, hp2, hp3, hp4, lam, x) -> (glam, gx, gw0, gw1, gw2, gw3, gw4, ghp0, ghp1, ghp2, ghp3, ghp4)
 GS_INLINE void gs_blk_adjoint(const gs_vf gh, const gs_vf w0, const gs_vf w1, const gs_vf w2, const gs_vf w3, const gs_vf w4, const gs_vm e0, const gs_vm e1, const gs_vm e3, const gs_vm e4, const gs_vf hp0, const gs_vf hp1, const gs_vf hp2, const gs_vf hp3, const gs_vf hp4, const gs_vf lam, const gs_vf x, gs_vf& o_glam, gs_vf& o_gx, gs_vf& o_gw0, gs_vf& o_gw1, gs_vf& o_gw2, gs_vf& o_gw3, gs_vf& o_gw4, gs_vf& o_ghp0, gs_vf& o_ghp1, gs_vf& o_ghp2, gs_vf& o_ghp3, gs_vf& o_ghp4)
 {
-    const gs_vf cse0 = (e0 ? w0 : w2);
-    const gs_vf cse1 = (e1 ? w1 : w2);
-    const gs_vf cse2 = (e3 ? w3 : w2);
-    const gs_vf cse3 = (e4 ? w4 : w2);
-    const gs_vf cse4 = -(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))));
-    const gs_vf cse5 = gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4));
-    const gs_vf cse6 = gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2));
-    const gs_vf cse7 = (e0 ? cse5 : 0.0f);
-    const gs_vf cse8 = gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4));
-    const gs_vf cse9 = (e1 ? cse8 : 0.0f);
-    const gs_vf cse10 = gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4));
-    const gs_vf cse11 = (e3 ? cse10 : 0.0f);
-    const gs_vf cse12 = gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4));
-    const gs_vf cse13 = (e4 ? cse12 : 0.0f);
-    const gs_vf cse14 = (1.0f/(cse11 + cse13 + cse6 + cse7 + cse9));
-    const gs_vf cse15 = -cse14*(fmaf(cse11, hp3, fmaf(cse13, hp4, fmaf(cse6, hp2, fmaf(cse7, hp0, cse9*hp1)))));
-    const gs_vf cse16 = cse14*gh;
-    const gs_vf cse17 = cse16*cse6;
-    const gs_vf glam = gh*x;
-    const gs_vf gx = gh*lam;
-    const gs_vf gw0 = (e0 ? cse5*(e0 ? cse16*(cse15 + hp0) : 0.0f) : 0.0f);
-    const gs_vf gw1 = (e1 ? cse8*(e1 ? cse16*(cse15 + hp1) : 0.0f) : 0.0f);
-    const gs_vf gw2 = cse17*(cse15 + hp2);
-    const gs_vf gw3 = (e3 ? cse10*(e3 ? cse16*(cse15 + hp3) : 0.0f) : 0.0f);
-    const gs_vf gw4 = (e4 ? cse12*(e4 ? cse16*(cse15 + hp4) : 0.0f) : 0.0f);
-    const gs_vf ghp0 = cse16*cse7;
-    const gs_vf ghp1 = cse16*cse9;
-    const gs_vf ghp2 = cse17;
-    const gs_vf ghp3 = cse11*cse16;
-    const gs_vf ghp4 = cse13*cse16;
+    const gs_vf cse0 = gs_bc((e0 ? w0 : w2));
+    const gs_vf cse1 = gs_bc((e1 ? w1 : w2));
+    const gs_vf cse2 = gs_bc((e3 ? w3 : w2));
+    const gs_vf cse3 = gs_bc((e4 ? w4 : w2));
+    const gs_vf cse4 = gs_bc(-(cse0 > (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2))) ? cse0 : (cse1 > (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)) ? cse1 : (cse2 > (cse3 > w2 ? cse3 : w2) ? cse2 : (cse3 > w2 ? cse3 : w2)))));
+    const gs_vf cse5 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse0, 1.4426950408889634f*cse4)));
+    const gs_vf cse6 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse4, 1.4426950408889634f*w2)));
+    const gs_vf cse7 = gs_bc((e0 ? cse5 : 0.0f));
+    const gs_vf cse8 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse1, 1.4426950408889634f*cse4)));
+    const gs_vf cse9 = gs_bc((e1 ? cse8 : 0.0f));
+    const gs_vf cse10 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse2, 1.4426950408889634f*cse4)));
+    const gs_vf cse11 = gs_bc((e3 ? cse10 : 0.0f));
+    const gs_vf cse12 = gs_bc(gs_exp2(fmaf(1.4426950408889634f, cse3, 1.4426950408889634f*cse4)));
+    const gs_vf cse13 = gs_bc((e4 ? cse12 : 0.0f));
+    const gs_vf cse14 = gs_bc((1.0f/(cse11 + cse13 + cse6 + cse7 + cse9)));
+    const gs_vf cse15 = gs_bc(-cse14*(fmaf(cse11, hp3, fmaf(cse13, hp4, fmaf(cse6, hp2, fmaf(cse7, hp0, cse9*hp1))))));
+    const gs_vf cse16 = gs_bc(cse14*gh);
+    const gs_vf cse17 = gs_bc(cse16*cse6);
+    const gs_vf glam = gs_bc(gh*x);
+    const gs_vf gx = gs_bc(gh*lam);
+    const gs_vf gw0 = gs_bc((e0 ? cse5*(e0 ? cse16*(cse15 + hp0) : 0.0f) : 0.0f));
+    const gs_vf gw1 = gs_bc((e1 ? cse8*(e1 ? cse16*(cse15 + hp1) : 0.0f) : 0.0f));
+    const gs_vf gw2 = gs_bc(cse17*(cse15 + hp2));
+    const gs_vf gw3 = gs_bc((e3 ? cse10*(e3 ? cse16*(cse15 + hp3) : 0.0f) : 0.0f));
+    const gs_vf gw4 = gs_bc((e4 ? cse12*(e4 ? cse16*(cse15 + hp4) : 0.0f) : 0.0f));
+    const gs_vf ghp0 = gs_bc(cse16*cse7);
+    const gs_vf ghp1 = gs_bc(cse16*cse9);
+    const gs_vf ghp2 = gs_bc(cse17);
+    const gs_vf ghp3 = gs_bc(cse11*cse16);
+    const gs_vf ghp4 = gs_bc(cse13*cse16);
     o_glam = glam;
     o_gx = gx;
     o_gw0 = gw0;
@@ -556,10 +558,10 @@ GS_INLINE void gs_blk_adjoint(const gs_vf gh, const gs_vf w0, const gs_vf w1, co
 // adjoint_output (16 x float): (gy, h, x, u, s) -> (gh, gx, gu, gs)
 GS_INLINE void gs_blk_adjoint_output(const gs_vf gy, const gs_vf h, const gs_vf x, const gs_vf u, const gs_vf s, gs_vf& o_gh, gs_vf& o_gx, gs_vf& o_gu, gs_vf& o_gs)
 {
-    const gs_vf gh = gy*u;
-    const gs_vf gx = gy*s;
-    const gs_vf gu = gy*h;
-    const gs_vf gs = gy*x;
+    const gs_vf gh = gs_bc(gy*u);
+    const gs_vf gx = gs_bc(gy*s);
+    const gs_vf gu = gs_bc(gy*h);
+    const gs_vf gs = gs_bc(gy*x);
     o_gh = gh;
     o_gx = gx;
     o_gu = gu;
