@@ -289,9 +289,10 @@ def _measure_backend(spec: Spec, name: str, copies: list[dict], gys: list[torch.
 
     Forward is ``gspngen::scan`` under no_grad: the training forward, which also stores h for the
     backward. The no-gradient forward is the call a module makes under ``torch.no_grad()``
-    (inference): the backend's forward with ``need_saved=False``, no h stored. Backward is exactly
-    ``gspngen::scan_backward`` fed the backend's own ``saved`` tensor of the same copy. None
-    includes autograd bookkeeping or input validation.
+    (inference): the backend's forward with ``need_saved=False``, no h stored, and none of the
+    op's dispatch (the op parses the spec and checks its inputs: microseconds, which show only on
+    tiny shapes). Backward is exactly ``gspngen::scan_backward`` fed the backend's own ``saved``
+    tensor of the same copy. None includes autograd bookkeeping.
     """
     from . import ops  # noqa: F401  (registers torch.ops.gspngen.*)
     from .api import _accepts_need_saved

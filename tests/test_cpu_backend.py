@@ -339,6 +339,68 @@ def test_16_bit_transposed_staging_is_exact(dtype):
     assert outs[0][0].isnan().any() and outs[0][0].isfinite().any()
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """fp32 bits with every NaN made the same NaN (payloads and signs of NaNs may differ)."""
+    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int32)
+
+
+@pytest.mark.parametrize("case", [
+    ({}, (2, 3, 21, 37)),
+    ({"connection": 1, "merge": "mean"}, (1, 2, 18, 17)),
+    ({"connection": 9, "normalization": "none", "chunk": 5, "modulation": False}, (1, 2, 19, 40)),
+    ({"connection": 5, "normalization": "softmax", "layout": "nhwc", "weight_groups": 2, "merge": "stack",
+      "skip": False}, (2, 6, 13, 35)),
+    ({"connection": 7, "layout": "nhwc", "merge": "learned", "directions": ["bt", "rl"]}, (1, 3, 22, 11)),
+], ids=["gspn4-like", "k1", "k9-none-chunk", "k5-softmax-nhwc", "k7-nhwc"])
+def test_vector_lines_match_the_scalar_lines(monkeypatch, case):
+    """The fp32 line loops on 16 lanes (GS_VECTOR_BLOCKS) against the same source built without them:
+    every output and gradient the same bits (any NaN for a NaN), extreme logits, infinities and a NaN
+    included; the learned merge's gradient within a rounding (its lanes are summed in another order).
+    Lines of odd lengths send some elements of every range through the scalar loop too."""
+    if "#define GS_VECTOR_BLOCKS 1" not in cpp_macros("-march=native"):
+        pytest.skip("the compiler builds no 16-lane loops here (they need AVX-512 and GCC)")
+    overrides, shape = case
+    spec = Spec.from_dict({"name": "vl", "precision": ["fp32"], **overrides})
+    inputs = make_inputs(spec, *shape, dtype=torch.float32, seed=11)
+    args = [inputs[n] for n in ARG_NAMES]
+    w = args[1].view(-1)
+    w[::7] = 60.0
+    w[3::11] = -90.0
+    w[5::13] = -1e4
+    w[6::17] = 130.0
+    w[8::19] = -0.0
+    args[0].view(-1)[5] = float("nan")
+    args[0].view(-1)[-9] = float("inf")
+    text = render_cpu.render_source(spec)
+    assert "#ifndef GS_VECTOR_BLOCKS" in text
+    outs = []
+    for source in (text, "#define GS_VECTOR_BLOCKS 0\n" + text):
+        monkeypatch.setattr(render_cpu, "kernel_source", lambda _spec, s=source: s)
+        be = CpuBackend(poison=True)
+        y, saved = be.forward(spec, *args)
+        y0, _ = be.forward(spec, *args, need_saved=False)
+        gy = torch.linspace(-2, 2, y.numel()).reshape(y.shape)
+        outs.append([y, y0, saved, *be.backward(spec, gy, *args, saved)])
+    names = ["y", "y (no h)", "h", "gx", "gw", "glam", "gu", "gs", "gm"]
+    for name, a, b in zip(names, *outs):
+        if a is None:
+            assert b is None
+        elif name == "gm":
+            assert torch.allclose(a, b, rtol=1e-6, atol=0, equal_nan=True)
+        else:
+            assert torch.equal(_bits(a), _bits(b)), name
+    assert outs[0][0].isnan().any() and outs[0][0].isfinite().any()
+
+
+def cpp_macros(*flags: str) -> str:
+    """What the build's compiler predefines with these flags, plus the template's macro test."""
+    cxx, _ = cpu_build.find_compiler()
+    probe = ("#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)\n"
+             "#define GS_VECTOR_BLOCKS 1\n#endif\nGS_VECTOR_BLOCKS\n")
+    res = subprocess.run([cxx, *flags, "-x", "c++", "-E", "-dM", "-"], input=probe, capture_output=True, text=True)
+    return res.stdout
+
+
 def test_channels_not_in_whole_weight_groups_are_an_error_not_a_crash():
     # the public API checks first; a direct backend call must not reach the kernels' C / G division
     spec = load_spec("examples/wide5.yaml")
@@ -575,6 +637,8 @@ def test_vector_primitives_match_the_scalar_ones_on_every_input(tmp_path):
     import ctypes
     import re
 
+    if "#define GS_VECTOR_BLOCKS 1" not in cpp_macros("-march=native"):
+        pytest.skip("the compiler builds no 16-lane functions here (they need AVX-512 and GCC)")
     src = render_cpu.kernel_source(feature_spec(0))
     scalar = src[src.index("template <class To, class From> GS_INLINE To gs_bits"):src.index("// Per-pixel math, printed")]
     start = src.index("typedef float gs_vf ")

@@ -40,7 +40,9 @@
 // compiler drop NaN/inf handling. fp64 uses libm's accurate exp. With
 // AVX-512 and GCC, the fp32 line loops run the printed blocks on 16 lanes
 // at once (GS_VECTOR_BLOCKS: the same lines, compiled for vector types), a
-// scalar loop taking a line's last few elements; both give the same bits.
+// scalar loop taking what is left of each range after its last whole
+// vector; both give the same bits (the build turns off fp contraction: only
+// the printed fmaf calls fuse).
 // The line loops are specialised for the interior of a line, where every neighbour
 // exists and the printed selections on the flags fold away (gs_line_ranges).
 //
@@ -58,10 +60,13 @@
 #include <immintrin.h>
 #endif
 // The fp32 line loops on 16 lanes at once (below): GCC's vector extensions, selections included.
+// (Defined beforehand to 0, the scalar loops run alone: the tests compare the two builds.)
+#ifndef GS_VECTOR_BLOCKS
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #define GS_VECTOR_BLOCKS 1
 #else
 #define GS_VECTOR_BLOCKS 0
+#endif
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -212,10 +217,19 @@ GS_INLINE float gs_exp2(float x)
 // where that rounded up. Exact for every input: whole numbers (all of |x| >= 2^23), infinities, -0
 // and NaN stay. (The magic-constant rounding before it took |x| >= 2^22 for whole, wrong for the
 // half-integers in [2^22, 2^23), and turned -0 into +0.)
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_roundevenf)
+#define GS_ROUNDEVEN 1
+#endif
+#endif
 GS_INLINE float gs_floor(float x)
 {
+#if defined(GS_ROUNDEVEN)
     const float r = __builtin_roundevenf(x);
     return r > x ? r - 1.0f : r;
+#else
+    return std::floor(x);  // older compilers (GCC < 10, clang < 17): the same values; clang vectorises it
+#endif
 }
 GS_INLINE double gs_floor(double x) { return std::floor(x); }
 
@@ -398,7 +412,8 @@ GS_INLINE void gs_blk_adjoint_output(const double gy, const double h, const doub
 // swapped for GCC vector types (gs_vf: 16 floats; gs_vm: a flag per lane, -1 or 0, which is what
 // vector comparisons give and what `flag ? a : b` selects with). Operators are the IEEE ones,
 // lane by lane; fmaf, gs_floor, gs_pow2 and gs_exp2 are overloaded below, each giving bit for bit
-// what the scalar function gives (tests/test_cpu_backend.py compares every fp32 input). What
+// what the scalar function gives (tests/test_cpu_backend.py compares every fp32 input, and the
+// kernels built with and without these loops). What
 // the vector forms buy is instructions: roundscale for the roundings, scalef for the powers of
 // two, 10 instructions an exponential where the auto-vectorised scalar code took 16.
 // ---------------------------------------------------------------------------
@@ -798,15 +813,19 @@ GS_INLINE void gs_prefetch(const A* img, gs_i ps, int V, const GsDir& g, gs_i W,
         for (gs_i i = i0; i < i1; ++i)
             for (gs_i c = 0; c < n; c += LINE) __builtin_prefetch(img + i * W + c0 + c, 0, GS_PF_LOCALITY);
     } else {
-        if (q >= TS || t0 + q >= g.T) return;
-        const gs_i t = t0 + q;
-        if (!GS_NHWC) {
-            const A* row = img + (g.rev ? g.T - 1 - t : t) * W;
-            for (gs_i i = 0; i < g.L; i += LINE) __builtin_prefetch(row + i, 0, GS_PF_LOCALITY);
-        } else {
-            for (gs_i i = 0; i < g.L; ++i) {
-                const A* px = img + gs_pix(g, W, t, i) * ps;
-                for (gs_i c = 0; c < V; c += LINE) __builtin_prefetch(px + c, 0, GS_PF_LOCALITY);
+        // row q of the tile; the current tile's last line also takes the rows beyond it, where the
+        // current tile is shorter than the one prefetched (a direction's last tile before the next's first)
+        const int q1 = q + 1 < nt ? q + 1 : TS;
+        for (int r = q; r < q1 && t0 + r < g.T; ++r) {
+            const gs_i t = t0 + r;
+            if (!GS_NHWC) {
+                const A* row = img + (g.rev ? g.T - 1 - t : t) * W;
+                for (gs_i i = 0; i < g.L; i += LINE) __builtin_prefetch(row + i, 0, GS_PF_LOCALITY);
+            } else {
+                for (gs_i i = 0; i < g.L; ++i) {
+                    const A* px = img + gs_pix(g, W, t, i) * ps;
+                    for (gs_i c = 0; c < V; c += LINE) __builtin_prefetch(px + c, 0, GS_PF_LOCALITY);
+                }
             }
         }
     }
@@ -1166,7 +1185,8 @@ GS_INLINE gs_i gs_claim(gs_i& counter)
 // The tile a pass stages after tile t0 of direction d of the current item: the next tile of the
 // direction, else the first of the next direction, else the first of the item this thread runs next
 // (has_next). Forward tiles run from step 0 up, backward ones from the last tile down. Its part q is
-// prefetched while the current tile's line q is computed, so no tile starts cold: prefetching only
+// prefetched while the current tile's line q is computed, so no tile starts cold (the first of each
+// thread's first item aside): prefetching only
 // within a direction left each direction's first tile (a quarter of the data at 128 steps and tiles
 // of 32) to demand misses (gspn4 fp32 forward at (2, 32, 128, 128): 8.44 -> 7.12 ms, min of 12
 // rounds, scripts/cpu_ab.py).
