@@ -1615,6 +1615,7 @@ static int gs_backward(const T* gy, const T* x, const T* w, const T* lam, const 
 // backward p: gy, x, w, lam, u, s, m, h, gx, gw, gwide (see gs_backward), glam, gu, gs, gm.
 // ---------------------------------------------------------------------------
 extern "C" int gspn_abi_version() { return 1; }
+extern "C" int gspn_vector_blocks() { return GS_VECTOR_BLOCKS; }  // 1: the fp32 lines run on 16 lanes
 extern "C" int gspn_openmp_threads() { return omp_get_max_threads(); }
 
 extern "C" int gspn_fwd_fp64(void* const* p, const gs_i* a)

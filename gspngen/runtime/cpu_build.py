@@ -176,7 +176,8 @@ def load_library(source: str, what: str = "a CPU source") -> ctypes.CDLL:
     """
     # Every kernel call comes here: a hit on the same source text (the renderer's cached string, whose
     # hash Python keeps) under the same compiler settings skips the compiler lookup and the source's
-    # sha256 (about 0.1 ms a call, 1-2 % of a gspn4 forward at 2 x 32 x 128^2).
+    # sha256 (about 0.1 ms a call, 1-2 % of a gspn4 forward at 2 x 32 x 128^2). (A compiler put on or
+    # taken off $PATH's folders while the process runs is not noticed: the library stays the one built.)
     fast = (source, os.environ.get("CXX"), os.environ.get("PATH"), flags())
     lib = _FAST.get(fast)
     if lib is not None:
