@@ -445,6 +445,13 @@ typedef float gs_vfu __attribute__((vector_size(64), aligned(4), __may_alias__))
 
 GS_INLINE gs_vf gs_vld(const float* p) { return *(const gs_vfu*)p; }
 GS_INLINE void gs_vst(float* p, gs_vf v) { *(gs_vfu*)p = v; }
+// an output row written once and not read in this pass: non-temporal where the caller has checked that
+// every vector store lands on a 64-byte boundary (no read for ownership, no copy through a tile)
+GS_INLINE void gs_vout(float* p, gs_vf v, bool stream)
+{
+    if (stream) _mm512_stream_ps(p, (__m512)v);
+    else gs_vst(p, v);
+}
 GS_INLINE gs_vf gs_bc(gs_vf a) { return a; }
 GS_INLINE gs_vf gs_bc(float a) { return (gs_vf)_mm512_set1_ps(a); }
 GS_INLINE gs_vm gs_bm(gs_vm a) { return a; }
@@ -974,7 +981,8 @@ template <class F, bool CS, bool EDGE>
 static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                      const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
-                     F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_)
+                     F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_,
+                     bool stream = false)
 {
     const F* wl[GS_K];
     const F* ghin[GS_K];
@@ -1019,13 +1027,13 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                 const gs_vf f_gh = f_gho + gin;
                 gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_w[3], f_w[4], f_e[0], f_e[1], f_e[3], f_e[4], f_hp[0], f_hp[1], f_hp[2], f_hp[3], f_hp[4], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_gw[3], f_gw[4], f_ghp[0], f_ghp[1], f_ghp[2], f_ghp[3], f_ghp[4]);
                 gs_vst(gxl + j, f_gxa + f_gxo);
-                gs_vst(glaml + j, f_glam);
-                if (GS_MOD) gs_vst(gul + j, f_gu);
-                if (GS_SKIP) gs_vst(gsl + j, f_gs);
+                gs_vout(glaml + j, f_glam, stream);
+                if (GS_MOD) gs_vout(gul + j, f_gu, stream);
+                if (GS_SKIP) gs_vout(gsl + j, f_gs, stream);
                 gmv += f_gmd;
 #pragma GCC unroll 16
                 for (int c = 0; c < GS_K; ++c) {
-                    gs_vst(gwl[c] + j, f_gw[c]);
+                    gs_vout(gwl[c] + j, f_gw[c], stream);
                     gs_vst(ghout[c] + j, f_ghp[c]);
                 }
             }
@@ -1470,6 +1478,9 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 // line function reads the previous line's h with its zero padding)
                 const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
                 const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
+                // the per-direction outputs straight to their rows too, where each has its own row (not the
+                // group sums of gs_store_groups)
+                const bool odirect = direct && (gwide != nullptr || sh.G == sh.C);
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     if (!direct) {
@@ -1509,6 +1520,25 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                                 if (GS_SKIP) sl = sP + row * ps;
                             }
                         }
+                        // tb/bt (direct): glam, gu, gs and the weight gradients go straight to their rows
+                        F *oglaml = oglam + o, *ogul = ogu + o, *ogsl = ogs + o;
+                        bool stream = false;
+                        if constexpr (std::is_same_v<T, F>) {
+                            if (odirect) {
+                                const gs_i row = (g.rev ? g.T - 1 - t : t) * sh.W * ps;
+                                oglaml = glam + so + row;
+                                if (GS_MOD) ogul = gu + so + row;
+                                if (GS_SKIP) ogsl = gs + so + row;
+                                for (int c = 0; c < GS_K; ++c) gwl[c] = (gwide ? gwideP[c] : gwP[c]) + row;
+                                // 16-lane stores on 64-byte boundaries: every range of gs_line_ranges starts
+                                // at a multiple of 16 when n is one
+                                bool aligned = n % 16 == 0 && GS_VECTOR_BLOCKS && ((uintptr_t)oglaml & 63) == 0 &&
+                                               (!GS_MOD || ((uintptr_t)ogul & 63) == 0) &&
+                                               (!GS_SKIP || ((uintptr_t)ogsl & 63) == 0);
+                                for (int c = 0; c < GS_K; ++c) aligned = aligned && ((uintptr_t)gwl[c] & 63) == 0;
+                                stream = aligned;
+                            }
+                        }
                         const F* hl = th + (q + 1) * sh.lsp + sh.pad;
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         const bool cs = t % K == 0;
@@ -1519,8 +1549,8 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                      \
         const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, gyl, wl, xl,          \
                                                             laml, ul, sl, md, hl, hprev,              \
-                                                            gi, go, ogx + o, oglam + o, ogu + o,      \
-                                                            ogs + o, gwl);                            \
+                                                            gi, go, ogx + o, oglaml, ogul, ogsl,      \
+                                                            gwl, stream);                             \
         gmsum += gml;                                                                                 \
     })
                         if (cs) GS_BWD_RUN(true);
@@ -1529,10 +1559,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         cur ^= 1;
                     }
                     const GsStream put;
-                    gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_MOD) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_SKIP) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
-                    for (int c = 0; c < GS_K; ++c) {
+                    if (!odirect) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_MOD && !odirect) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_SKIP && !odirect) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
+                    for (int c = 0; c < GS_K && !odirect; ++c) {
                         if (gwide) gs_move<false>(gwideP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
