@@ -949,7 +949,7 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                      const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
                      F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_,
-                     bool stream = false)
+                     bool stream = false, bool stream_gw = false)
 {
     const F* wl[GS_K];
     const F* ghin[GS_K];
@@ -1000,7 +1000,7 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                 gmv += f_gmd;
 #pragma GCC unroll 16
                 for (int c = 0; c < GS_K; ++c) {
-                    gs_vout(gwl[c] + j, f_gw[c], stream);
+                    gs_vout(gwl[c] + j, f_gw[c], stream_gw);
                     gs_vst(ghout[c] + j, f_ghp[c]);
                 }
             }
@@ -1445,9 +1445,9 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 // line function reads the previous line's h with its zero padding)
                 const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
                 const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
-                // the per-direction outputs straight to their rows too, where each has its own row (not the
-                // group sums of gs_store_groups)
-                const bool odirect = direct && (gwide != nullptr || sh.G == sh.C);
+                // the per-direction outputs straight to their rows too; the weight gradients where each has
+                // its own row (gw, or gwide that gs_backward sums), not where gs_store_groups sums a group
+                const bool gwdirect = direct && (gwide != nullptr || sh.G == sh.C);
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
                     if (!direct) {
@@ -1487,23 +1487,27 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                                 if (GS_SKIP) sl = sP + row * ps;
                             }
                         }
-                        // tb/bt (direct): glam, gu, gs and the weight gradients go straight to their rows
+                        // tb/bt (direct): glam, gu, gs (and the weight gradients, gwdirect) go straight to
+                        // their rows, non-temporal where every 16-lane store is on a 64-byte boundary (every
+                        // range of gs_line_ranges starts at a multiple of 16 when n is one)
                         F *oglaml = oglam + o, *ogul = ogu + o, *ogsl = ogs + o;
-                        bool stream = false;
+                        bool stream = false, stream_gw = false;
                         if constexpr (std::is_same_v<T, F>) {
-                            if (odirect) {
+                            if (direct) {
                                 const gs_i row = (g.rev ? g.T - 1 - t : t) * sh.W * ps;
+                                const bool whole = n % 16 == 0 && GS_VECTOR_BLOCKS;
                                 oglaml = glam + so + row;
                                 if (GS_MOD) ogul = gu + so + row;
                                 if (GS_SKIP) ogsl = gs + so + row;
-                                for (int c = 0; c < GS_K; ++c) gwl[c] = (gwide ? gwideP[c] : gwP[c]) + row;
-                                // 16-lane stores on 64-byte boundaries: every range of gs_line_ranges starts
-                                // at a multiple of 16 when n is one
-                                bool aligned = n % 16 == 0 && GS_VECTOR_BLOCKS && ((uintptr_t)oglaml & 63) == 0 &&
-                                               (!GS_MOD || ((uintptr_t)ogul & 63) == 0) &&
-                                               (!GS_SKIP || ((uintptr_t)ogsl & 63) == 0);
-                                for (int c = 0; c < GS_K; ++c) aligned = aligned && ((uintptr_t)gwl[c] & 63) == 0;
-                                stream = aligned;
+                                stream = whole && ((uintptr_t)oglaml & 63) == 0 && (!GS_MOD || ((uintptr_t)ogul & 63) == 0) &&
+                                         (!GS_SKIP || ((uintptr_t)ogsl & 63) == 0);
+                                if (gwdirect) {
+                                    stream_gw = whole;
+                                    for (int c = 0; c < GS_K; ++c) {
+                                        gwl[c] = (gwide ? gwideP[c] : gwP[c]) + row;
+                                        stream_gw = stream_gw && ((uintptr_t)gwl[c] & 63) == 0;
+                                    }
+                                }
                             }
                         }
                         const F* hl = th + (q + 1) * sh.lsp + sh.pad;
@@ -1517,7 +1521,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
         const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, gyl, wl, xl,          \
                                                             laml, ul, sl, md, hl, hprev,              \
                                                             gi, go, ogx + o, oglaml, ogul, ogsl,      \
-                                                            gwl, stream);                             \
+                                                            gwl, stream, stream_gw);                  \
         gmsum += gml;                                                                                 \
     })
                         if (cs) GS_BWD_RUN(true);
@@ -1526,10 +1530,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         cur ^= 1;
                     }
                     const GsStream put;
-                    if (!odirect) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_MOD && !odirect) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_SKIP && !odirect) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
-                    for (int c = 0; c < GS_K && !odirect; ++c) {
+                    if (!direct) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_MOD && !direct) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_SKIP && !direct) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
+                    for (int c = 0; c < GS_K && !gwdirect; ++c) {
                         if (gwide) gs_move<false>(gwideP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
