@@ -1461,11 +1461,12 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         for (int c = 0; c < GS_K; ++c)
                             if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
                     if (GS_BWD_H || GS_BWD_HP) {
-                        // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step)
-                        if (t0 > 0)
-                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, nt + 1, ld);
-                        else
-                            gs_move<true>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
+                        // th row q + 1 holds h(t0 + q); row 0 holds h(t0 - 1) (zero before the first step).
+                        // Two moves, not one of nt + 1 steps: the tile's nt steps take the 16 x 16 transposes
+                        // for lr/rl in nchw (nt + 1 is never a multiple of 16: element by element, a strided
+                        // store each, that move was a tenth of an lr backward).
+                        gs_move<true>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, ld);
+                        if (t0 > 0) gs_move<true>(hP, ps, nullptr, im.V, th + sh.pad, sh.lsp, g, sh.W, t0 - 1, 1, ld);
                     }
                     const GsNext nx = gs_next_tile<true>(sh, d, t0, after < sh.items);
                     for (int q = nt - 1; q >= 0; --q) {
