@@ -125,6 +125,22 @@ def test_random_specs_match_reference(spec, data):
         check_against_reference(spec, N, C, H, W, dtype=dtype)
 
 
+@settings(max_examples=4)
+@given(spec=spec_strategy(precision=["fp32"], backends=["cpu"]), data=st.data())
+def test_random_specs_on_image_rows_match_reference(spec, data):
+    """lr/rl in nchw fp32 with lines (H) a multiple of 16: the output block and its adjoint run on image
+    rows (gs_fwd_output_rows, gs_bwd_output_rows) for every tile of a multiple of 16 steps, and through
+    the tiles for the others (W not a multiple of the tile); random specs, every merge, chunks."""
+    spec = Spec.from_dict({**spec.to_dict(), "layout": "nchw",
+                           "directions": data.draw(st.sampled_from([["lr", "tb"], ["rl", "lr"], ["tb", "rl"],
+                                                                    ["bt", "rl", "tb", "lr"]]), label="directions")})
+    C = data.draw(st.sampled_from([2, 4] if spec.weight_groups == 2 else [1, 2, 3, 4]), label="C")
+    H = data.draw(st.sampled_from([16, 32]), label="H")
+    W = data.draw(st.sampled_from([3, 16, 21, 32, 37, 40]), label="W")  # whole tiles, and a short last one
+    tile = data.draw(st.sampled_from([16, 32]), label="tile")
+    check_against_reference(spec, 1, C, H, W, dtype=torch.float32, key=f"tile={tile}")
+
+
 # --- a few fixed specs covering every feature, at sizes where the SIMD and transpose paths run ---
 
 FEATURES = [
@@ -357,7 +373,11 @@ def _vector_blocks(source: str) -> int:
     ({"connection": 5, "normalization": "softmax", "layout": "nhwc", "weight_groups": 2, "merge": "stack",
       "skip": False}, (2, 6, 13, 35)),
     ({"connection": 7, "layout": "nhwc", "merge": "learned", "directions": ["bt", "rl"]}, (1, 3, 22, 11)),
-], ids=["gspn4-like", "gspn4-long-lines", "k1", "k9-none-chunk", "k5-softmax-nhwc", "k7-nhwc"])
+    # lines of 16 and 32 lanes: lr/rl tiles of 32 steps run the output blocks on image rows, the last ones not
+    ({}, (2, 3, 32, 40)),
+    ({"connection": 9, "normalization": "none", "chunk": 5, "modulation": False, "merge": "stack"}, (1, 2, 16, 37)),
+], ids=["gspn4-like", "gspn4-long-lines", "k1", "k9-none-chunk", "k5-softmax-nhwc", "k7-nhwc", "gspn4-image-rows",
+        "k9-stack-image-rows"])
 def test_vector_lines_match_the_scalar_lines(monkeypatch, case):
     """The fp32 line loops on 16 lanes (GS_VECTOR_BLOCKS) against the same source built without them:
     every output and gradient the same bits (any NaN for a NaN), with extreme logits, and again with an

@@ -876,7 +876,8 @@ GS_INLINE gs_vm gs_flags(int c, gs_i jo, gs_i n)
 // EDGE: elements [j0, j1) may lack neighbours; otherwise every neighbour exists, the flags are
 // constants and the compiler folds the printed block's selections on them away (the interior
 // of a line takes this path; see gs_line_ranges).
-template <class F, bool CS, bool EDGE>
+// Y: the line also runs the output block into yout (false: gs_fwd_output_rows runs it on image rows).
+template <class F, bool CS, bool EDGE, bool Y = true>
 static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl,
                         const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                         const F* __restrict hprev, F* __restrict hout, F* __restrict yout)
@@ -903,11 +904,14 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
                 [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(ul + j) : gs_bc(0.0f);
                 [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sl + j) : gs_bc(0.0f);
                 [[maybe_unused]] const gs_vf f_md = gs_bc(md);
-                gs_vf f_h, f_y;
+                gs_vf f_h;
                 gs_blk_forward(f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_h);
-                gs_blk_output(f_h, f_x, f_u, f_s, f_y);
                 gs_vst(hout + j, f_h);
-                gs_vst(yout + j, f_y);
+                if constexpr (Y) {
+                    gs_vf f_y;
+                    gs_blk_output(f_h, f_x, f_u, f_s, f_y);
+                    gs_vst(yout + j, f_y);
+                }
             }
         }
     }
@@ -929,16 +933,161 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
         [[maybe_unused]] const F f_u = GS_MOD ? ul[j] : F(0);
         [[maybe_unused]] const F f_s = GS_SKIP ? sl[j] : F(0);
         [[maybe_unused]] const F f_md = md;
-        F f_h, f_y;
+        F f_h;
         gs_blk_forward(f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_h);
-        gs_blk_output(f_h, f_x, f_u, f_s, f_y);
         hout[j] = f_h;
-        yout[j] = f_y;
+        if constexpr (Y) {
+            F f_y;
+            gs_blk_output(f_h, f_x, f_u, f_s, f_y);
+            yout[j] = f_y;
+        }
     }
 }
 
+#if defined(__AVX512F__)
+// lr/rl in nchw, fp32: the output block on image rows instead of tile lines. A tile of nt steps (a
+// multiple of 16) of L lanes (a multiple of 16) of h goes back to image rows through the 16 x 16
+// transposes, as h's store needs anyway; there, 16 consecutive pixels of a row at a time, the
+// output block reads x, u and s where they lie and adds y to the item's image yacc (or streams it
+// to a stack slice ys), and h goes to its tensor (hs, when saved). u and s are then never staged
+// and y never goes through a tile: three 16 x 16 transposes a block of pixels fewer, about a tenth
+// of the lr/rl forward, whose staging and line work are all in the core (data in cache, it takes as
+// long per pixel). The same block, the same operands, the same additions into yacc as the tile
+// path: the same bits. Without the 16-lane blocks (GS_VECTOR_BLOCKS 0), the scalar block lane by lane.
+template <bool First>
+static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt, const float* xP,
+                               const float* uP, const float* sP, float md, float* yacc, float* ys, float* hs)
+{
+    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
+        for (int s0 = 0; s0 < nt; s0 += 16) {
+            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
+            __m512 r[16];
+            for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(th + (gs_i)(s0 + q) * ls + i0);
+            gs_tr16(r);
+            for (int q = 0; q < 16; ++q) {
+                const gs_i px = (i0 + q) * W + col0;
+                const __m512 hv = g.rev ? gs_rev16(r[q]) : r[q];
+                if (hs) {
+                    if (((uintptr_t)(hs + px) & 63) == 0) _mm512_stream_ps(hs + px, hv);
+                    else _mm512_storeu_ps(hs + px, hv);
+                }
+#if GS_VECTOR_BLOCKS
+                [[maybe_unused]] const gs_vf f_h = (gs_vf)hv;
+                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(uP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+                gs_vf f_y;
+                gs_blk_output(f_h, f_x, f_u, f_s, f_y);
+                const __m512 yv = gs_m(f_y);
+#else
+                float hh[16], yy[16];
+                _mm512_storeu_ps(hh, hv);
+                for (int e = 0; e < 16; ++e) {
+                    [[maybe_unused]] const float f_h = hh[e];
+                    [[maybe_unused]] const float f_x = xP[px + e];
+                    [[maybe_unused]] const float f_u = GS_MOD ? uP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_s = GS_SKIP ? sP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_md = md;
+                    float f_y;
+                    gs_blk_output(f_h, f_x, f_u, f_s, f_y);
+                    yy[e] = f_y;
+                }
+                const __m512 yv = _mm512_loadu_ps(yy);
+#endif
+                if (GS_STACK) {
+                    if (((uintptr_t)(ys + px) & 63) == 0) _mm512_stream_ps(ys + px, yv);
+                    else _mm512_storeu_ps(ys + px, yv);
+                } else if (First) {
+                    _mm512_storeu_ps(yacc + px, yv);
+                } else {
+                    _mm512_storeu_ps(yacc + px, _mm512_add_ps(_mm512_loadu_ps(yacc + px), yv));
+                }
+            }
+        }
+    }
+}
+#endif
+
+#if defined(__AVX512F__)
+// lr/rl in nchw, fp32: the output's adjoint on image rows, before a tile's reverse walk, as the forward
+// runs its output block (gs_fwd_output_rows). It needs no scan: per pixel, gy, h, x, u and s where
+// they lie give gu and gs (streamed to their tensors), the output's part of gx (into the item's gx
+// image gxacc; First: the item's first direction, which sets it) and of gm (the returned sum),
+// and the output's part of gh, which goes through the 16 x 16 transposes into the tile tgh (lines of
+// ls) for the walk. gy, u and s are then never staged, gu and gs never leave through a tile: four
+// transposes of a block of pixels fewer in the lr/rl backward, whose time is spent in the core.
+// Without the 16-lane blocks, the scalar block lane by lane.
+template <bool First>
+static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* gyP, const float* hP,
+                                const float* xP, const float* uP, const float* sP, float md, float* tgh, gs_i ls,
+                                float* gxacc, float* gu, float* gs)
+{
+    __m512 gmv = _mm512_setzero_ps();
+    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
+        for (int s0 = 0; s0 < nt; s0 += 16) {
+            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
+            __m512 r[16];
+            for (int q = 0; q < 16; ++q) {
+                const gs_i px = (i0 + q) * W + col0;
+#if GS_VECTOR_BLOCKS
+                [[maybe_unused]] const gs_vf f_gy = gs_vld(gyP + px);
+                [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? gs_vld(hP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(uP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+                gs_vf f_gho, f_gxo;
+                [[maybe_unused]] gs_vf f_gu = gs_bc(0.0f), f_gs = gs_bc(0.0f), f_gmd = gs_bc(0.0f);
+                gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+                const __m512 gho = gs_m(f_gho), gxo = gs_m(f_gxo), guv = gs_m(f_gu), gsv = gs_m(f_gs);
+                gmv = _mm512_add_ps(gmv, gs_m(f_gmd));
+#else
+                float a_gho[16], a_gxo[16], a_gu[16], a_gs[16];
+                for (int e = 0; e < 16; ++e) {
+                    [[maybe_unused]] const float f_gy = gyP[px + e];
+                    [[maybe_unused]] const float f_h = GS_BWD_H ? hP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_x = xP[px + e];
+                    [[maybe_unused]] const float f_u = GS_MOD ? uP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_s = GS_SKIP ? sP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_md = md;
+                    float f_gho, f_gxo;
+                    [[maybe_unused]] float f_gu = 0.0f, f_gs = 0.0f, f_gmd = 0.0f;
+                    gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+                    a_gho[e] = f_gho;
+                    a_gxo[e] = f_gxo;
+                    a_gu[e] = f_gu;
+                    a_gs[e] = f_gs;
+                    gmv[e] += f_gmd;
+                }
+                const __m512 gho = _mm512_loadu_ps(a_gho), gxo = _mm512_loadu_ps(a_gxo);
+                const __m512 guv = _mm512_loadu_ps(a_gu), gsv = _mm512_loadu_ps(a_gs);
+#endif
+                if (GS_MOD) {
+                    if (((uintptr_t)(gu + px) & 63) == 0) _mm512_stream_ps(gu + px, guv);
+                    else _mm512_storeu_ps(gu + px, guv);
+                }
+                if (GS_SKIP) {
+                    if (((uintptr_t)(gs + px) & 63) == 0) _mm512_stream_ps(gs + px, gsv);
+                    else _mm512_storeu_ps(gs + px, gsv);
+                }
+                if (First) _mm512_storeu_ps(gxacc + px, gxo);
+                else _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxo));
+                r[q] = g.rev ? gs_rev16(gho) : gho;
+            }
+            gs_tr16(r);
+            for (int q = 0; q < 16; ++q) _mm512_storeu_ps(tgh + (gs_i)(s0 + q) * ls + i0, r[q]);
+        }
+    }
+    return _mm512_reduce_add_ps(gmv);
+}
+#endif
+
 // ghin: the ghp step t + 1 produced (all zero when t + 1 does not continue the chunk).
-template <class F, bool CS, bool EDGE>
+// O: the line runs the output's adjoint (gy, h, u, s -> the output's part of gh and gx, gu, gs, and
+// gm's terms); false: gs_bwd_output_rows ran it on image rows, gyl holds the output's part of gh, and
+// gx, glam and the weight gradients are all the line writes (gm's terms are 0).
+template <class F, bool CS, bool EDGE, bool O = true>
 static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                      const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
@@ -975,23 +1124,27 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                     f_hp[c] = (CS || !GS_BWD_HP) ? gs_bc(0.0f) : gs_vld(hprev + j + o);
                     gin += gs_vld(ghin[c] + j - o);
                 }
-                [[maybe_unused]] const gs_vf f_gy = gs_vld(gyl + j);
-                [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? gs_vld(hl + j) : gs_bc(0.0f);
                 [[maybe_unused]] const gs_vf f_x = gs_vld(xl + j);
                 [[maybe_unused]] const gs_vf f_lam = gs_vld(laml + j);
-                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(ul + j) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sl + j) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
                 gs_vf f_gho, f_gxo, f_glam, f_gxa;
                 [[maybe_unused]] gs_vf f_gu = gs_bc(0.0f), f_gs = gs_bc(0.0f), f_gmd = gs_bc(0.0f);
-                gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+                if constexpr (O) {
+                    [[maybe_unused]] const gs_vf f_gy = gs_vld(gyl + j);
+                    [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? gs_vld(hl + j) : gs_bc(0.0f);
+                    [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(ul + j) : gs_bc(0.0f);
+                    [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sl + j) : gs_bc(0.0f);
+                    [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+                    gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+                } else {
+                    f_gho = gs_vld(gyl + j);
+                }
                 const gs_vf f_gh = f_gho + gin;
                 gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-                gs_vst(gxl + j, f_gxa + f_gxo);
+                gs_vst(gxl + j, O ? f_gxa + f_gxo : f_gxa);
                 gs_vout(glaml + j, f_glam, stream);
-                if (GS_MOD) gs_vout(gul + j, f_gu, stream);
-                if (GS_SKIP) gs_vout(gsl + j, f_gs, stream);
-                gmv += f_gmd;
+                if (O && GS_MOD) gs_vout(gul + j, f_gu, stream);
+                if (O && GS_SKIP) gs_vout(gsl + j, f_gs, stream);
+                if (O) gmv += f_gmd;
 #pragma GCC unroll 16
                 for (int c = 0; c < GS_K; ++c) {
                     gs_vout(gwl[c] + j, f_gw[c], stream_gw);
@@ -1018,23 +1171,27 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
             // element j - o sent ghp_c to its neighbour c, which is j (zero padding beyond the line)
             gin += ghin[c][j - o];
         }
-        [[maybe_unused]] const F f_gy = gyl[j];
-        [[maybe_unused]] const F f_h = GS_BWD_H ? hl[j] : F(0);
         [[maybe_unused]] const F f_x = xl[j];
         [[maybe_unused]] const F f_lam = laml[j];
-        [[maybe_unused]] const F f_u = GS_MOD ? ul[j] : F(0);
-        [[maybe_unused]] const F f_s = GS_SKIP ? sl[j] : F(0);
-        [[maybe_unused]] const F f_md = md;
         F f_gho, f_gxo, f_glam, f_gxa;
         [[maybe_unused]] F f_gu = 0, f_gs = 0, f_gmd = 0;
-        gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+        if constexpr (O) {
+            [[maybe_unused]] const F f_gy = gyl[j];
+            [[maybe_unused]] const F f_h = GS_BWD_H ? hl[j] : F(0);
+            [[maybe_unused]] const F f_u = GS_MOD ? ul[j] : F(0);
+            [[maybe_unused]] const F f_s = GS_SKIP ? sl[j] : F(0);
+            [[maybe_unused]] const F f_md = md;
+            gs_blk_adjoint_output(f_gy, f_h, f_x, f_u, f_s, f_gho, f_gxo, f_gu, f_gs);
+        } else {
+            f_gho = gyl[j];
+        }
         const F f_gh = f_gho + gin;
         gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-        gxl[j] = f_gxa + f_gxo;
+        gxl[j] = O ? f_gxa + f_gxo : f_gxa;
         glaml[j] = f_glam;
-        if (GS_MOD) gul[j] = f_gu;
-        if (GS_SKIP) gsl[j] = f_gs;
-        gm += f_gmd;
+        if (O && GS_MOD) gul[j] = f_gu;
+        if (O && GS_SKIP) gsl[j] = f_gs;
+        if (O) gm += f_gmd;
 #pragma GCC unroll 16
         for (int c = 0; c < GS_K; ++c) {
             gwl[c][j] = f_gw[c];
@@ -1281,14 +1438,23 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 // where each channel has its own (nchw, or nhwc with G == C)
                 const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
                 const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
+                // lr/rl in nchw, fp32: the output block on image rows (gs_fwd_output_rows), tiles of whole
+                // 16 x 16 blocks
+#if defined(__AVX512F__)
+                const bool imgout = std::is_same_v<T, float> && std::is_same_v<F, float> && !GS_NHWC && g.stepw &&
+                                    g.L % 16 == 0;
+#else
+                const bool imgout = false;
+#endif
                 for (gs_i t0 = 0; t0 < g.T; t0 += TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
+                    const bool yimg = imgout && nt % 16 == 0;
                     const GsLoad ld;
                     if (!direct) {
                         gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                        if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                        if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_MOD && !yimg) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_SKIP && !yimg) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
                     if (!wdirect)
                         for (int c = 0; c < GS_K; ++c)
@@ -1313,15 +1479,34 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         }
                         const F* hprev = th + q * sh.lsp + sh.pad;
                         F* hcur = th + (q + 1) * sh.lsp + sh.pad;
-#define GS_FWD_RUN(CS_)                                                                              \
-    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                          \
-        gs_fwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, wl, xl, laml, ul, sl, md, hprev, \
-                                                   hcur, ty + o);                                    \
+#define GS_FWD_RUN(CS_, Y_)                                                                           \
+    gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                              \
+        gs_fwd_line<F, CS_, decltype(edge)::value, Y_>(j0, j1, n, im.V, wl, xl, laml, ul, sl, md, hprev, \
+                                                       hcur, ty + o);                                    \
     })
-                        if ((t0 + q) % K == 0) GS_FWD_RUN(true);
-                        else GS_FWD_RUN(false);
+                        const bool cs = (t0 + q) % K == 0;
+                        if (yimg) {
+                            if (cs) GS_FWD_RUN(true, false);
+                            else GS_FWD_RUN(false, false);
+                        } else {
+                            if (cs) GS_FWD_RUN(true, true);
+                            else GS_FWD_RUN(false, true);
+                        }
 #undef GS_FWD_RUN
                     }
+#if defined(__AVX512F__)
+                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                        if (yimg) {
+                            const F* hrows = th + sh.lsp + sh.pad;
+                            if (d == 0)
+                                gs_fwd_output_rows<true>(hrows, sh.lsp, g, sh.W, t0, nt, xP, uP, sP, md, yacc, yP, hP);
+                            else
+                                gs_fwd_output_rows<false>(hrows, sh.lsp, g, sh.W, t0, nt, xP, uP, sP, md, yacc, yP, hP);
+                            std::memcpy(th, th + nt * sh.lsp, sizeof(F) * sh.lsp);  // as below
+                            continue;
+                        }
+                    }
+#endif
                     if (hP) gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
                         gs_move<false>(yP, ps, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
@@ -1442,15 +1627,36 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 // the per-direction outputs straight to their rows too; the weight gradients where each has
                 // its own row (gw, or gwide that gs_backward sums), not where gs_store_groups sums a group
                 const bool gwdirect = direct && (gwide != nullptr || sh.G == sh.C);
+                // lr/rl in nchw, fp32: the output's adjoint on image rows (gs_bwd_output_rows), tiles of
+                // whole 16 x 16 blocks; tgy then holds the output's part of gh
+#if defined(__AVX512F__)
+                const bool oimg = std::is_same_v<T, float> && std::is_same_v<F, float> && !GS_NHWC && g.stepw &&
+                                  g.L % 16 == 0;
+#else
+                const bool oimg = false;
+#endif
                 for (gs_i t0 = (g.T - 1) / TS * TS; t0 >= 0; t0 -= TS) {
                     const int nt = (int)((g.T - t0) < TS ? (g.T - t0) : TS);
+                    const bool gimg = oimg && nt % 16 == 0;
                     if (!direct) {
-                        gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (!gimg) gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
                         gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
-                        if (GS_MOD) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
-                        if (GS_SKIP) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_MOD && !gimg) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (GS_SKIP && !gimg) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
+#if defined(__AVX512F__)
+                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                        if (gimg) {
+                            T* guP = GS_MOD ? gu + so : nullptr;
+                            T* gsP = GS_SKIP ? gs + so : nullptr;
+                            gmsum += d == 0 ? gs_bwd_output_rows<true>(g, sh.W, t0, nt, gyP, hP, xP, uP, sP, md, tgy,
+                                                                       sh.nmax, gxacc, guP, gsP)
+                                            : gs_bwd_output_rows<false>(g, sh.W, t0, nt, gyP, hP, xP, uP, sP, md, tgy,
+                                                                        sh.nmax, gxacc, guP, gsP);
+                        }
+                    }
+#endif
                     if (!wdirect)
                         for (int c = 0; c < GS_K; ++c)
                             if (gs_w_used_bwd(c)) gs_move<true>(wP[c], psw, cow, im.V, tw[c], sh.nmax, g, sh.W, t0, nt, ld);
@@ -1511,29 +1717,34 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         const bool nx = t + 1 < g.T && (t + 1) % K != 0;
                         const F* const* gi = nx ? ghp[cur] : ghp[2];
                         F* const* go = ghp[cur ^ 1];
-#define GS_BWD_RUN(CS_)                                                                               \
+#define GS_BWD_RUN(CS_, O_)                                                                           \
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                      \
-        const F gml = gs_bwd_line<F, CS_, decltype(edge)::value>(j0, j1, n, im.V, gyl, wl, xl,          \
+        const F gml = gs_bwd_line<F, CS_, decltype(edge)::value, O_>(j0, j1, n, im.V, gyl, wl, xl,      \
                                                             laml, ul, sl, md, hl, hprev,              \
                                                             gi, go, ogx + o, oglaml, ogul, ogsl,      \
                                                             gwl, stream, stream_gw);                  \
         gmsum += gml;                                                                                 \
     })
-                        if (cs) GS_BWD_RUN(true);
-                        else GS_BWD_RUN(false);
+                        if (gimg) {
+                            if (cs) GS_BWD_RUN(true, false);
+                            else GS_BWD_RUN(false, false);
+                        } else {
+                            if (cs) GS_BWD_RUN(true, true);
+                            else GS_BWD_RUN(false, true);
+                        }
 #undef GS_BWD_RUN
                         cur ^= 1;
                     }
                     const GsStream put;
                     if (!direct) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_MOD && !direct) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
-                    if (GS_SKIP && !direct) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_MOD && !direct && !gimg) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
+                    if (GS_SKIP && !direct && !gimg) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
                     for (int c = 0; c < GS_K && !gwdirect; ++c) {
                         if (gwide) gs_move<false>(gwideP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
                     }
-                    if (d == 0)
+                    if (d == 0 && !gimg)  // (gimg: gs_bwd_output_rows set the tile's pixels of gxacc)
                         gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
                         gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());
