@@ -423,6 +423,30 @@ def test_vector_lines_match_the_scalar_lines(monkeypatch, case):
         assert outs[0][0].isfinite().all() if run_args is args else outs[0][0].isnan().any()
 
 
+def test_local_adjoint_cut_holds_only_where_it_is_exact():
+    """lr/rl compute the adjoint's glam and gx on image rows from gh, x and lam alone, and run the lines
+    without x and lam: the cut is taken only where no other output reads them."""
+    import dataclasses
+
+    import sympy as sp
+
+    from gspngen.lower import lower
+
+    adj = lower(load_spec("examples/gspn4.yaml")).adjoint
+    cut = render_cpu.local_adjoint(adj)
+    assert cut.outputs == ("glam", "gx") and set(cut.used_inputs) == {"gh", "x", "lam"}
+    assert {s.name for s, _ in cut.assigns} == {"glam", "gx"}  # no intermediate of the weights
+    assert "GS_LOCAL_ADJ = true" in render_cpu.render_source(load_spec("examples/gspn4.yaml"))
+
+    def changed(name, f):
+        return dataclasses.replace(adj, assigns=tuple((s, f(e) if s.name == name else e) for s, e in adj.assigns))
+
+    x, w0 = sp.Symbol("x"), sp.Symbol("w0")
+    assert render_cpu.local_adjoint(changed("gw1", lambda e: e * x)) is None     # a weight gradient reads x
+    assert render_cpu.local_adjoint(changed("glam", lambda e: e + w0)) is None   # glam reads a weight
+    assert render_cpu.local_adjoint(changed("ghp0", lambda e: e)) is not None
+
+
 def test_channels_not_in_whole_weight_groups_are_an_error_not_a_crash():
     # the public API checks first; a direct backend call must not reach the kernels' C / G division
     spec = load_spec("examples/wide5.yaml")

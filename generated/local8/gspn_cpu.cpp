@@ -93,6 +93,9 @@ struct gs_bf16 { uint16_t v; };
 [[maybe_unused]] constexpr bool GS_STACK = false;        // one output slice per direction
 [[maybe_unused]] constexpr bool GS_BWD_H = true;      // adjoint_output reads h
 [[maybe_unused]] constexpr bool GS_BWD_HP = true;    // adjoint reads the previous line
+// the adjoint's glam and gx read only gh, x and lam, and nothing else of it reads x or lam
+// (gs_blk_adjoint_local: those two alone; gspngen.render.cpu.local_adjoint checks the cut)
+[[maybe_unused]] constexpr bool GS_LOCAL_ADJ = true;
 // per direction: steps along W (lr, rl), reversed step order (rl, bt)
 constexpr bool GS_STEPW[GS_D] = { true, true, false, false };
 constexpr bool GS_REV[GS_D] = { false, true, false, true };
@@ -330,6 +333,15 @@ GS_INLINE void gs_blk_adjoint_output(const float gy, const float h, const float 
     o_gs = gs;
 }
 
+// adjoint_local (float): (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx)
+GS_INLINE void gs_blk_adjoint_local(const float gh, const float lam, const float x, float& o_glam, float& o_gx)
+{
+    const float glam = gh*x;
+    const float gx = gh*lam;
+    o_glam = glam;
+    o_gx = gx;
+}
+
 // forward (double): (w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (h)
 GS_INLINE void gs_blk_forward(const double w0, const double w1, const double w2, const bool e0, const bool e2, const double hp0, const double hp1, const double hp2, const double lam, const double x, double& o_h)
 {
@@ -400,6 +412,15 @@ GS_INLINE void gs_blk_adjoint_output(const double gy, const double h, const doub
     o_gx = gx;
     o_gu = gu;
     o_gs = gs;
+}
+
+// adjoint_local (double): (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx)
+GS_INLINE void gs_blk_adjoint_local(const double gh, const double lam, const double x, double& o_glam, double& o_gx)
+{
+    const double glam = gh*x;
+    const double gx = gh*lam;
+    o_glam = glam;
+    o_gx = gx;
 }
 #if GS_VECTOR_BLOCKS
 
@@ -549,6 +570,15 @@ GS_INLINE void gs_blk_adjoint_output(const gs_vf gy, const gs_vf h, const gs_vf 
     o_gx = gx;
     o_gu = gu;
     o_gs = gs;
+}
+
+// adjoint_local (16 x float): (gh, w0, w1, w2, e0, e1, e2, hp0, hp1, hp2, lam, x) -> (glam, gx)
+GS_INLINE void gs_blk_adjoint_local(const gs_vf gh, const gs_vf lam, const gs_vf x, gs_vf& o_glam, gs_vf& o_gx)
+{
+    const gs_vf glam = gs_bc(gh*x);
+    const gs_vf gx = gs_bc(gh*lam);
+    o_glam = glam;
+    o_gx = gx;
 }
 #endif
 
@@ -1081,12 +1111,60 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const f
     }
     return _mm512_reduce_add_ps(gmv);
 }
+
+// lr/rl in nchw, fp32, GS_LOCAL_ADJ: after a tile's reverse walk (lines with O false), its total gh (tile tgh,
+// lines of ls) goes back to image rows through the 16 x 16 transposes, and there the adjoint's local
+// outputs are computed from x and lam where they lie: glam (streamed to its tensor) and gx's part,
+// added into gxacc after the output's part, as the tile path adds it. x and lam are then never staged
+// and glam and gx never leave through a tile: three transposes a block of pixels fewer for one more.
+static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* tgh, gs_i ls, const float* xP,
+                              const float* lamP, float* glam, float* gxacc)
+{
+    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
+        for (int s0 = 0; s0 < nt; s0 += 16) {
+            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
+            __m512 r[16];
+            for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tgh + (gs_i)(s0 + q) * ls + i0);
+            gs_tr16(r);
+            for (int q = 0; q < 16; ++q) {
+                const gs_i px = (i0 + q) * W + col0;
+                const __m512 ghv = g.rev ? gs_rev16(r[q]) : r[q];
+#if GS_VECTOR_BLOCKS
+                [[maybe_unused]] const gs_vf f_gh = (gs_vf)ghv;
+                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
+                [[maybe_unused]] const gs_vf f_lam = gs_vld(lamP + px);
+                gs_vf f_glam, f_gxa;
+                gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
+                const __m512 glv = gs_m(f_glam), gxv = gs_m(f_gxa);
+#else
+                float a_gh[16], a_glam[16], a_gx[16];
+                _mm512_storeu_ps(a_gh, ghv);
+                for (int e = 0; e < 16; ++e) {
+                    [[maybe_unused]] const float f_gh = a_gh[e];
+                    [[maybe_unused]] const float f_x = xP[px + e];
+                    [[maybe_unused]] const float f_lam = lamP[px + e];
+                    float f_glam, f_gxa;
+                    gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
+                    a_glam[e] = f_glam;
+                    a_gx[e] = f_gxa;
+                }
+                const __m512 glv = _mm512_loadu_ps(a_glam), gxv = _mm512_loadu_ps(a_gx);
+#endif
+                if (((uintptr_t)(glam + px) & 63) == 0) _mm512_stream_ps(glam + px, glv);
+                else _mm512_storeu_ps(glam + px, glv);
+                _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxv));
+            }
+        }
+    }
+}
 #endif
 
 // ghin: the ghp step t + 1 produced (all zero when t + 1 does not continue the chunk).
-// O: the line runs the output's adjoint (gy, h, u, s -> the output's part of gh and gx, gu, gs, and
-// gm's terms); false: gs_bwd_output_rows ran it on image rows, gyl holds the output's part of gh, and
-// gx, glam and the weight gradients are all the line writes (gm's terms are 0).
+// O: the line runs every per-pixel part of the adjoint. False (lr/rl in nchw, fp32): the parts that need
+// no neighbour run on image rows: gs_bwd_output_rows ran the output's adjoint before (gy, h, u, s ->
+// the output's part of gh, held in gyl, and of gx, gu, gs and gm's terms) and gs_bwd_local_rows
+// computes glam and gx's part after (GS_LOCAL_ADJ: from the total gh, x and lam). The line then reads
+// neither x nor lam, and writes the total gh where gx would go, the weight gradients and ghp.
 template <class F, bool CS, bool EDGE, bool O = true>
 static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, const F* const* wl_, const F* __restrict xl,
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
@@ -1124,8 +1202,8 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                     f_hp[c] = (CS || !GS_BWD_HP) ? gs_bc(0.0f) : gs_vld(hprev + j + o);
                     gin += gs_vld(ghin[c] + j - o);
                 }
-                [[maybe_unused]] const gs_vf f_x = gs_vld(xl + j);
-                [[maybe_unused]] const gs_vf f_lam = gs_vld(laml + j);
+                [[maybe_unused]] const gs_vf f_x = O ? gs_vld(xl + j) : gs_bc(0.0f);  // (O false: no other output reads them)
+                [[maybe_unused]] const gs_vf f_lam = O ? gs_vld(laml + j) : gs_bc(0.0f);
                 gs_vf f_gho, f_gxo, f_glam, f_gxa;
                 [[maybe_unused]] gs_vf f_gu = gs_bc(0.0f), f_gs = gs_bc(0.0f), f_gmd = gs_bc(0.0f);
                 if constexpr (O) {
@@ -1140,8 +1218,8 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                 }
                 const gs_vf f_gh = f_gho + gin;
                 gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-                gs_vst(gxl + j, O ? f_gxa + f_gxo : f_gxa);
-                gs_vout(glaml + j, f_glam, stream);
+                gs_vst(gxl + j, O ? f_gxa + f_gxo : f_gh);
+                if (O) gs_vout(glaml + j, f_glam, stream);
                 if (O && GS_MOD) gs_vout(gul + j, f_gu, stream);
                 if (O && GS_SKIP) gs_vout(gsl + j, f_gs, stream);
                 if (O) gmv += f_gmd;
@@ -1171,8 +1249,8 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
             // element j - o sent ghp_c to its neighbour c, which is j (zero padding beyond the line)
             gin += ghin[c][j - o];
         }
-        [[maybe_unused]] const F f_x = xl[j];
-        [[maybe_unused]] const F f_lam = laml[j];
+        [[maybe_unused]] const F f_x = O ? xl[j] : F(0);
+        [[maybe_unused]] const F f_lam = O ? laml[j] : F(0);
         F f_gho, f_gxo, f_glam, f_gxa;
         [[maybe_unused]] F f_gu = 0, f_gs = 0, f_gmd = 0;
         if constexpr (O) {
@@ -1187,8 +1265,8 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
         }
         const F f_gh = f_gho + gin;
         gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-        gxl[j] = O ? f_gxa + f_gxo : f_gxa;
-        glaml[j] = f_glam;
+        gxl[j] = O ? f_gxa + f_gxo : f_gh;
+        if (O) glaml[j] = f_glam;
         if (O && GS_MOD) gul[j] = f_gu;
         if (O && GS_SKIP) gsl[j] = f_gs;
         if (O) gm += f_gmd;
@@ -1631,7 +1709,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 // whole 16 x 16 blocks; tgy then holds the output's part of gh
 #if defined(__AVX512F__)
                 const bool oimg = std::is_same_v<T, float> && std::is_same_v<F, float> && !GS_NHWC && g.stepw &&
-                                  g.L % 16 == 0;
+                                  g.L % 16 == 0 && GS_LOCAL_ADJ;
 #else
                 const bool oimg = false;
 #endif
@@ -1640,8 +1718,8 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                     const bool gimg = oimg && nt % 16 == 0;
                     if (!direct) {
                         if (!gimg) gs_move<true>(gyP, ps, nullptr, im.V, tgy, sh.nmax, g, sh.W, t0, nt, ld);
-                        gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
-                        gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (!gimg) gs_move<true>(xP, ps, nullptr, im.V, tx, sh.nmax, g, sh.W, t0, nt, ld);
+                        if (!gimg) gs_move<true>(lamP, ps, nullptr, im.V, tlam, sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_MOD && !gimg) gs_move<true>(uP, ps, nullptr, im.V, tu, sh.nmax, g, sh.W, t0, nt, ld);
                         if (GS_SKIP && !gimg) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
@@ -1736,7 +1814,12 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         cur ^= 1;
                     }
                     const GsStream put;
-                    if (!direct) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
+#if defined(__AVX512F__)
+                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                        if (gimg) gs_bwd_local_rows(g, sh.W, t0, nt, ogx, sh.nmax, xP, lamP, glam + so, gxacc);
+                    }
+#endif
+                    if (!direct && !gimg) gs_move<false>(glam + so, ps, nullptr, im.V, oglam, sh.nmax, g, sh.W, t0, nt, put);
                     if (GS_MOD && !direct && !gimg) gs_move<false>(gu + so, ps, nullptr, im.V, ogu, sh.nmax, g, sh.W, t0, nt, put);
                     if (GS_SKIP && !direct && !gimg) gs_move<false>(gs + so, ps, nullptr, im.V, ogs, sh.nmax, g, sh.W, t0, nt, put);
                     for (int c = 0; c < GS_K && !gwdirect; ++c) {
@@ -1744,7 +1827,9 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
                     }
-                    if (d == 0 && !gimg)  // (gimg: gs_bwd_output_rows set the tile's pixels of gxacc)
+                    if (gimg)
+                        ;  // gs_bwd_output_rows set the tile's pixels of gxacc, gs_bwd_local_rows added to them
+                    else if (d == 0)
                         gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
                         gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsAdd());

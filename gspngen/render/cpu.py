@@ -102,6 +102,36 @@ def _call(name: str, block: CodeBlock) -> str:
     return ", ".join([_arg(v, name, False) for v in block.used_inputs] + [_arg(o, name, True) for o in block.outputs])
 
 
+# The adjoint's outputs that need no neighbour: what the lr/rl backward computes on image rows from the
+# line's total gh (see gs_bwd_local_rows in the template), and the only inputs they may read.
+LOCAL_OUTPUTS = ("glam", "gx")
+LOCAL_INPUTS = frozenset({"gh", "x", "lam"})
+
+
+def local_adjoint(block: "CodeBlock"):
+    """The adjoint block cut down to LOCAL_OUTPUTS (the assignments they depend on, in order), or None
+    where the cut does not hold: one of them reads beyond LOCAL_INPUTS, or another output reads x or
+    lam (the line then runs without them, so nothing else may depend on them)."""
+    from ..lower.ir import CodeBlock
+
+    deps: dict[str, set[str]] = {n: {n} for n in block.inputs}
+    for sym, rhs in block.assigns:
+        deps[sym.name] = set().union(set(), *(deps.get(f.name, {f.name}) for f in rhs.free_symbols))
+    inputs_of = {name: deps[name] & set(block.inputs) for name in block.outputs}
+    if not set(LOCAL_OUTPUTS) <= set(block.outputs):
+        return None
+    if any(not inputs_of[o] <= LOCAL_INPUTS for o in LOCAL_OUTPUTS):
+        return None
+    if any(inputs_of[o] & {"x", "lam"} for o in block.outputs if o not in LOCAL_OUTPUTS):
+        return None
+    needed: set[str] = set(LOCAL_OUTPUTS)
+    for sym, rhs in reversed(block.assigns):
+        if sym.name in needed:
+            needed |= {f.name for f in rhs.free_symbols}
+    return CodeBlock(inputs=block.inputs, outputs=LOCAL_OUTPUTS,
+                     assigns=tuple((sym, rhs) for sym, rhs in block.assigns if sym.name in needed))
+
+
 def render_context(spec: Spec) -> dict:
     """Everything the CPU template reads."""
     from ..lower import lower
@@ -110,7 +140,12 @@ def render_context(spec: Spec) -> dict:
     check_block_contract(ir)
     adj_used = set(ir.adjoint.used_inputs)
     order = ("forward", "output", "adjoint", "adjoint_output")
-    math = [_math_block(n, ir.blocks[n], lang) for lang in ("cpu", "cpu64") for n in order]
+    blocks = dict(ir.blocks)
+    local = local_adjoint(ir.adjoint)
+    if local is not None:
+        blocks["adjoint_local"] = local
+        order += ("adjoint_local",)
+    math = [_math_block(n, blocks[n], lang) for lang in ("cpu", "cpu64") for n in order]
     return {
         "version": __version__,
         "k": int(ir.k),
@@ -127,7 +162,9 @@ def render_context(spec: Spec) -> dict:
         "w_used_fwd": _w_used(ir.forward, ir.k),
         "w_used_bwd": _w_used(ir.adjoint, ir.k),
         "math": math,
-        "calls": {n: _call(n, ir.blocks[n]) for n in order},
+        # the local cut binds its outputs as the adjoint's do (f_glam, f_gxa)
+        "calls": {n: _call("adjoint" if n == "adjoint_local" else n, blocks[n]) for n in order},
+        "local_adjoint": local is not None,
         "dtypes": [{"name": d, "storage": CTYPES[d][0], "math": CTYPES[d][1]} for d in dtypes(spec)],
     }
 
