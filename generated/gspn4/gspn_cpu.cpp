@@ -916,7 +916,7 @@ GS_INLINE gs_vm gs_flags(int c, gs_i jo, gs_i n)
 template <class F, bool CS, bool EDGE, bool Y = true>
 static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, const F* __restrict xl,
                         const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
-                        const F* __restrict hprev, F* __restrict hout, F* __restrict yout)
+                        const F* __restrict hprev, F* __restrict hout, F* __restrict yout, bool yadd = false)
 {
     const F* wl[GS_K];
     for (int c = 0; c < GS_K; ++c) wl[c] = wl_[c];
@@ -946,7 +946,7 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
                 if constexpr (Y) {
                     gs_vf f_y;
                     gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
-                    gs_vst(yout + j, f_y);
+                    gs_vst(yout + j, yadd ? gs_vld(yout + j) + f_y : f_y);  // yadd: yout is an accumulated row
                 }
             }
         }
@@ -975,7 +975,7 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
         if constexpr (Y) {
             F f_y;
             gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
-            yout[j] = f_y;
+            yout[j] = yadd ? yout[j] + f_y : f_y;
         }
     }
 }
@@ -1176,7 +1176,7 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                      const F* __restrict laml, const F* __restrict ul, const F* __restrict sl, F md,
                      const F* __restrict hl, const F* __restrict hprev, const F* const* ghin_, F* const* ghout_,
                      F* __restrict gxl, F* __restrict glaml, F* __restrict gul, F* __restrict gsl, F* const* gwl_,
-                     bool stream = false, bool stream_gw = false)
+                     bool stream = false, bool stream_gw = false, bool gxadd = false)
 {
     const F* wl[GS_K];
     const F* ghin[GS_K];
@@ -1224,7 +1224,8 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
                 }
                 const gs_vf f_gh = f_gho + gin;
                 gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-                gs_vst(gxl + j, O ? f_gxa + f_gxo : f_gh);
+                // gxadd: gxl is a row of the item's gx image, which this direction adds to
+                gs_vst(gxl + j, O ? (gxadd ? gs_vld(gxl + j) + (f_gxa + f_gxo) : f_gxa + f_gxo) : f_gh);
                 if (O) gs_vout(glaml + j, f_glam, stream);
                 if (O && GS_MOD) gs_vout(gul + j, f_gu, stream);
                 if (O && GS_SKIP) gs_vout(gsl + j, f_gs, stream);
@@ -1271,7 +1272,7 @@ static F gs_bwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* __restrict gyl, 
         }
         const F f_gh = f_gho + gin;
         gs_blk_adjoint(f_gh, f_w[0], f_w[1], f_w[2], f_e[0], f_e[2], f_hp[0], f_hp[1], f_hp[2], f_lam, f_x, f_glam, f_gxa, f_gw[0], f_gw[1], f_gw[2], f_ghp[0], f_ghp[1], f_ghp[2]);
-        gxl[j] = O ? f_gxa + f_gxo : f_gh;
+        gxl[j] = O ? (gxadd ? gxl[j] + (f_gxa + f_gxo) : f_gxa + f_gxo) : f_gh;
         if (O) glaml[j] = f_glam;
         if (O && GS_MOD) gul[j] = f_gu;
         if (O && GS_SKIP) gsl[j] = f_gs;
@@ -1549,6 +1550,8 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                         if (nx.valid) prefetch(nx.same_item ? im : im_after, nx.d, nx.t0, q, nt);
                         const F* wl[GS_K];
                         const F *xl = tx + o, *laml = tlam + o, *ul = tu + o, *sl = ts + o;
+                        F* yl = ty + o;
+                        bool yadd = false;
                         for (int c = 0; c < GS_K; ++c) wl[c] = tw[c] + o;
                         if constexpr (std::is_same_v<T, F>) {
                             if (direct) {
@@ -1559,6 +1562,12 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                                     for (int c = 0; c < GS_K; ++c) wl[c] = wP[c] + row * psw;
                                 if (GS_MOD) ul = uP + row * ps;
                                 if (GS_SKIP) sl = sP + row * ps;
+                                // y straight into the item's image row (set by the first direction, added
+                                // to by the others), not through a tile and an adding pass
+                                if (!GS_STACK) {
+                                    yl = yacc + row * im.V;
+                                    yadd = d > 0;
+                                }
                             }
                         }
                         const F* hprev = th + q * sh.lsp + sh.pad;
@@ -1566,7 +1575,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
 #define GS_FWD_RUN(CS_, Y_)                                                                           \
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                              \
         gs_fwd_line<F, CS_, decltype(edge)::value, Y_>(j0, j1, n, im.V, wl, xl, laml, ul, sl, md, hprev, \
-                                                       hcur, ty + o);                                    \
+                                                       hcur, yl, yadd);                                  \
     })
                         const bool cs = (t0 + q) % K == 0;
                         if (yimg) {
@@ -1594,6 +1603,8 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                     if (hP) gs_move<false>(hP, ps, nullptr, im.V, th + sh.lsp + sh.pad, sh.lsp, g, sh.W, t0, nt, GsStream());
                     if (GS_STACK)
                         gs_move<false>(yP, ps, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsStream());
+                    else if (direct)
+                        ;  // the lines wrote yacc's rows
                     else if (d == 0)
                         gs_move<false>(yacc, (gs_i)im.V, nullptr, im.V, ty, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
@@ -1776,10 +1787,14 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         // their rows, non-temporal where every 16-lane store is on a 64-byte boundary (every
                         // range of gs_line_ranges starts at a multiple of 16 when n is one)
                         F *oglaml = oglam + o, *ogul = ogu + o, *ogsl = ogs + o;
-                        bool stream = false, stream_gw = false;
+                        F* gxl = ogx + o;
+                        bool stream = false, stream_gw = false, gxadd = false;
                         if constexpr (std::is_same_v<T, F>) {
                             if (direct) {
                                 const gs_i row = (g.rev ? g.T - 1 - t : t) * sh.W * ps;
+                                // gx straight into the item's image row (ps == V here), not through a tile
+                                gxl = gxacc + row;
+                                gxadd = d > 0;
                                 const bool whole = n % 16 == 0 && GS_VECTOR_BLOCKS;
                                 oglaml = glam + so + row;
                                 if (GS_MOD) ogul = gu + so + row;
@@ -1805,8 +1820,8 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
     gs_line_ranges<CS_>(n, im.V, [&](gs_i j0, gs_i j1, auto edge) {                      \
         const F gml = gs_bwd_line<F, CS_, decltype(edge)::value, O_>(j0, j1, n, im.V, gyl, wl, xl,      \
                                                             laml, ul, sl, md, hl, hprev,              \
-                                                            gi, go, ogx + o, oglaml, ogul, ogsl,      \
-                                                            gwl, stream, stream_gw);                  \
+                                                            gi, go, gxl, oglaml, ogul, ogsl,          \
+                                                            gwl, stream, stream_gw, gxadd);           \
         gmsum += gml;                                                                                 \
     })
                         if (gimg) {
@@ -1833,8 +1848,9 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         else if (sh.G == sh.C) gs_move<false>(gwP[c], ps, nullptr, im.V, ogw[c], sh.nmax, g, sh.W, t0, nt, put);
                         else gs_store_groups(gwG[c], sh.G, ogw[c], sh.nmax, im.V, sh.C / sh.G, g, sh.W, t0, nt);
                     }
-                    if (gimg)
-                        ;  // gs_bwd_output_rows set the tile's pixels of gxacc, gs_bwd_local_rows added to them
+                    if (gimg || direct)
+                        ;  // gs_bwd_output_rows set the tile's pixels of gxacc, gs_bwd_local_rows added to them;
+                           // or the lines wrote them (direct)
                     else if (d == 0)
                         gs_move<false>(gxacc, (gs_i)im.V, nullptr, im.V, ogx, sh.nmax, g, sh.W, t0, nt, GsPut());
                     else
