@@ -975,7 +975,24 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
 }
 
 #if defined(__AVX512F__)
-// lr/rl in nchw, fp32: the output block on image rows instead of tile lines. A tile of nt steps (a
+// The storage types whose lr/rl rows the image-row paths below read and write (fp32 math): fp32, bf16, fp16.
+template <class T, class F>
+struct GsImageRows {
+    static constexpr bool value = std::is_same_v<F, float> && (std::is_same_v<T, float> || std::is_same_v<T, gs_bf16> ||
+                                                               std::is_same_v<T, _Float16>);
+};
+
+// One image row's 16 consecutive elements out, as gs_put rounds them: fp32 non-temporal where the
+// address allows (rows written once and read by no one in the pass), 16-bit through gs_put16.
+GS_INLINE void gs_out16(float* p, __m512 v)
+{
+    if (((uintptr_t)p & 63) == 0) _mm512_stream_ps(p, v);
+    else _mm512_storeu_ps(p, v);
+}
+GS_INLINE void gs_out16(gs_bf16* p, __m512 v) { gs_put16(p, v); }
+GS_INLINE void gs_out16(_Float16* p, __m512 v) { gs_put16(p, v); }
+
+// lr/rl in nchw, fp32 math (fp32 or 16-bit storage): the output block on image rows instead of tile lines. A tile of nt steps (a
 // multiple of 16) of L lanes (a multiple of 16) of h goes back to image rows through the 16 x 16
 // transposes, as h's store needs anyway; there, 16 consecutive pixels of a row at a time, the
 // output block reads x, u and s where they lie and adds y to the item's image yacc (or streams it
@@ -984,9 +1001,9 @@ static void gs_fwd_line(gs_i j0, gs_i j1, gs_i n, gs_i V, const F* const* wl_, c
 // of the lr/rl forward, whose staging and line work are all in the core (data in cache, it takes as
 // long per pixel). The same block, the same operands, the same additions into yacc as the tile
 // path: the same bits. Without the 16-lane blocks (GS_VECTOR_BLOCKS 0), the scalar block lane by lane.
-template <bool First>
-static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt, const float* xP,
-                               const float* uP, const float* sP, float md, float* yacc, float* ys, float* hs)
+template <bool First, class T>
+static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt, const T* xP,
+                               const T* uP, const T* sP, float md, float* yacc, T* ys, T* hs)
 {
     for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
         for (int s0 = 0; s0 < nt; s0 += 16) {
@@ -997,15 +1014,12 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
             for (int q = 0; q < 16; ++q) {
                 const gs_i px = (i0 + q) * W + col0;
                 const __m512 hv = g.rev ? gs_rev16(r[q]) : r[q];
-                if (hs) {
-                    if (((uintptr_t)(hs + px) & 63) == 0) _mm512_stream_ps(hs + px, hv);
-                    else _mm512_storeu_ps(hs + px, hv);
-                }
+                if (hs) gs_out16(hs + px, hv);
 #if GS_VECTOR_BLOCKS
                 [[maybe_unused]] const gs_vf f_h = (gs_vf)hv;
-                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
-                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(uP + px) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? (gs_vf)gs_row16(uP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? (gs_vf)gs_row16(sP + px) : gs_bc(0.0f);
                 [[maybe_unused]] const gs_vf f_md = gs_bc(md);
                 gs_vf f_y;
                 gs_blk_output(f_h, f_x, f_u, f_s, f_y);
@@ -1015,9 +1029,9 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
                 _mm512_storeu_ps(hh, hv);
                 for (int e = 0; e < 16; ++e) {
                     [[maybe_unused]] const float f_h = hh[e];
-                    [[maybe_unused]] const float f_x = xP[px + e];
-                    [[maybe_unused]] const float f_u = GS_MOD ? uP[px + e] : 0.0f;
-                    [[maybe_unused]] const float f_s = GS_SKIP ? sP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
+                    [[maybe_unused]] const float f_u = GS_MOD ? gs_ld(uP[px + e]) : 0.0f;
+                    [[maybe_unused]] const float f_s = GS_SKIP ? gs_ld(sP[px + e]) : 0.0f;
                     [[maybe_unused]] const float f_md = md;
                     float f_y;
                     gs_blk_output(f_h, f_x, f_u, f_s, f_y);
@@ -1026,8 +1040,7 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
                 const __m512 yv = _mm512_loadu_ps(yy);
 #endif
                 if (GS_STACK) {
-                    if (((uintptr_t)(ys + px) & 63) == 0) _mm512_stream_ps(ys + px, yv);
-                    else _mm512_storeu_ps(ys + px, yv);
+                    gs_out16(ys + px, yv);
                 } else if (First) {
                     _mm512_storeu_ps(yacc + px, yv);
                 } else {
@@ -1040,7 +1053,7 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
 #endif
 
 #if defined(__AVX512F__)
-// lr/rl in nchw, fp32: the output's adjoint on image rows, before a tile's reverse walk, as the forward
+// lr/rl in nchw, fp32 math: the output's adjoint on image rows, before a tile's reverse walk, as the forward
 // runs its output block (gs_fwd_output_rows). It needs no scan: per pixel, gy, h, x, u and s where
 // they lie give gu and gs (streamed to their tensors), the output's part of gx (into the item's gx
 // image gxacc; First: the item's first direction, which sets it) and of gm (the returned sum),
@@ -1048,10 +1061,9 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
 // ls) for the walk. gy, u and s are then never staged, gu and gs never leave through a tile: four
 // transposes of a block of pixels fewer in the lr/rl backward, whose time is spent in the core.
 // Without the 16-lane blocks, the scalar block lane by lane.
-template <bool First>
-static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* gyP, const float* hP,
-                                const float* xP, const float* uP, const float* sP, float md, float* tgh, gs_i ls,
-                                float* gxacc, float* gu, float* gs)
+template <bool First, class T>
+static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const T* gyP, const T* hP, const T* xP,
+                                const T* uP, const T* sP, float md, float* tgh, gs_i ls, float* gxacc, T* gu, T* gs)
 {
     __m512 gmv = _mm512_setzero_ps();
     for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
@@ -1061,11 +1073,11 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const f
             for (int q = 0; q < 16; ++q) {
                 const gs_i px = (i0 + q) * W + col0;
 #if GS_VECTOR_BLOCKS
-                [[maybe_unused]] const gs_vf f_gy = gs_vld(gyP + px);
-                [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? gs_vld(hP + px) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
-                [[maybe_unused]] const gs_vf f_u = GS_MOD ? gs_vld(uP + px) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? gs_vld(sP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_gy = (gs_vf)gs_row16(gyP + px);
+                [[maybe_unused]] const gs_vf f_h = GS_BWD_H ? (gs_vf)gs_row16(hP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
+                [[maybe_unused]] const gs_vf f_u = GS_MOD ? (gs_vf)gs_row16(uP + px) : gs_bc(0.0f);
+                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? (gs_vf)gs_row16(sP + px) : gs_bc(0.0f);
                 [[maybe_unused]] const gs_vf f_md = gs_bc(md);
                 gs_vf f_gho, f_gxo;
                 [[maybe_unused]] gs_vf f_gu = gs_bc(0.0f), f_gs = gs_bc(0.0f), f_gmd = gs_bc(0.0f);
@@ -1075,11 +1087,11 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const f
 #else
                 float a_gho[16], a_gxo[16], a_gu[16], a_gs[16];
                 for (int e = 0; e < 16; ++e) {
-                    [[maybe_unused]] const float f_gy = gyP[px + e];
-                    [[maybe_unused]] const float f_h = GS_BWD_H ? hP[px + e] : 0.0f;
-                    [[maybe_unused]] const float f_x = xP[px + e];
-                    [[maybe_unused]] const float f_u = GS_MOD ? uP[px + e] : 0.0f;
-                    [[maybe_unused]] const float f_s = GS_SKIP ? sP[px + e] : 0.0f;
+                    [[maybe_unused]] const float f_gy = gs_ld(gyP[px + e]);
+                    [[maybe_unused]] const float f_h = GS_BWD_H ? gs_ld(hP[px + e]) : 0.0f;
+                    [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
+                    [[maybe_unused]] const float f_u = GS_MOD ? gs_ld(uP[px + e]) : 0.0f;
+                    [[maybe_unused]] const float f_s = GS_SKIP ? gs_ld(sP[px + e]) : 0.0f;
                     [[maybe_unused]] const float f_md = md;
                     float f_gho, f_gxo;
                     [[maybe_unused]] float f_gu = 0.0f, f_gs = 0.0f, f_gmd = 0.0f;
@@ -1093,14 +1105,8 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const f
                 const __m512 gho = _mm512_loadu_ps(a_gho), gxo = _mm512_loadu_ps(a_gxo);
                 const __m512 guv = _mm512_loadu_ps(a_gu), gsv = _mm512_loadu_ps(a_gs);
 #endif
-                if (GS_MOD) {
-                    if (((uintptr_t)(gu + px) & 63) == 0) _mm512_stream_ps(gu + px, guv);
-                    else _mm512_storeu_ps(gu + px, guv);
-                }
-                if (GS_SKIP) {
-                    if (((uintptr_t)(gs + px) & 63) == 0) _mm512_stream_ps(gs + px, gsv);
-                    else _mm512_storeu_ps(gs + px, gsv);
-                }
+                if (GS_MOD) gs_out16(gu + px, guv);
+                if (GS_SKIP) gs_out16(gs + px, gsv);
                 if (First) _mm512_storeu_ps(gxacc + px, gxo);
                 else _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxo));
                 r[q] = g.rev ? gs_rev16(gho) : gho;
@@ -1112,13 +1118,14 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const f
     return _mm512_reduce_add_ps(gmv);
 }
 
-// lr/rl in nchw, fp32, GS_LOCAL_ADJ: after a tile's reverse walk (lines with O false), its total gh (tile tgh,
+// lr/rl in nchw, fp32 math, GS_LOCAL_ADJ: after a tile's reverse walk (lines with O false), its total gh (tile tgh,
 // lines of ls) goes back to image rows through the 16 x 16 transposes, and there the adjoint's local
 // outputs are computed from x and lam where they lie: glam (streamed to its tensor) and gx's part,
 // added into gxacc after the output's part, as the tile path adds it. x and lam are then never staged
 // and glam and gx never leave through a tile: three transposes a block of pixels fewer for one more.
-static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* tgh, gs_i ls, const float* xP,
-                              const float* lamP, float* glam, float* gxacc)
+template <class T>
+static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* tgh, gs_i ls, const T* xP,
+                              const T* lamP, T* glam, float* gxacc)
 {
     for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
         for (int s0 = 0; s0 < nt; s0 += 16) {
@@ -1131,8 +1138,8 @@ static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const flo
                 const __m512 ghv = g.rev ? gs_rev16(r[q]) : r[q];
 #if GS_VECTOR_BLOCKS
                 [[maybe_unused]] const gs_vf f_gh = (gs_vf)ghv;
-                [[maybe_unused]] const gs_vf f_x = gs_vld(xP + px);
-                [[maybe_unused]] const gs_vf f_lam = gs_vld(lamP + px);
+                [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
+                [[maybe_unused]] const gs_vf f_lam = (gs_vf)gs_row16(lamP + px);
                 gs_vf f_glam, f_gxa;
                 gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
                 const __m512 glv = gs_m(f_glam), gxv = gs_m(f_gxa);
@@ -1141,8 +1148,8 @@ static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const flo
                 _mm512_storeu_ps(a_gh, ghv);
                 for (int e = 0; e < 16; ++e) {
                     [[maybe_unused]] const float f_gh = a_gh[e];
-                    [[maybe_unused]] const float f_x = xP[px + e];
-                    [[maybe_unused]] const float f_lam = lamP[px + e];
+                    [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
+                    [[maybe_unused]] const float f_lam = gs_ld(lamP[px + e]);
                     float f_glam, f_gxa;
                     gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
                     a_glam[e] = f_glam;
@@ -1150,8 +1157,7 @@ static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const flo
                 }
                 const __m512 glv = _mm512_loadu_ps(a_glam), gxv = _mm512_loadu_ps(a_gx);
 #endif
-                if (((uintptr_t)(glam + px) & 63) == 0) _mm512_stream_ps(glam + px, glv);
-                else _mm512_storeu_ps(glam + px, glv);
+                gs_out16(glam + px, glv);
                 _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxv));
             }
         }
@@ -1517,11 +1523,10 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
                 // where each channel has its own (nchw, or nhwc with G == C)
                 const bool direct = std::is_same_v<T, F> && !g.stepw && (!GS_NHWC || im.V == sh.C);
                 const bool wdirect = direct && (!GS_NHWC || sh.G == sh.C);
-                // lr/rl in nchw, fp32: the output block on image rows (gs_fwd_output_rows), tiles of whole
-                // 16 x 16 blocks
+                // lr/rl in nchw, fp32 math: the output block on image rows (gs_fwd_output_rows), tiles of
+                // whole 16 x 16 blocks
 #if defined(__AVX512F__)
-                const bool imgout = std::is_same_v<T, float> && std::is_same_v<F, float> && !GS_NHWC && g.stepw &&
-                                    g.L % 16 == 0;
+                const bool imgout = GsImageRows<T, F>::value && !GS_NHWC && g.stepw && g.L % 16 == 0;
 #else
                 const bool imgout = false;
 #endif
@@ -1582,7 +1587,7 @@ static int gs_forward(const T* x, const T* w, const T* lam, const T* u, const T*
 #undef GS_FWD_RUN
                     }
 #if defined(__AVX512F__)
-                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                    if constexpr (GsImageRows<T, F>::value) {
                         if (yimg) {
                             const F* hrows = th + sh.lsp + sh.pad;
                             if (d == 0)
@@ -1716,11 +1721,10 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                 // the per-direction outputs straight to their rows too; the weight gradients where each has
                 // its own row (gw, or gwide that gs_backward sums), not where gs_store_groups sums a group
                 const bool gwdirect = direct && (gwide != nullptr || sh.G == sh.C);
-                // lr/rl in nchw, fp32: the output's adjoint on image rows (gs_bwd_output_rows), tiles of
+                // lr/rl in nchw, fp32 math: the output's adjoint on image rows (gs_bwd_output_rows), tiles of
                 // whole 16 x 16 blocks; tgy then holds the output's part of gh
 #if defined(__AVX512F__)
-                const bool oimg = std::is_same_v<T, float> && std::is_same_v<F, float> && !GS_NHWC && g.stepw &&
-                                  g.L % 16 == 0 && GS_LOCAL_ADJ;
+                const bool oimg = GsImageRows<T, F>::value && !GS_NHWC && g.stepw && g.L % 16 == 0 && GS_LOCAL_ADJ;
 #else
                 const bool oimg = false;
 #endif
@@ -1735,7 +1739,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                         if (GS_SKIP && !gimg) gs_move<true>(sP, ps, nullptr, im.V, ts, sh.nmax, g, sh.W, t0, nt, ld);
                     }
 #if defined(__AVX512F__)
-                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                    if constexpr (GsImageRows<T, F>::value) {
                         if (gimg) {
                             T* guP = GS_MOD ? gu + so : nullptr;
                             T* gsP = GS_SKIP ? gs + so : nullptr;
@@ -1830,7 +1834,7 @@ static int gs_backward_impl(const T* gy, const T* x, const T* w, const T* lam, c
                     }
                     const GsStream put;
 #if defined(__AVX512F__)
-                    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+                    if constexpr (GsImageRows<T, F>::value) {
                         if (gimg) gs_bwd_local_rows(g, sh.W, t0, nt, ogx, sh.nmax, xP, lamP, glam + so, gxacc);
                     }
 #endif
