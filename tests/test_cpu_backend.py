@@ -143,6 +143,15 @@ def test_random_specs_on_image_rows_match_reference(spec, data):
     check_against_reference(spec, 1, C, H, W, dtype=dtype, key=f"tile={tile}")
 
 
+@pytest.mark.parametrize("merge", ["stack", "learned", "mean", "sum"])
+def test_image_rows_every_merge_matches_reference(merge):
+    # every merge through the image-row paths (lines of 16 lanes; W = 37: a whole tile of 32, a partial one)
+    spec = Spec.from_dict({"name": f"rows_{merge}", "precision": ["fp32", "bf16"], "merge": merge,
+                           "directions": ["rl", "tb", "lr"], "chunk": 20})
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(spec, 2, 3, 16, 37, dtype=dtype)
+
+
 # --- a few fixed specs covering every feature, at sizes where the SIMD and transpose paths run ---
 
 FEATURES = [
