@@ -137,7 +137,7 @@ def test_random_specs_on_image_rows_match_reference(spec, data):
                                                                     ["bt", "rl", "tb", "lr"]]), label="directions")})
     C = data.draw(st.sampled_from([2, 4] if spec.weight_groups == 2 else [1, 2, 3, 4]), label="C")
     H = data.draw(st.sampled_from([16, 32]), label="H")
-    W = data.draw(st.sampled_from([3, 16, 21, 32, 37, 40]), label="W")  # whole tiles, and a short last one
+    W = data.draw(st.sampled_from([16, 21, 32, 37, 40]), label="W")  # whole tiles, and a short last one
     tile = data.draw(st.sampled_from([16, 32]), label="tile")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), label="dtype")
     check_against_reference(spec, 1, C, H, W, dtype=dtype, key=f"tile={tile}")
@@ -146,10 +146,10 @@ def test_random_specs_on_image_rows_match_reference(spec, data):
 @pytest.mark.parametrize("merge", ["stack", "learned", "mean", "sum"])
 def test_image_rows_every_merge_matches_reference(merge):
     # every merge through the image-row paths (lines of 16 lanes; W = 37: a whole tile of 32, a partial one)
-    spec = Spec.from_dict({"name": f"rows_{merge}", "precision": ["fp32", "bf16"], "merge": merge,
+    spec = Spec.from_dict({"name": f"rows_{merge}", "precision": ["fp32", "bf16", "fp16"], "merge": merge,
                            "directions": ["rl", "tb", "lr"], "chunk": 20})
-    for dtype in (torch.float32, torch.bfloat16):
-        check_against_reference(spec, 2, 3, 16, 37, dtype=dtype)
+    for dtype, key in ((torch.float32, ""), (torch.bfloat16, "tile=16"), (torch.float16, "tile=32")):
+        check_against_reference(spec, 2, 3, 16, 37, dtype=dtype, key=key)
 
 
 # --- a few fixed specs covering every feature, at sizes where the SIMD and transpose paths run ---
@@ -367,9 +367,11 @@ def test_16_bit_transposed_staging_is_exact(dtype):
     for name, a, b in zip(names, *outs):
         assert a.dtype == b.dtype, name
         if name in ("gx", "gm"):
+            # one 16-bit rounding step apart at most, element by element
             assert torch.equal(a.isnan(), b.isnan()), name
             fa, fb = a.float().nan_to_num(0.0), b.float().nan_to_num(0.0)
-            assert (fa - fb).abs().max() <= tolerance(dtype) * fa.abs().max(), name
+            step = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+            assert ((fa - fb).abs() <= step * torch.maximum(fa.abs(), fb.abs())).all(), name
         else:
             assert torch.equal(a.view(torch.int16), b.view(torch.int16)), name
     assert outs[0][0].isnan().any() and outs[0][0].isfinite().any()
@@ -464,6 +466,8 @@ def test_local_adjoint_cut_holds_only_where_it_is_exact():
     x, w0 = sp.Symbol("x"), sp.Symbol("w0")
     assert render_cpu.local_adjoint(changed("gw1", lambda e: e * x)) is None     # a weight gradient reads x
     assert render_cpu.local_adjoint(changed("glam", lambda e: e + w0)) is None   # glam reads a weight
+    lam = sp.Symbol("lam")
+    assert render_cpu.local_adjoint(changed("ghp0", lambda e: e * lam)) is None   # another output reads lam
     assert render_cpu.local_adjoint(changed("ghp0", lambda e: e)) is not None
 
 
@@ -585,7 +589,7 @@ specs = [
     {"connection": 5, "normalization": "softmax", "weight_groups": 2, "chunk": 2, "merge": "stack", "layout": "nhwc",
      "precision": ["fp32", "bf16"]},
 ]
-shapes = [(2, 2, 5, 1), (1, 2, 17, 33)]
+shapes = [(2, 2, 5, 1), (1, 2, 17, 33), (1, 2, 16, 37)]  # the last: lr/rl image rows (lines of 16)
 for i, fields in enumerate(specs):
     spec = Spec.from_dict({"name": f"san{i}", **fields})
     for dtype in (torch.float32, torch.bfloat16 if i == 1 else torch.float16):

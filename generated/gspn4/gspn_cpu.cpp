@@ -18,7 +18,12 @@
 // buffers (one line of L lanes x V channels per step, contiguous), so the
 // step loop runs over contiguous memory whatever the direction and layout
 // (lr/rl in nchw: a tile reads `tile` consecutive elements of every row, the
-// transpose happens in L1). The step loop over a line is `omp simd`; the
+// transpose happens in L1). Two exceptions: tb/bt rows in the math type are
+// read (and y, gx and the per-direction gradients written) where they lie
+// (`direct`); and lr/rl in nchw with fp32 math run the per-pixel blocks that
+// need no neighbour (the output and its adjoint, glam and gx) on image rows,
+// so only what the scan needs goes through the transposes (gs_fwd_output_rows,
+// gs_bwd_output_rows, gs_bwd_local_rows). The step loop over a line is `omp simd`; the
 // neighbour of element j at offset o is element j + o*V of the previous
 // line, held in a buffer with zero padding, and it exists iff
 // 0 <= j + o*V < L*V.
@@ -1003,7 +1008,8 @@ GS_INLINE void gs_out16(_Float16* p, __m512 v) { gs_put16(p, v); }
 // transposes, as h's store needs anyway; there, 16 consecutive pixels of a row at a time, the
 // output block reads x, u and s where they lie and adds y to the item's image yacc (or streams it
 // to a stack slice ys), and h goes to its tensor (hs, when saved). u and s are then never staged
-// and y never goes through a tile: three 16 x 16 transposes a block of pixels fewer, about a tenth
+// and y never goes through a tile: three 16 x 16 transposes a block of pixels fewer (two without the h
+// store, which the tile path then skipped), about a tenth
 // of the lr/rl forward, whose staging and line work are all in the core (data in cache, it takes as
 // long per pixel). The same block, the same operands, the same additions into yacc as the tile
 // path: the same bits. Without the 16-lane blocks (GS_VECTOR_BLOCKS 0), the scalar block lane by lane.
@@ -1061,7 +1067,7 @@ static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W,
 #if defined(__AVX512F__)
 // lr/rl in nchw, fp32 math: the output's adjoint on image rows, before a tile's reverse walk, as the forward
 // runs its output block (gs_fwd_output_rows). It needs no scan: per pixel, gy, h, x, u and s where
-// they lie give gu and gs (streamed to their tensors), the output's part of gx (into the item's gx
+// they lie give gu and gs (to their tensors; fp32 non-temporal where aligned), the output's part of gx (into the item's gx
 // image gxacc; First: the item's first direction, which sets it) and of gm (the returned sum),
 // and the output's part of gh, which goes through the 16 x 16 transposes into the tile tgh (lines of
 // ls) for the walk. gy, u and s are then never staged, gu and gs never leave through a tile: four
@@ -1126,7 +1132,7 @@ static float gs_bwd_output_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const T
 
 // lr/rl in nchw, fp32 math, GS_LOCAL_ADJ: after a tile's reverse walk (lines with O false), its total gh (tile tgh,
 // lines of ls) goes back to image rows through the 16 x 16 transposes, and there the adjoint's local
-// outputs are computed from x and lam where they lie: glam (streamed to its tensor) and gx's part,
+// outputs are computed from x and lam where they lie: glam (to its tensor, as gu above) and gx's part,
 // added into gxacc after the output's part, as the tile path adds it. x and lam are then never staged
 // and glam and gx never leave through a tile: three transposes a block of pixels fewer for one more.
 template <class T>
@@ -1172,7 +1178,7 @@ static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const flo
 #endif
 
 // ghin: the ghp step t + 1 produced (all zero when t + 1 does not continue the chunk).
-// O: the line runs every per-pixel part of the adjoint. False (lr/rl in nchw, fp32): the parts that need
+// O: the line runs every per-pixel part of the adjoint. False (lr/rl in nchw, fp32 math): the parts that need
 // no neighbour run on image rows: gs_bwd_output_rows ran the output's adjoint before (gy, h, u, s ->
 // the output's part of gh, held in gyl, and of gx, gu, gs and gm's terms) and gs_bwd_local_rows
 // computes glam and gx's part after (GS_LOCAL_ADJ: from the total gh, x and lam). The line then reads

@@ -114,9 +114,12 @@ def local_adjoint(block: "CodeBlock"):
     lam (the line then runs without them, so nothing else may depend on them)."""
     from ..lower.ir import CodeBlock
 
+    names = [sym.name for sym, _ in block.assigns]
+    if len(set(names)) != len(names) or set(names) & set(block.inputs):
+        return None  # not single assignment: the walk below goes by name
     deps: dict[str, set[str]] = {n: {n} for n in block.inputs}
     for sym, rhs in block.assigns:
-        deps[sym.name] = set().union(set(), *(deps.get(f.name, {f.name}) for f in rhs.free_symbols))
+        deps[sym.name] = set().union(*(deps.get(f.name, {f.name}) for f in rhs.free_symbols))
     inputs_of = {name: deps[name] & set(block.inputs) for name in block.outputs}
     if not set(LOCAL_OUTPUTS) <= set(block.outputs):
         return None
