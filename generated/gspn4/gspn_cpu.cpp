@@ -1003,6 +1003,23 @@ GS_INLINE void gs_out16(float* p, __m512 v)
 GS_INLINE void gs_out16(gs_bf16* p, __m512 v) { gs_put16(p, v); }
 GS_INLINE void gs_out16(_Float16* p, __m512 v) { gs_put16(p, v); }
 
+// A tile of nt steps (a multiple of 16) of L lanes (a multiple of 16), lines ls apart, back in image
+// rows: each 16 x 16 block through the register transposes, then fn(px, v) for each image row's 16
+// consecutive pixels from px (step order reversed for rl/bt, as gs_move_tr16 stores them).
+template <class Fn>
+GS_INLINE void gs_tile_rows(const float* tile, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt, Fn fn)
+{
+    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
+        for (int s0 = 0; s0 < nt; s0 += 16) {
+            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
+            __m512 r[16];
+            for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tile + (gs_i)(s0 + q) * ls + i0);
+            gs_tr16(r);
+            for (int q = 0; q < 16; ++q) fn((i0 + q) * W + col0, g.rev ? gs_rev16(r[q]) : r[q]);
+        }
+    }
+}
+
 // lr/rl in nchw, fp32 math (fp32 or 16-bit storage): the output block on image rows instead of tile lines. A tile of nt steps (a
 // multiple of 16) of L lanes (a multiple of 16) of h goes back to image rows through the 16 x 16
 // transposes, as h's store needs anyway; there, 16 consecutive pixels of a row at a time, the
@@ -1017,50 +1034,40 @@ template <bool First, class T>
 static void gs_fwd_output_rows(const float* th, gs_i ls, const GsDir& g, gs_i W, gs_i t0, int nt, const T* xP,
                                const T* uP, const T* sP, float md, float* yacc, T* ys, T* hs)
 {
-    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
-        for (int s0 = 0; s0 < nt; s0 += 16) {
-            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
-            __m512 r[16];
-            for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(th + (gs_i)(s0 + q) * ls + i0);
-            gs_tr16(r);
-            for (int q = 0; q < 16; ++q) {
-                const gs_i px = (i0 + q) * W + col0;
-                const __m512 hv = g.rev ? gs_rev16(r[q]) : r[q];
-                if (hs) gs_out16(hs + px, hv);
+    gs_tile_rows(th, ls, g, W, t0, nt, [&](gs_i px, __m512 hv) {
+        if (hs) gs_out16(hs + px, hv);
 #if GS_VECTOR_BLOCKS
-                [[maybe_unused]] const gs_vf f_h = (gs_vf)hv;
-                [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
-                [[maybe_unused]] const gs_vf f_u = GS_MOD ? (gs_vf)gs_row16(uP + px) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_s = GS_SKIP ? (gs_vf)gs_row16(sP + px) : gs_bc(0.0f);
-                [[maybe_unused]] const gs_vf f_md = gs_bc(md);
-                gs_vf f_y;
-                gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
-                const __m512 yv = gs_m(f_y);
+        [[maybe_unused]] const gs_vf f_h = (gs_vf)hv;
+        [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
+        [[maybe_unused]] const gs_vf f_u = GS_MOD ? (gs_vf)gs_row16(uP + px) : gs_bc(0.0f);
+        [[maybe_unused]] const gs_vf f_s = GS_SKIP ? (gs_vf)gs_row16(sP + px) : gs_bc(0.0f);
+        [[maybe_unused]] const gs_vf f_md = gs_bc(md);
+        gs_vf f_y;
+        gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
+        const __m512 yv = gs_m(f_y);
 #else
-                float hh[16], yy[16];
-                _mm512_storeu_ps(hh, hv);
-                for (int e = 0; e < 16; ++e) {
-                    [[maybe_unused]] const float f_h = hh[e];
-                    [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
-                    [[maybe_unused]] const float f_u = GS_MOD ? gs_ld(uP[px + e]) : 0.0f;
-                    [[maybe_unused]] const float f_s = GS_SKIP ? gs_ld(sP[px + e]) : 0.0f;
-                    [[maybe_unused]] const float f_md = md;
-                    float f_y;
-                    gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
-                    yy[e] = f_y;
-                }
-                const __m512 yv = _mm512_loadu_ps(yy);
-#endif
-                if (GS_STACK) {
-                    gs_out16(ys + px, yv);
-                } else if (First) {
-                    _mm512_storeu_ps(yacc + px, yv);
-                } else {
-                    _mm512_storeu_ps(yacc + px, _mm512_add_ps(_mm512_loadu_ps(yacc + px), yv));
-                }
-            }
+        float hh[16], yy[16];
+        _mm512_storeu_ps(hh, hv);
+        for (int e = 0; e < 16; ++e) {
+            [[maybe_unused]] const float f_h = hh[e];
+            [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
+            [[maybe_unused]] const float f_u = GS_MOD ? gs_ld(uP[px + e]) : 0.0f;
+            [[maybe_unused]] const float f_s = GS_SKIP ? gs_ld(sP[px + e]) : 0.0f;
+            [[maybe_unused]] const float f_md = md;
+            float f_y;
+            gs_blk_output(f_h, f_x, f_u, f_s, f_md, f_y);
+            yy[e] = f_y;
         }
-    }
+        const __m512 yv = _mm512_loadu_ps(yy);
+#endif
+        if (GS_STACK) {
+            gs_out16(ys + px, yv);
+        } else if (First) {
+            _mm512_storeu_ps(yacc + px, yv);
+        } else {
+            _mm512_storeu_ps(yacc + px, _mm512_add_ps(_mm512_loadu_ps(yacc + px), yv));
+        }
+    });
 }
 #endif
 
@@ -1139,41 +1146,31 @@ template <class T>
 static void gs_bwd_local_rows(const GsDir& g, gs_i W, gs_i t0, int nt, const float* tgh, gs_i ls, const T* xP,
                               const T* lamP, T* glam, float* gxacc)
 {
-    for (gs_i i0 = 0; i0 + 16 <= g.L; i0 += 16) {
-        for (int s0 = 0; s0 < nt; s0 += 16) {
-            const gs_i col0 = g.rev ? g.T - t0 - s0 - 16 : t0 + s0;
-            __m512 r[16];
-            for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(tgh + (gs_i)(s0 + q) * ls + i0);
-            gs_tr16(r);
-            for (int q = 0; q < 16; ++q) {
-                const gs_i px = (i0 + q) * W + col0;
-                const __m512 ghv = g.rev ? gs_rev16(r[q]) : r[q];
+    gs_tile_rows(tgh, ls, g, W, t0, nt, [&](gs_i px, __m512 ghv) {
 #if GS_VECTOR_BLOCKS
-                [[maybe_unused]] const gs_vf f_gh = (gs_vf)ghv;
-                [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
-                [[maybe_unused]] const gs_vf f_lam = (gs_vf)gs_row16(lamP + px);
-                gs_vf f_glam, f_gxa;
-                gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
-                const __m512 glv = gs_m(f_glam), gxv = gs_m(f_gxa);
+        [[maybe_unused]] const gs_vf f_gh = (gs_vf)ghv;
+        [[maybe_unused]] const gs_vf f_x = (gs_vf)gs_row16(xP + px);
+        [[maybe_unused]] const gs_vf f_lam = (gs_vf)gs_row16(lamP + px);
+        gs_vf f_glam, f_gxa;
+        gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
+        const __m512 glv = gs_m(f_glam), gxv = gs_m(f_gxa);
 #else
-                float a_gh[16], a_glam[16], a_gx[16];
-                _mm512_storeu_ps(a_gh, ghv);
-                for (int e = 0; e < 16; ++e) {
-                    [[maybe_unused]] const float f_gh = a_gh[e];
-                    [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
-                    [[maybe_unused]] const float f_lam = gs_ld(lamP[px + e]);
-                    float f_glam, f_gxa;
-                    gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
-                    a_glam[e] = f_glam;
-                    a_gx[e] = f_gxa;
-                }
-                const __m512 glv = _mm512_loadu_ps(a_glam), gxv = _mm512_loadu_ps(a_gx);
-#endif
-                gs_out16(glam + px, glv);
-                _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxv));
-            }
+        float a_gh[16], a_glam[16], a_gx[16];
+        _mm512_storeu_ps(a_gh, ghv);
+        for (int e = 0; e < 16; ++e) {
+            [[maybe_unused]] const float f_gh = a_gh[e];
+            [[maybe_unused]] const float f_x = gs_ld(xP[px + e]);
+            [[maybe_unused]] const float f_lam = gs_ld(lamP[px + e]);
+            float f_glam, f_gxa;
+            gs_blk_adjoint_local(f_gh, f_lam, f_x, f_glam, f_gxa);
+            a_glam[e] = f_glam;
+            a_gx[e] = f_gxa;
         }
-    }
+        const __m512 glv = _mm512_loadu_ps(a_glam), gxv = _mm512_loadu_ps(a_gx);
+#endif
+        gs_out16(glam + px, glv);
+        _mm512_storeu_ps(gxacc + px, _mm512_add_ps(_mm512_loadu_ps(gxacc + px), gxv));
+    });
 }
 #endif
 
