@@ -15,7 +15,13 @@
 // stores against what other blocks of the launch wrote (blocks are
 // unordered: two writing one element, atomics aside, is an error).
 // Dynamic shared memory is NaN-filled before each block and guarded on both
-// sides. Tests only; never part of gspngen.
+// sides. Thread block clusters (a launch's `cluster` > 1): the blocks of one
+// cluster run together as one set of fibers, each with its own shared memory;
+// a cluster barrier waits for every thread of every block of the cluster,
+// and a store into another block's shared memory (DSMEM, gs_st_peer) is an
+// error before the storing thread has passed a cluster barrier (the peer may
+// not have started) or once the peer has exited. Tests only; never part of
+// gspngen.
 #pragma once
 #define GSPN_EMULATE 1
 
@@ -40,6 +46,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __cluster_dims__(...)
 #define GS_DEV inline
 #define GS_CX constexpr
 
@@ -49,12 +56,14 @@ struct dim3v {
     unsigned x, y, z;
 };
 
-enum State { RUN = 0, BAR = 1, WARP = 2, DONE = 3 };
+enum State { RUN = 0, BAR = 1, WARP = 2, DONE = 3, CBAR = 4 };  // CBAR: at a cluster barrier
 enum WarpOp { OP_SYNC = 0, OP_XOR = 1 };
 
 struct Fiber {
     ucontext_t ctx;
     int tid = 0;
+    int blk = 0;             // the block's rank in its cluster (0 without clusters)
+    bool cl_synced = false;  // has passed a cluster barrier (DSMEM stores allowed)
     State state = RUN;
     unsigned mask = 0;
     WarpOp op = OP_SYNC;
@@ -74,12 +83,13 @@ struct Range {
 };
 
 struct Ctx {
-    unsigned grid = 1, block = 1, bid = 0;
+    unsigned grid = 1, block = 1, bid = 0;  // bid: the first block of the running cluster
+    unsigned cluster = 1;                   // blocks per cluster
     std::vector<Fiber> fibers;
     std::vector<char> stacks;
     Fiber* cur = nullptr;
     ucontext_t sched;
-    std::vector<float> smem;  // guard | usable | guard
+    std::vector<std::vector<float>> smem;  // per block of the cluster: guard | usable | guard
     size_t smem_bytes = 0;
     std::vector<Range> ranges;
     std::string err;
@@ -98,17 +108,20 @@ inline Ctx g;
 constexpr size_t STACK = 256 * 1024;
 constexpr size_t GUARD = 64;  // floats on each side of shared memory
 
+inline unsigned cur_bid() { return g.bid + (g.cur ? (unsigned)g.cur->blk : 0u); }
+inline float* smem_of(int blk) { return g.smem[blk].data() + GUARD; }
+
 inline void fail(const std::string& msg)
 {
     if (g.err.empty()) {
         char where[96];
-        std::snprintf(where, sizeof where, " [block %u thread %d]", g.bid, g.cur ? g.cur->tid : -1);
+        std::snprintf(where, sizeof where, " [block %u thread %d]", cur_bid(), g.cur ? g.cur->tid : -1);
         g.err = msg + where;
     }
 }
 
 inline dim3v tidx() { return dim3v{(unsigned)g.cur->tid, 0u, 0u}; }
-inline dim3v bidx() { return dim3v{g.bid, 0u, 0u}; }
+inline dim3v bidx() { return dim3v{cur_bid(), 0u, 0u}; }
 inline dim3v bdim() { return dim3v{g.block, 1u, 1u}; }
 inline dim3v gdim() { return dim3v{g.grid, 1u, 1u}; }
 
@@ -118,6 +131,13 @@ inline void syncthreads()
 {
     g.cur->state = BAR;
     yield();
+}
+
+inline void sync_cluster()
+{
+    g.cur->state = CBAR;
+    yield();
+    g.cur->cl_synced = true;
 }
 
 inline uint32_t warp_op(WarpOp op, unsigned mask, int arg, uint32_t val)
@@ -137,7 +157,7 @@ inline uint32_t warp_op(WarpOp op, unsigned mask, int arg, uint32_t val)
 inline bool across_blocks(Range& r, uintptr_t a, size_t n, int kind)
 {
     if (kind == 0) return true;
-    const int b = (int)g.bid;
+    const int b = (int)cur_bid();
     for (size_t u = (a - r.lo) / 2, e = (a + n - r.lo + 1) / 2; u < e; ++u) {
         int& w = r.wr[u];
         const char* race = nullptr;
@@ -174,7 +194,7 @@ inline bool check(const void* p, size_t n, size_t align, const char* what, bool 
     // A generic pointer into this block's dynamic shared memory (the on-chip forward keeps y there): valid,
     // not global traffic, not shared between blocks (its guards and NaN fill still catch misuse).
     // A read-only (__ldg, "nc") load or an atomic there would be an illegal global access on the GPU.
-    const uintptr_t s0 = reinterpret_cast<uintptr_t>(g.smem.data() + GUARD);
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(smem_of(g.cur ? g.cur->blk : 0));
     if (a >= s0 && a + n <= s0 + g.smem_bytes) {
         if (!nc && what[0] != 'a') return true;
         fail(nc ? "read-only (__ldg) load of shared memory through a generic pointer"
@@ -259,7 +279,9 @@ inline bool resolve_warps()
 //    first), then warp operations resolve: all warps move together, as lockstep as it gets.
 //  ORDER_AHEAD / ORDER_AHEAD_LAST: the lowest (highest) warp with a runnable thread runs until it
 //    waits at a block barrier or ends, passing its __syncwarp's alone: a __syncwarp that should have
-//    been a block barrier lets it read what the other warps have not yet written.
+//    been a block barrier lets it read what the other warps have not yet written. Barriers open as
+//    soon as their last thread arrives, so the first (last) block of a cluster runs ahead of the others
+//    up to each cluster barrier.
 //  >= ORDER_RANDOM: a random runnable warp advances (its threads in a random order), seeded by the
 //    order and the block, so warps drift apart by random amounts; blocks run in a random order.
 enum { ORDER_RR = 0, ORDER_RR_REV = 1, ORDER_AHEAD = 2, ORDER_AHEAD_LAST = 3, ORDER_RANDOM = 16 };
@@ -299,16 +321,49 @@ inline int pick_warp(int order, Rng& rng)
     return nc ? cand[rng.next() % nc] : -1;
 }
 
-inline void run_block(int order)
+// Release what the barriers allow: a block whose live threads all wait at __syncthreads, a cluster whose
+// live threads all wait at the cluster barrier. True if anything was released; errors as fail().
+inline bool release_barriers()
 {
-    const int nt = (int)g.block;
+    const int nb = (int)g.cluster, bs = (int)g.block, nt = nb * bs;
+    bool released = false;
+    for (int b = 0; b < nb; ++b) {
+        int done = 0, bar = 0;
+        for (int i = b * bs; i < (b + 1) * bs; ++i) {
+            done += g.fibers[i].state == DONE;
+            bar += g.fibers[i].state == BAR;
+        }
+        if (bar > 0 && bar + done == bs) {
+            if (done > 0) { fail("__syncthreads not reached by threads that exited"); return false; }
+            for (int i = b * bs; i < (b + 1) * bs; ++i) g.fibers[i].state = RUN;
+            released = true;
+        }
+    }
+    int done = 0, cbar = 0;
+    for (const Fiber& f : g.fibers) {
+        done += f.state == DONE;
+        cbar += f.state == CBAR;
+    }
+    if (cbar > 0 && cbar + done == nt) {
+        if (done > 0) { fail("cluster barrier not reached by threads that exited"); return false; }
+        for (Fiber& f : g.fibers) f.state = RUN;
+        released = true;
+    }
+    return released;
+}
+
+// Run the g.cluster blocks starting at g.bid together (one block without clusters).
+inline void run_cluster(int order)
+{
+    const int nb = (int)g.cluster, nt = nb * (int)g.block;
     g.fibers.assign(nt, Fiber{});
     if (g.stacks.size() < STACK * nt) g.stacks.resize(STACK * nt);
     const size_t nsm = g.smem_bytes / 4 + 2 * GUARD;
-    g.smem.assign(nsm, std::nanf(""));
+    g.smem.assign(nb, std::vector<float>(nsm, std::nanf("")));
     for (int i = 0; i < nt; ++i) {
         Fiber& f = g.fibers[i];
-        f.tid = i;
+        f.tid = i % (int)g.block;
+        f.blk = i / (int)g.block;
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = g.stacks.data() + STACK * i;
         f.ctx.uc_stack.ss_size = STACK;
@@ -340,37 +395,60 @@ inline void run_block(int order)
                     if (g.fibers[w0 + lanes[l]].state == RUN) run_fiber(w0 + lanes[l]);
                 if (!g.err.empty()) break;
                 resolve_warp(w0);
+                // A barrier opens as soon as its last thread arrives, as on a GPU: a block of a cluster
+                // then runs ahead of the others through its own __syncthreads (only a cluster barrier
+                // holds it back), where lockstep would hide a block barrier standing in for a cluster one.
+                release_barriers();
                 continue;
             }
         }
         if (!g.err.empty()) break;
-        int done = 0, bar = 0;
-        for (const Fiber& f : g.fibers) {
-            done += f.state == DONE;
-            bar += f.state == BAR;
-        }
+        int done = 0;
+        for (const Fiber& f : g.fibers) done += f.state == DONE;
         if (done == nt) break;
-        if (bar + done == nt && bar > 0) {
-            if (done > 0) { fail("__syncthreads not reached by threads that exited"); break; }
-            for (Fiber& f : g.fibers) f.state = RUN;
-            continue;
-        }
+        const bool released = release_barriers();
+        if (!g.err.empty()) break;
+        if (released) continue;
         if (!ran) { fail("deadlock: threads wait at different barriers"); break; }
     }
-    for (size_t i = 0; i < GUARD; ++i)
-        if (!std::isnan(g.smem[i]) || !std::isnan(g.smem[nsm - 1 - i])) {
-            fail("shared memory written out of bounds");
-            break;
-        }
+    for (int b = 0; b < nb; ++b)
+        for (size_t i = 0; i < GUARD; ++i)
+            if (!std::isnan(g.smem[b][i]) || !std::isnan(g.smem[b][nsm - 1 - i])) {
+                fail("shared memory written out of bounds");
+                b = nb;
+                break;
+            }
 }
 
-inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::function<void()> body)
+// DSMEM: store v at the offset of p (in this block's dynamic shared memory) in block `rank` of the cluster.
+inline void st_peer(float* p, int rank, float v)
+{
+    const int nb = (int)g.cluster;
+    if (rank < 0 || rank >= nb) { fail("DSMEM store to a block rank outside the cluster"); return; }
+    if (!g.cur->cl_synced) { fail("DSMEM store before a cluster barrier (the peer block may not have started)"); return; }
+    float* base = smem_of(g.cur->blk);
+    const size_t n = g.smem_bytes / 4;
+    if (p < base || p >= base + n) { fail("DSMEM store outside the block's dynamic shared memory"); return; }
+    bool live = false;
+    for (int i = rank * (int)g.block; i < (rank + 1) * (int)g.block; ++i) live |= g.fibers[i].state != DONE;
+    if (!live) { fail("DSMEM store to a block of the cluster that has exited"); return; }
+    smem_of(rank)[p - base] = v;
+}
+
+inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::function<void()> body,
+                  unsigned cluster = 1)
 {
     g.err.clear();
     g.grid = grid;
     g.block = block;
     g.smem_bytes = smem;
     g.body = std::move(body);
+    g.cluster = cluster;
+    g.cur = nullptr;
+    if (cluster < 1 || grid % cluster != 0 || (cluster > 1 && block % 32 != 0)) {
+        fail("cluster launch: the grid must be a multiple of the cluster size, blocks whole warps");
+        return 1;
+    }
 #if defined(__x86_64__) || defined(__i386__)
     // FTZ | DAZ for the launch (the fibers' contexts, made below, carry it; swapcontext saves MXCSR)
     const unsigned csr = _mm_getcsr();
@@ -378,16 +456,17 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
 #else
     if (g.ftz) { fail("flush-to-zero is emulated on x86 only"); return 1; }
 #endif
-    std::vector<unsigned> blocks(grid);
+    const unsigned nc = grid / cluster;  // clusters (blocks, without clusters) run in the schedule's order
+    std::vector<unsigned> blocks(nc);
     const bool rev = order == ORDER_RR_REV || order == ORDER_AHEAD_LAST;
-    for (unsigned b = 0; b < grid; ++b) blocks[b] = rev ? grid - 1 - b : b;
+    for (unsigned b = 0; b < nc; ++b) blocks[b] = rev ? nc - 1 - b : b;
     if (order >= ORDER_RANDOM) {
         Rng rng{(uint64_t)order};
-        for (unsigned b = grid; b > 1; --b) std::swap(blocks[b - 1], blocks[rng.next() % b]);
+        for (unsigned b = nc; b > 1; --b) std::swap(blocks[b - 1], blocks[rng.next() % b]);
     }
-    for (unsigned b = 0; b < grid && g.err.empty(); ++b) {
-        g.bid = blocks[b];
-        run_block(order);
+    for (unsigned b = 0; b < nc && g.err.empty(); ++b) {
+        g.bid = blocks[b] * cluster;
+        run_cluster(order);
     }
 #if defined(__x86_64__) || defined(__i386__)
     _mm_setcsr(csr);

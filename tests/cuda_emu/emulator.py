@@ -29,7 +29,7 @@ from gspngen.runtime.cuda_build import BASE_OPTIONS, FTZ
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 _C_TYPES = {"in": "const gs_t*", "out": "gs_t*", "f32": "float*", "vptr": "void*", "i32": "int"}
-_FAMILY = re.compile(r"gspn_(fwd_oc|fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step|tr)<")
+_FAMILY = re.compile(r"gspn_(fwd_oc|fwd_cl|bwd_cl|fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step|tr)<")
 
 
 FMAD = "-fmad=true" in BASE_OPTIONS  # the GPU build contracts a * b + c into one rounding
@@ -52,8 +52,10 @@ def _wrapper(i: int, name: str) -> str:
         raise ValueError(f"unknown kernel {name!r}")
     params = PARAMS[m.group(1)]
     args = ", ".join(f"*({_C_TYPES[kind]}*)a[{j}]" for j, (kind, _) in enumerate(params))
+    # cluster kernels fix their cluster size at compile time (__cluster_dims__): the last template argument
+    cluster = int(name.rstrip(" >").rsplit(",", 1)[1]) if m.group(1).endswith("_cl") else 1
     return (f'extern "C" int emu_k{i}(unsigned grid, unsigned block, unsigned smem, int order, void** a)\n'
-            f"{{\n    return emu::launch(grid, block, smem, order, [=] {{ {name}({args}); }});\n}}\n")
+            f"{{\n    return emu::launch(grid, block, smem, order, [=] {{ {name}({args}); }}, {cluster});\n}}\n")
 
 
 class _Lib:
@@ -194,6 +196,11 @@ class EmuRunner:
 
     def limits(self, device) -> tuple[int, int]:
         return self.sm_count, self.smem_limit
+
+    clusters_ok = True  # the emulator runs thread block clusters (emu.h)
+
+    def clusters(self, device) -> bool:
+        return self.clusters_ok
 
     def with_order(self, order: int) -> "EmuRunner":
         """A runner with another schedule sharing this one's builds (g++ builds dominate the time);

@@ -76,10 +76,12 @@ GS_DEV void gs_atomic_add(float* p, float v)
     if (emu::check(p, 4, 4, "atomic add")) *p += v;  // fibers run one at a time: a plain add is atomic
 }
 
-GS_DEV float* gs_smem() { return emu::g.smem.data() + emu::GUARD; }
+GS_DEV float* gs_smem() { return emu::smem_of(emu::g.cur->blk); }
 GS_DEV unsigned gs_dyn_smem_bytes() { return (unsigned)emu::g.smem_bytes; }
 GS_DEV void gs_trap() { emu::trap(); }
 GS_DEV void gs_sync_block() { emu::syncthreads(); }
+GS_DEV void gs_sync_cluster() { emu::sync_cluster(); }
+GS_DEV void gs_st_peer(float* p, int rank, float v) { emu::st_peer(p, rank, v); }
 GS_DEV void gs_sync_warp() { emu::warp_op(emu::OP_SYNC, 0xffffffffu, 0, 0); }
 GS_DEV int gs_opaque(int v) { return v; }
 GS_DEV float gs_shfl_xor(float v, int m)
