@@ -178,6 +178,22 @@ def test_candidate_configs_compile_without_spills():
 
 
 @pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_cluster_tunings_compile_without_spills(dname):
+    """cl=2/4/8 (lines split over thread block clusters) at the paper shapes, both mappings and passes, for
+    sm_90 (clusters need it); the plain kernels of the same source still build for sm_80 (the examples)."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    names = []
+    for N, C, H, W in PAPER_SHAPES:
+        for cl in rc.CLUSTER_SIZES:
+            be = CudaBackend(runner=object()).with_config(f"cl={cl}", f"cl={cl}")
+            names += [n for n in be.kernel_names(spec, dname, (N, C, H, W), H100) if "_cl<" in n]
+    names = list(dict.fromkeys(names))
+    assert len(names) >= 16 and any(n.startswith("gspn_bwd_cl<0") for n in names) \
+        and any(n.startswith("gspn_fwd_cl<1") for n in names)
+    _check([(spec, dname, names)], ("sm_90",), "clusters")
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
 def test_onchip_forward_compiles_without_spills(dname):
     """oc=1's kernel (every direction in one block per plane, y in shared memory) for gspn4 at planes it
     serves: 128^2 (fp32, bf16; scalar tb/bt lanes, vector lr/rl steps), 200 x 136 (224 threads), 128 x 135

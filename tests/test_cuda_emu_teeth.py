@@ -156,7 +156,7 @@ def _broken_source(monkeypatch, old: str, new: str) -> None:
     monkeypatch.setattr(rc, "render_source", render)  # what the backend now renders and builds
 
 
-LINE_SYNC = "if (LINE_THREADS <= 32) gs_sync_warp(); else gs_sync_block();"
+LINE_SYNC = "else if (LINE_THREADS <= 32) gs_sync_warp();\n        else gs_sync_block();"
 
 
 @pytest.mark.parametrize("case", [c for c in MULTI_WARP if c[0] in ("lanes-256-v1", "steps-64-2seg", "chan-256-groups",
@@ -166,7 +166,7 @@ def test_bug_syncwarp_for_the_line_barrier_fails(case, emu, monkeypatch):
     """A __syncwarp where a line spans several warps: lockstep schedules cannot see it, a warp
     running ahead reads neighbours that are not written yet."""
     _, spec, dname, shape, chooser = case
-    _broken_source(monkeypatch, LINE_SYNC, "gs_sync_warp();")
+    _broken_source(monkeypatch, LINE_SYNC, "else gs_sync_warp();")
     prebuild(emu, spec, dname, [shape], [chooser])
     with pytest.raises(AssertionError, match="differs from order|{'y'"):
         check_case(emu, spec, dname, shape, chooser)

@@ -169,6 +169,21 @@ def test_transposed_passes():
     assert_matches(be, load_spec(ROOT / "examples" / "gspn4.yaml"), "fp32", (1, 4, 300, 1100))
 
 
+def test_cluster_lines():
+    """cl=2/4/8 in both passes (sm_90+: each line over a thread block cluster, edge lanes through DSMEM),
+    alone and with cc=1 / tr=1, against the reference; on an older GPU the host refuses the tuning."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    if torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            assert_matches(CudaBackend(poison=True).with_config("cl=2", "cl=2"), spec, "fp32", (1, 2, 70, 72))
+        return
+    for key in ("cl=2", "cl=4", "cl=8", "cl=2,cc=1", "cl=4,tr=1"):
+        be = CudaBackend(poison=True).with_config(key, key)
+        for dname in ("fp32", "bf16"):
+            assert_matches(be, spec, dname, (1, 3, 300, 260))
+    assert_matches(CudaBackend(poison=True).with_config("cl=8", "cl=8"), spec, "fp32", (1, 2, 1030, 2048))
+
+
 def test_public_op_autograd_and_streams():
     """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")

@@ -41,10 +41,13 @@ def test_rendered_kernels_trap_instead_of_returning():
     src = rc.render_source(load_spec("examples/gspn4.yaml"), "fp32")
     assert "write nothing" not in src
     for kernel in ("gspn_fwd", "gspn_bwd"):
-        body = src[src.index(f"__global__ void __launch_bounds__(LT * CT, 1) {kernel}("):]
+        # the plain and cluster entries share one body (gs_fwd_main / gs_bwd_main)
+        body = src[src.index(f"GS_DEV void gs_{kernel[5:]}_main("):]
         guard, setup = body.index("gs_trap();"), body.index("f.B.setup(")
         assert guard < setup  # refused before anything is read or written
-        assert "gs_dyn_smem_bytes() <" in body[:guard]
+        assert "gs_dyn_smem_bytes() <" in body[:guard] and "gridDim.x % F::B_t::CL" in body[:guard]
+        for entry in (f"__launch_bounds__(LT * CT, 1) {kernel}(", f"__launch_bounds__(LT * CT, 1) {kernel}_cl("):
+            assert f"gs_{kernel[5:]}_main<" in src[src.index(entry):][:1000]
     assert "__trap()" in src
 
 

@@ -122,6 +122,23 @@ GS_DEV float* gs_smem() { return reinterpret_cast<float*>(gs_smem_raw); }
 GS_DEV void gs_trap() { __trap(); }
 GS_DEV void gs_sync_block() { __syncthreads(); }
 GS_DEV void gs_sync_warp() { __syncwarp(); }
+// Thread block clusters (sm_90+; only the cl=N instantiations call these): a barrier over every thread of
+// every block of the cluster, ordering shared-memory stores before it (release) with loads after it
+// (acquire), local and distributed alike; and a store into the same offset of another block's dynamic shared
+// memory (DSMEM). Older architectures compile a trap: the host never launches a cluster kernel there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+GS_DEV void gs_sync_cluster()
+{
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+GS_DEV void gs_st_peer(float* p, int rank, float v)
+{
+    *static_cast<float*>(__cluster_map_shared_rank(static_cast<void*>(p), (unsigned)rank)) = v;
+}
+#else
+GS_DEV void gs_sync_cluster() { __trap(); }
+GS_DEV void gs_st_peer(float*, int, float) { __trap(); }
+#endif
 GS_DEV float gs_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 // v, as a value the compiler cannot see through: a per-step flag folded into a bound this way stays a
 // compare, where a plain flag lets NVVM duplicate the whole step body for its two values.
@@ -213,6 +230,13 @@ GS_DEV void gs_st_run(gs_t* p, const gs_t* d, unsigned mask)
 // Floor division and modulo for small compile-time-foldable ints (b > 0).
 GS_DEV constexpr int gs_fdiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 GS_DEV constexpr int gs_fmod(int a, int b) { return a - gs_fdiv(a, b) * b; }
+
+// Thread block clusters (the cl=N kernels): sm_90 and newer, and the emulator.
+#if defined(GSPN_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define GS_CLUSTERS 1
+#else
+#define GS_CLUSTERS 0
+#endif
 
 #ifndef GSPN_EMULATE
 GS_DEV unsigned gs_dyn_smem_bytes()
@@ -340,6 +364,16 @@ GS_DEV void gs_blk_adjoint_output(const float gy, const float h, const float x, 
 //  GS_CHAN   nhwc, any direction: a thread owns V consecutive channels of
 //            one lane; coalesced across channels, then lanes.
 // A line longer than a block is covered by NSEG segments (lanes in strides).
+// Clusters (CL > 1, lanes and steps mappings, sm_90+): a line is split over
+// the CL blocks of a thread block cluster, block rank q owning lanes
+// [q LPB, (q + 1) LPB); each step, the r edge lanes of a block also store
+// their h (backward: h and the k ghp) into the pad columns of the
+// neighbouring block's line buffer (distributed shared memory), and the
+// per-step barrier is the cluster's (release/acquire), so one barrier per
+// step still orders both exchanges. A cluster barrier before the first step
+// ensures every block of the cluster has started before any DSMEM store.
+// For small images and long single-image lines, where one block per line
+// leaves most SMs idle.
 // Loads run P-1 tiles ahead of the arithmetic in a register ring: the
 // per-step barrier would otherwise keep the compiler from hoisting them.
 //
@@ -399,7 +433,7 @@ GS_DEV void gs_strides(bool stepw, int H, int W, int Cx, long long& sc, long lon
 // MAP is the thread mapping; REVT the step order of a steps-mapped scan,
 // whose tile walk unrolls over registers (other mappings take the order,
 // and nhwc the step axis, at run time: their tiles are one step).
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, bool VEC, bool STG_ = false>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, bool VEC, bool STG_ = false, int CL_ = 1>
 struct GsBlock {
     static constexpr int MAPPING = MAP;
     static constexpr bool STG = STG_ && MAP == GS_STEPS;       // sector tiles through shared memory
@@ -414,12 +448,17 @@ struct GsBlock {
     static constexpr int COLS = NSEG * LT + 2 * PADC;
     static constexpr int PLANE = (MAP == GS_STEPS ? CT : CT * V) * COLS;  // floats per line buffer
     static constexpr unsigned FULL = (1u << V) - 1u;
+    static constexpr int CL = CL_;                             // blocks of a cluster sharing a line
+    static constexpr int LPB = NSEG * (MAP == GS_LANES ? LT * V : LT);  // lanes per block (cluster: per rank)
     static constexpr bool VEC_E = VEC && EPS > 1;              // one step's elements are one vector
     static_assert(NT % 32 == 0 && NT <= 1024, "threads per block: a multiple of 32, at most 1024");
     static_assert(MAP == GS_CHAN || (LT >= 32 ? LT % 32 == 0 : 32 % LT == 0), "a line must not straddle warps");
     static_assert(V >= 1 && V <= 16 && (V & (V - 1)) == 0, "vector width: a power of two up to 16");
+    static_assert(CL == 1 || (MAP != GS_CHAN && !STG && CL <= 8 && LPB >= GS_R),
+                  "clusters: lanes or steps mapping, no sector tiles, at most 8 blocks, r lanes per block");
 
     int T, L, K, C, tb, te, c0, ct, lt, gpc, d;
+    int rank;  // CL > 1: this block's rank in its cluster (the consecutive block indices of one line)
     bool rev;  // step order runs from the last image line to the first
     long long HW, GHW, scC, ssC, slC, scG, ssG, slG;
     long long b_x, b_d, b_w;  // slice offsets: x (n); lam/u/s/h (n, d); w (n, d, c = 0)
@@ -447,6 +486,8 @@ struct GsBlock {
         const int nsr = (nck + cpb - 1) / cpb;
         const int ncb = (C + CB - 1) / CB;
         long long b = blockIdx.x;
+        rank = CL > 1 ? (int)(b % CL) : 0;
+        b /= CL;
         const int sr = (int)(b % nsr);
         b /= nsr;
         const int cb = (int)(b % ncb);
@@ -505,7 +546,7 @@ struct GsBlock {
     // STG: SG slot of stream s, tile step j, for the owner thread tid (segment sg).
     static GS_DEV int sgs(int s, int j, int sg, int tid) { return (s * VS + j) * SP + sg * NT + tid; }
 
-    GS_DEV int lane0(int sg) const { return MAP == GS_LANES ? (sg * LT + lt) * V : sg * LT + lt; }
+    GS_DEV int lane0(int sg) const { return rank * LPB + (MAP == GS_LANES ? (sg * LT + lt) * V : sg * LT + lt); }
     GS_DEV long long eo(int sg) const { return eo0 + sg * sgC; }
     GS_DEV long long eog(int sg) const { return eog0 + sg * sgG; }
     GS_DEV int col(int sg) const { return sg * LT + lt; }
@@ -599,9 +640,29 @@ struct GsBlock {
         return (ev * COLS + PADC + col(sg) + O) * CT + ct;
     }
 
+    // CL > 1: the slot of local lane ll (-r <= ll < LPB + r: the pads hold the neighbours' edge lanes).
+    GS_DEV int slot_ll(int ll) const
+    {
+        if (MAP == GS_LANES) return (ct * V + gs_fmod(ll, V)) * COLS + PADC + gs_fdiv(ll, V);
+        return ct * COLS + PADC + ll;
+    }
+
+    // CL > 1: v, just stored at slot(sg, ev, 0) of the plane `pl` of this block's shared memory, into the same
+    // plane of the neighbouring block whose pad holds this lane (edge lanes only: r on each side).
+    GS_DEV void share(float* pl, int sg, int ev, float v) const
+    {
+        if constexpr (CL > 1) {
+            const int ll = MAP == GS_LANES ? col(sg) * V + ev : col(sg);
+            if (ll < GS_R && rank > 0) gs_st_peer(pl + slot_ll(ll + LPB), rank - 1, v);
+            if (ll >= LPB - GS_R && rank < CL - 1) gs_st_peer(pl + slot_ll(ll - LPB), rank + 1, v);
+        }
+    }
+
     static GS_DEV void sync()
     {
-        if (LINE_THREADS <= 32) gs_sync_warp(); else gs_sync_block();
+        if (CL > 1) gs_sync_cluster();
+        else if (LINE_THREADS <= 32) gs_sync_warp();
+        else gs_sync_block();
     }
 
     // Tiles of the block's step range in the order a walk visits them. A
@@ -624,12 +685,13 @@ struct GsBlock {
 GS_CX int gs_fs_y() { return 2 + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0); }
 GS_CX int gs_fs_w(int c) { return c <= 0 ? gs_fs_y() + 1 : gs_fs_w(c - 1) + (gs_w_used_fwd(c - 1) ? 1 : 0); }
 
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG_, bool SAVEH>
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG_, bool SAVEH,
+          int CL = 1>
 struct GsForward {
-    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, STG_>;
+    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, STG_, CL>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
     static constexpr bool VEC_E = B_t::VEC_E, STG = B_t::STG;
-    static constexpr int PLANE = B_t::PLANE;
+    static constexpr int PLANE = B_t::PLANE, NBUF = BUFS;
     static constexpr int S_X = 0, S_LAM = 1, S_U = 2, S_S = 2 + (GS_MOD ? 1 : 0), S_Y = gs_fs_y();
     static constexpr int NSTR = STG ? gs_fs_w(GS_K) : 0;  // streams in SG
     static constexpr int STG_FLOATS = (NSTR * VS * B_t::SP * (int)sizeof(gs_t) + 15) / 16 * 4;
@@ -782,8 +844,12 @@ struct GsForward {
                 if constexpr (STG) SG[B_t::sgs(S_Y, sm, sg, threadIdx.x)] = gs_s(f_y);  // in place of the y read
                 else oy[e] = gs_s(f_y);
                 const float hk = (ln < B.L && B.chan(ev) < B.C) ? f_h : 0.0f;
-                if constexpr (BUFS == 2) HL[cur * PLANE + B.slot(sg, ev, 0)] = hk;  // others read the other buffer
-                else hv[BUFS == 1 ? sg * EPS + ev : 0] = hk;
+                if constexpr (BUFS == 2) {
+                    HL[cur * PLANE + B.slot(sg, ev, 0)] = hk;  // others read the other buffer
+                    B.share(HL + cur * PLANE, sg, ev, hk);
+                } else {
+                    hv[BUFS == 1 ? sg * EPS + ev : 0] = hk;
+                }
                 hs[ev] = gs_s(f_h);
             }
             if constexpr (SAVEH) gs_st_run<EPS, VEC_E>(ph + B.frame(B.c0, t, B.lane0(sg)), hs, B.frame_mask(sg));
@@ -794,7 +860,10 @@ struct GsForward {
 #pragma unroll
             for (int sg = 0; sg < NSEG; ++sg)
 #pragma unroll
-                for (int ev = 0; ev < EPS; ++ev) HL[B.slot(sg, ev, 0)] = hv[BUFS == 1 ? sg * EPS + ev : 0];
+                for (int ev = 0; ev < EPS; ++ev) {
+                    HL[B.slot(sg, ev, 0)] = hv[BUFS == 1 ? sg * EPS + ev : 0];
+                    B.share(HL, sg, ev, hv[BUFS == 1 ? sg * EPS + ev : 0]);
+                }
         }
     }
 
@@ -838,6 +907,7 @@ struct GsForward {
         int qf, dq, nt;
         B.tiles(true, qf, dq, nt);
         kn = B.tb;
+        if constexpr (CL > 1) gs_sync_cluster();  // every block of the cluster has started: DSMEM stores may go
         if constexpr (STG) {
             constexpr int R = P > 1 ? P - 1 : 1;
             Tile tl[R];
@@ -874,24 +944,41 @@ struct GsForward {
     }
 };
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH>
-__global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+// The kernels' body, shared by the plain and the cluster entries.
+template <class F>
+GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    using F = GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>;
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
-    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+    if (blockDim.x != (unsigned)F::B_t::NT || cpb < 1 || d < 0 || d >= GS_D ||
+        gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4) || gridDim.x % F::B_t::CL != 0)
         gs_trap();
     if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.py = p_y; f.ph = p_h;
     f.HL = gs_smem();
-    f.SG = static_cast<gs_t*>(static_cast<void*>(f.HL + BUFS * F::PLANE));
+    f.SG = static_cast<gs_t*>(static_cast<void*>(f.HL + F::NBUF * F::PLANE));
     f.md = 1.0f;
     if constexpr (GS_LEARNED) f.md = gs_f(gs_ld1<true>(p_m + d));
     f.b_y = GS_STACK ? f.B.b_d : f.B.b_x;
     f.acc = acc != 0;
     f.run();
 }
+
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH>
+__global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+}
+
+#if GS_CLUSTERS
+// cl=N: the line split over the CL blocks of a cluster (see the header); CL fixed at compile time, so a
+// plain launch of a grid that is a multiple of CL forms the clusters.
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_fwd_cl(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, false, SAVEH, CL>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+}
+#endif
 
 // ===========================================================================
 // On-chip forward (oc=1; nchw, every direction merged into one output): one
@@ -954,9 +1041,9 @@ __global__ void __launch_bounds__(NT, 1) gspn_fwd_oc(const gs_t* __restrict__ p_
 // which iteration t-1 reads as its neighbours, so one barrier per step
 // serves both exchanges; HL[par(t, pos(t))] also holds this thread's own h(t).
 // ===========================================================================
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM>
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL = 1>
 struct GsBackward {
-    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC>;
+    using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, false, CL>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
     static constexpr bool VEC_E = B_t::VEC_E;
     static constexpr int PLANE = B_t::PLANE;
@@ -1092,11 +1179,19 @@ struct GsBackward {
                         o.gw[WATOM ? 0 : c][WATOM ? 0 : e] = gs_s(f_gw[c]);
                     }
                     const float g = ok ? f_ghp[c] : 0.0f;
-                    if constexpr (BUFS == 2) GP[(gwb * GS_K + c) * PLANE + sl] = g;  // others read the other buffer
-                    else gq[BUFS == 1 ? sg * EPS + ev : 0][c] = g;
+                    if constexpr (BUFS == 2) {
+                        GP[(gwb * GS_K + c) * PLANE + sl] = g;  // others read the other buffer
+                        B.share(GP + (gwb * GS_K + c) * PLANE, sg, ev, g);
+                    } else {
+                        gq[BUFS == 1 ? sg * EPS + ev : 0][c] = g;
+                    }
                 }
                 // h(t-2) replaces h(t), which only this thread reads, and only above
-                if constexpr (NEED_H) HL[cur * PLANE + sl] = ok ? gs_f(tl.hq[NEED_H ? e : 0]) : 0.0f;
+                if constexpr (NEED_H) {
+                    const float hq = ok ? gs_f(tl.hq[NEED_H ? e : 0]) : 0.0f;
+                    HL[cur * PLANE + sl] = hq;
+                    B.share(HL + cur * PLANE, sg, ev, hq);  // the neighbours' previous line at step t - 1
+                }
             }
             if (VS == 1) store_seg(o, sg, B.pos(t), 1u);  // one-step tiles: store now, fewer live registers
         }
@@ -1107,7 +1202,10 @@ struct GsBackward {
 #pragma unroll
                 for (int ev = 0; ev < EPS; ++ev)
 #pragma unroll
-                    for (int c = 0; c < GS_K; ++c) GP[c * PLANE + B.slot(sg, ev, 0)] = gq[BUFS == 1 ? sg * EPS + ev : 0][c];
+                    for (int c = 0; c < GS_K; ++c) {
+                        GP[c * PLANE + B.slot(sg, ev, 0)] = gq[BUFS == 1 ? sg * EPS + ev : 0][c];
+                        B.share(GP + c * PLANE, sg, ev, gq[BUFS == 1 ? sg * EPS + ev : 0][c]);
+                    }
         }
         if (cs) {  // the next step (t - 1) ends the chunk before
             ke = kc;
@@ -1187,6 +1285,7 @@ struct GsBackward {
     // thread's own value and h(te-2) as the neighbours' previous line.
     GS_DEV void prologue()
     {
+        if constexpr (CL > 1) gs_sync_cluster();  // every block of the cluster has started: DSMEM stores may go
         if constexpr (NEED_H) {
 #pragma unroll
             for (int sg = 0; sg < NSEG; ++sg) {
@@ -1198,8 +1297,10 @@ struct GsBackward {
 #pragma unroll
                 for (int ev = 0; ev < EPS; ++ev) {
                     const int sl = B.slot(sg, ev, 0);
-                    HL[B.par(B.te - 1, B.pos(B.te - 1)) * PLANE + sl] = gs_f(a[ev]);
-                    HL[(B.par(B.te - 1, B.pos(B.te - 1)) ^ 1) * PLANE + sl] = gs_f(b[ev]);
+                    const int c1 = B.par(B.te - 1, B.pos(B.te - 1));
+                    HL[c1 * PLANE + sl] = gs_f(a[ev]);  // this thread's own h(te - 1): not shared
+                    HL[(c1 ^ 1) * PLANE + sl] = gs_f(b[ev]);
+                    B.share(HL + (c1 ^ 1) * PLANE, sg, ev, gs_f(b[ev]));
                 }
             }
         }
@@ -1244,14 +1345,13 @@ GS_DEV void gs_block_add(float v, float* red, float* dst)
     }
 }
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool WATOM>
-__global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+template <class F>
+GS_DEV void gs_bwd_main(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    static_assert(!STG, "sector tiles: forward only so far");
-    using F = GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>;
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
-    if (blockDim.x != (unsigned)(LT * CT) || cpb < 1 || d < 0 || d >= GS_D || gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4))
+    if (blockDim.x != (unsigned)F::B_t::NT || cpb < 1 || d < 0 || d >= GS_D ||
+        gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4) || gridDim.x % F::B_t::CL != 0)
         gs_trap();
     if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
     f.pgy = p_gy; f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
@@ -1265,8 +1365,23 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ 
     f.b_gy = GS_STACK ? f.B.b_d : f.B.b_x;
     f.acc = acc != 0;
     f.run();
-    if constexpr (GS_LEARNED) gs_block_add<LT * CT>(f.gmd, sm + F::HL_FLOATS + F::GP_FLOATS, p_gm + d);
+    if constexpr (GS_LEARNED) gs_block_add<F::B_t::NT>(f.gmd, sm + F::HL_FLOATS + F::GP_FLOATS, p_gm + d);
 }
+
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool WATOM>
+__global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    static_assert(!STG, "sector tiles: forward only so far");
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+}
+
+#if GS_CLUSTERS
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_bwd_cl(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, CL>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // per_step: GSPN-1's launch structure, for benchmarks only.

@@ -188,20 +188,23 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
-def _variant(key: str) -> tuple[int, bool, bool, bool]:
-    """``"v=3"`` -> (3, False, False, False), ``"cc=1"`` -> (0, True, False, False), ``"tr=1"`` -> (0, False,
-    True, False), ``"oc=1"`` -> (0, False, False, True), ``""`` -> all off (the default); ValueError naming
-    ``backend`` otherwise."""
+def _variant(key: str) -> tuple[int, bool, bool, bool, int]:
+    """``"v=3"`` -> (3, False, False, False, 1), ``"cc=1"`` -> (0, True, False, False, 1), ``"tr=1"`` -> (0,
+    False, True, False, 1), ``"oc=1"`` -> (0, False, False, True, 1), ``"cl=4"`` -> (0, False, False, False, 4),
+    ``""`` -> all off (the default); ValueError naming ``backend`` otherwise."""
     if not key:
-        return 0, False, False, False
+        return 0, False, False, False, 1
     fields = parse_config_key(key, "backend")
-    ok = (set(fields) <= {"v", "cc", "tr", "oc"} and fields.get("v", "0").isdigit()
-          and all(fields.get(f, "1") in ("0", "1") for f in ("cc", "tr", "oc")))
+    ok = (set(fields) <= {"v", "cc", "tr", "oc", "cl"} and fields.get("v", "0").isdigit()
+          and all(fields.get(f, "1") in ("0", "1") for f in ("cc", "tr", "oc"))
+          and fields.get("cl", "1") in ("1",) + tuple(str(c) for c in rc.CLUSTER_SIZES))
     if not ok:
         raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', 'cc=1' (directions run "
-                         f"concurrently), 'tr=1' (left/right scans on transposed planes) and/or 'oc=1' (forward: "
-                         f"every direction in one block per plane, y on chip), got {key!r}")
-    return (int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1", fields.get("oc") == "1")
+                         f"concurrently), 'tr=1' (left/right scans on transposed planes), 'oc=1' (forward: "
+                         f"every direction in one block per plane, y on chip) and/or 'cl=2|4|8' (each line split "
+                         f"over a thread block cluster, sm_90+), got {key!r}")
+    return (int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1", fields.get("oc") == "1",
+            int(fields.get("cl", "1")))
 
 
 class CudaBackend(_CudaBase):
@@ -231,6 +234,10 @@ class CudaBackend(_CudaBase):
     # It costs two planes of traffic per pass (six in 16-bit storage: an fp32 sum, then a copy); it pays
     # where one direction's launch leaves most SMs idle (small images, few channels), which the static
     # model predicts (perfmodel.predict_group) and only a measurement decides.
+    # Key "cl=N" (N = 2, 4, 8; alone, with cc=1 or tr=1): each nchw line split over a cluster of N blocks that
+    # exchange their edge lanes through distributed shared memory (sm_90+; rc.cluster_config), N times the
+    # blocks of the launch for the same work: for small images and long single-image lines, where one block
+    # per (n, channel tile) leaves SMs idle. Lines too short for it keep the default tuning.
     def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
         _, C, H, W = shape
         kind = "fwd" if pass_ == "fwd" else "bwd"
@@ -238,7 +245,9 @@ class CudaBackend(_CudaBase):
         cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
         tr = ["tr=1"] if self.transpose_applies(spec, kind, dtype, C) else []
         oc = ["oc=1"] if kind == "fwd" and rc.onchip_plan(spec, dtype, H, W) is not None else []
-        return [""] + cc + tr + oc + [f"v={i}" for i in range(1, n)]
+        cl = [f"cl={c}" for c in rc.CLUSTER_SIZES
+              if any(rc.cluster_config(spec, dtype, dn, kind, C, H, W, c) is not None for dn in spec.directions)]
+        return [""] + cc + tr + oc + cl + [f"v={i}" for i in range(1, n)]
 
     @staticmethod
     def transpose_applies(spec: Spec, kind: str = "fwd", dtype: str = "fp32", C: int = 0) -> bool:
@@ -261,15 +270,20 @@ class CudaBackend(_CudaBase):
             if pk[1] and pk[2]:
                 raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed pass runs its directions "
                                  f"in order), got {key!r}")
-            if pk[3] and (pk[0] or pk[1] or pk[2]):
+            if pk[3] and (pk[0] or pk[1] or pk[2] or pk[4] > 1):
                 raise ValueError(f"backend: oc=1 combines with nothing (one kernel runs every direction with its "
                                  f"own tunings), got {key!r}")
+            if pk[4] > 1 and pk[0]:
+                raise ValueError(f"backend: cl=N replans each line for its share of the cluster and does not "
+                                 f"combine with v=i, got {key!r}")
         if picks["bwd"][3]:
             raise ValueError(f"backend: oc=1 is a forward tuning (the backward keeps one launch per direction), "
                              f"got {bwd!r} for the backward")
 
         def chooser(spec, dname, direction, kind, C, H, W):
-            i = picks[kind][0]
+            i, cl = picks[kind][0], picks[kind][4]
+            if cl > 1:  # None (the default) for a line too short to split or nhwc
+                return rc.cluster_config(spec, dname, direction, kind, C, H, W, cl)
             if not i:
                 return None
             options = rc.candidate_configs(spec, dname, direction, kind, C, H, W)
@@ -288,9 +302,12 @@ class CudaBackend(_CudaBase):
 
     def plan(self, spec: Spec, dname: str, kind: str, d: int, dims: tuple[int, int, int, int],
              tensors: list[Optional[torch.Tensor]], acc: bool, watom: bool,
-             limits: tuple[int, int], save_h: bool = True, as_dir: Optional[str] = None) -> FusedLaunch:
+             limits: tuple[int, int], save_h: bool = True, as_dir: Optional[str] = None,
+             device: Optional[torch.device] = None) -> FusedLaunch:
         """Instantiation, grid and shared memory of one direction's fused kernel. ``as_dir``: run direction
-        d as this one (tr=1: lr/rl as tb/bt on transposed planes, ``dims`` transposed)."""
+        d as this one (tr=1: lr/rl as tb/bt on transposed planes, ``dims`` transposed). ``device``: the
+        tensors' (default: the first tensor's); without either (the static model's planning for a named GPU)
+        the runner is not asked whether the GPU has clusters."""
         N, C, H, W = dims
         direction = as_dir or spec.directions[d]
         sm_count, smem_limit = limits
@@ -298,9 +315,16 @@ class CudaBackend(_CudaBase):
         mapping = rc.thread_map(spec, direction)
         cfg.check(mapping)
         L, T = (H, W) if DIRECTION_TABLE[direction].step_axis == "W" else (W, H)
-        if cfg.nseg * cfg.lanes_per_segment(mapping) < L:
-            raise ValueError(f"config {cfg}: covers {cfg.nseg * cfg.lanes_per_segment(mapping)} lanes, "
-                             f"the line has {L}")
+        if cfg.lanes_covered(mapping) < L:
+            raise ValueError(f"config {cfg}: covers {cfg.lanes_covered(mapping)} lanes, the line has {L}")
+        device = device if device is not None else next((t.device for t in tensors if t is not None), None)
+        if cfg.cluster > 1 and device is not None:
+            has = getattr(self.runner, "clusters", None)
+            if has is None or not has(device):
+                raise ValueError(f"config {cfg}: thread block clusters (cl={cfg.cluster}) need a GPU of compute "
+                                 f"capability 9.0 or newer")
+            if (cfg.cluster - 1) * cfg.nseg * cfg.lanes_per_segment(mapping) >= L:
+                raise ValueError(f"config {cfg}: the last block of each cluster would own no lane of a line of {L}")
         if cfg.stage and (mapping != rc.STEPS or kind != "fwd"):
             raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward of the steps mapping only")
         smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])
@@ -569,16 +593,16 @@ class CudaBackend(_CudaBase):
         return gx, gw, glam, gu, gs, gm
 
     def kernel_names(self, spec: Spec, dname: str, dims: tuple[int, int, int, int],
-                     limits: tuple[int, int]) -> list[str]:
+                     limits: tuple[int, int], device: Optional[torch.device] = None) -> list[str]:
         """Every fused instantiation a forward (with and without the h store) and a backward at this shape
-        launch, with aligned tensors (for building ahead)."""
+        launch, with aligned tensors (for building ahead); ``device``: refuse tunings it cannot run."""
         N, C, H, W = dims
         watom = spec.groups(C) != C
         names = []
         for kind, save_h in (("fwd", True), ("fwd", False), ("bwd", True)):
             for d in range(spec.num_directions):
                 p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits,
-                              save_h=save_h)
+                              save_h=save_h, device=device)
                 names.append(p.name)
         oc = rc.onchip_plan(spec, dname, H, W, limits[1]) if self.onchip else None
         if oc is not None:
@@ -598,7 +622,7 @@ class CudaBackend(_CudaBase):
             raise ValueError(f"shape: expected x's 4-d shape, got {tuple(shape)}")
         N, a, b, c = (int(v) for v in shape)
         dims = (N, c, a, b) if spec.layout == "nhwc" else (N, a, b, c)
-        names = self.kernel_names(spec, dname, dims, self.runner.limits(device))
+        names = self.kernel_names(spec, dname, dims, self.runner.limits(device), device)
         self.runner.kernel(device, rc.kernel_source(spec, dname), names[0], names)
         return names
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..geometry import DIRECTION_TABLE
-from ..spec import Spec
+from ..spec import MAX_CONNECTION, Spec
 
 if TYPE_CHECKING:
     from ..lower.ir import CodeBlock
@@ -69,6 +69,9 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
 # The on-chip forward takes the forward's arguments; it runs every direction (the host passes d = -1) and
 # ignores rev, stepw and acc.
 PARAMS["fwd_oc"] = PARAMS["fwd"]
+# The cluster entries (cl=N) take the plain ones' arguments.
+PARAMS["fwd_cl"] = PARAMS["fwd"]
+PARAMS["bwd_cl"] = PARAMS["bwd"]
 C_TYPES = {"in": "const gs_t* __restrict__", "out": "gs_t* __restrict__", "f32": "float* __restrict__",
            "vptr": "void*", "i32": "int"}
 
@@ -291,6 +294,9 @@ class KernelConfig:
     ``stage`` (steps mapping, forward): sector tiles of 2 x ``vec`` steps loaded
     and stored in whole 32-byte sectors through shared memory (see the fused
     template); costs :func:`stage_bytes` of shared memory.
+    ``cluster`` (lanes and steps mappings, sm_90+): the line split over that many blocks of a thread block
+    cluster, exchanging their edge lanes through distributed shared memory each step; the other fields then
+    describe one block's share of the line (see :func:`cluster_config`).
     """
 
     lane_threads: int
@@ -300,6 +306,7 @@ class KernelConfig:
     prefetch: int = 2
     bufs: int = 2
     stage: bool = False
+    cluster: int = 1
 
     @property
     def threads(self) -> int:
@@ -313,6 +320,9 @@ class KernelConfig:
             ok = (lt % 32 == 0) if lt >= 32 else (32 % lt == 0)
         if ok and self.stage:
             ok = mapping == STEPS and v <= 8
+        if ok and self.cluster != 1:
+            ok = (2 <= self.cluster <= MAX_CLUSTER and mapping != CHAN and not self.stage
+                  and self.nseg * self.lanes_per_segment(mapping) >= MAX_RADIUS)
         if not ok:
             raise ValueError(f"invalid CUDA kernel config {self} for the {MAP_NAMES[mapping]} mapping")
 
@@ -322,6 +332,10 @@ class KernelConfig:
 
     def lanes_per_segment(self, mapping: int) -> int:
         return self.lane_threads * (self.vec if mapping == LANES else 1)
+
+    def lanes_covered(self, mapping: int) -> int:
+        """Lanes of one line the launch covers: a block's segments, times the blocks of a cluster."""
+        return self.nseg * self.lanes_per_segment(mapping) * self.cluster
 
     def channels_per_block(self, mapping: int) -> int:
         return self.chan_threads * (self.vec if mapping == CHAN else 1)
@@ -350,7 +364,13 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
     """
     revt = bool(reverse) and mapping == STEPS
     head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
-            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}, {_b(cfg.stage and mapping == STEPS)}")
+            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
+    if cfg.cluster > 1:  # the cluster entries: no sector tiles, the cluster size last
+        if kind not in ("fwd", "bwd"):
+            raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+        flag = save_h if kind == "fwd" else watom
+        return f"gspn_{kind}_cl<{head}, {_b(flag)}, {cfg.cluster}>"
+    head += f", {_b(cfg.stage and mapping == STEPS)}"
     if kind == "fwd":
         return f"gspn_fwd<{head}, {_b(save_h)}>"
     if kind == "bwd":
@@ -629,6 +649,45 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
     return out
 
 
+CLUSTER_SIZES = (2, 4, 8)  # the cl=N keys: at most N blocks per line
+MAX_CLUSTER = 8  # the portable cluster size limit (16 needs an opt-in the runtime does not make)
+MAX_RADIUS = (MAX_CONNECTION - 1) // 2  # lanes a block of a cluster owns at least: the largest radius
+
+
+def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, W: int, cluster: int,
+                   smem_limit: int = 227 * 1024) -> KernelConfig | None:
+    """The tuning of ``cl=<cluster>``: a line of L lanes split over at most ``cluster`` blocks of a thread
+    block cluster, each block owning a share of about L / cluster lanes of one channel (no channels packed
+    into a block: the point is more blocks). As :func:`default_config` (the first that fits of prefetch 2
+    then 1, 512 then 256 threads, two then one line buffer), with the widest vector that still gives a
+    block at least 32 threads (tb/bt: a thread owns vec lanes). Blocks are whole warps, so a share rounds
+    up and the cluster is the blocks that covers the line: 130 lanes under cl=4 are 3 blocks of 64 (in
+    fp32 lr). None where it does not apply: nhwc, a key other than 2, 4 or 8, a share of fewer than 32
+    lanes, or a line one block covers."""
+    mapping = thread_map(spec, direction)
+    if mapping == CHAN or cluster not in CLUSTER_SIZES:
+        return None
+    L = H if DIRECTION_TABLE[direction].step_axis == "W" else W
+    share = -(-L // cluster)
+    v16 = 16 // ELEM_BYTES[dtype]
+    vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
+    if mapping == LANES:
+        vecs = [v for v in vecs if share >= 32 * v]
+    if share < 32 or not vecs:
+        return None
+    for p, max_threads, bufs in itertools.product((2, 1), (512, 256), (2, 1)):
+        cfg = _replace(_shape_config(mapping, share, 1, vecs[0], p, bufs, max_threads), cluster=cluster)
+        lpb = cfg.nseg * cfg.lanes_per_segment(mapping)
+        cfg = _replace(cfg, cluster=-(-L // lpb))  # the blocks the line needs (<= cluster)
+        if cfg.cluster < 2:
+            return None
+        if (smem_bytes(spec, kind, mapping, cfg, ELEM_BYTES[dtype]) <= smem_limit
+                and predicted_registers(spec, kind, cfg, mapping) <= register_cap(cfg.threads)):
+            cfg.check(mapping)
+            return cfg
+    return None
+
+
 def chunks_per_block(spec: Spec, direction: str, N: int, C: int, H: int, W: int, cfg: KernelConfig,
                      sm_count: int) -> tuple[int, int]:
     """(cpb, grid size): chunks per block so the grid fills about 4 blocks per SM when chunks allow."""
@@ -637,7 +696,7 @@ def chunks_per_block(spec: Spec, direction: str, N: int, C: int, H: int, W: int,
     K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
     nck = -(-T // K)
     ncb = -(-C // cfg.channels_per_block(mapping))
-    base = N * ncb
+    base = N * ncb * cfg.cluster  # a cluster's blocks share each (n, channel tile, step range)
     target = 4 * max(1, sm_count)
     cpb = nck if base >= target else max(1, math.ceil(nck * base / target))
     nsr = -(-nck // cpb)

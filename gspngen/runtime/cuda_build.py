@@ -10,7 +10,8 @@ A *runner* is what the CUDA backends talk to: ``kernel(device, source, name,
 names)`` returns a launchable kernel (``names`` are every instantiation the
 caller will need from this source, compiled together), ``launch(kernel,
 device, grid, block, smem, args)`` runs it, ``limits(device)`` gives the
-multiprocessor count and the opt-in shared memory per block. The tests swap
+multiprocessor count and the opt-in shared memory per block, ``clusters(device)``
+whether the GPU has thread block clusters (the cl=N kernels). The tests swap
 in a CPU emulator with the same interface.
 """
 
@@ -123,6 +124,11 @@ class CupyRunner:
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
             with stream:
                 kernel((grid,), (block,), pack_args(args), shared_mem=smem)
+
+    @staticmethod
+    def clusters(device: torch.device) -> bool:
+        """Thread block clusters and distributed shared memory (the cl=N kernels): compute capability 9.0+."""
+        return torch.cuda.get_device_capability(device)[0] >= 9
 
     def limits(self, device: torch.device) -> tuple[int, int]:
         cupy = self._cupy()
