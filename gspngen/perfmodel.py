@@ -99,6 +99,11 @@ SCHEDULERS = 4  # warp schedulers per SM (sm_80, sm_90)
 # same number of requests (bf16 uses 8-byte vectors there), which only this term reproduces.
 # scripts/perfmodel_vs_measured.py prints the comparison (tests/test_perfmodel.py holds it).
 SCATTERED_SECTORS_PER_S_H200 = 33e9
+# cl=N (a line split over a thread block cluster): each step ends at a cluster barrier after a DSMEM store,
+# which no other work of the cluster's blocks hides; a launch takes at least its steps times this. Assumed,
+# not measured (published Hopper microbenchmarks put a cluster barrier at a few hundred ns); the probe's
+# cl=N rows on the next GPU run give the figure to put here.
+CLUSTER_STEP_US = 0.5
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,8 @@ class Launch:
     group: str = ""
     external: bool = False
     launches: int = 1  # an external step's kernel launches (a 16-bit sum: the fp32 sum, then the copy)
+    # cl=N: the steps one cluster walks, each ending at a cluster barrier (0: no cluster)
+    cluster_steps: int = 0
 
 
 SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
@@ -292,7 +299,7 @@ def onchip_launch(spec: Spec, dname: str, shape: tuple[int, int, int, int], oc, 
 
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
                   configs=None, transposed: bool = False, onchip: bool = False,
-                  concurrent: tuple = ()) -> dict[str, list[Launch]]:
+                  concurrent: tuple = (), cluster: int = 1) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
     a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
     passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes);
@@ -300,10 +307,17 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
     :func:`gspngen.render.cuda.onchip_plan`; elsewhere the backend, and so the model, keeps the launches
     per direction); ``concurrent``: the passes ("fwd", "bwd") under cc=1, whose directions run at once on
     side streams, each writing its own slice of the output (y, or gx) with nothing to read back, and a
-    PyTorch sum of the slices after them (not with tr=1, as in the backend)."""
+    PyTorch sum of the slices after them (not with tr=1, as in the backend); ``cluster``: the tuning
+    cl=N in both passes (each line split over up to N blocks of a cluster; sm_90 and newer)."""
     from .backends.cuda import CudaBackend, left_right, transposed_as
     from .render import cuda as rc
 
+    if cluster > 1:
+        if int(gpu.arch.split("_")[1]) < 90:
+            raise ValueError(f"cluster: thread block clusters need sm_90 or newer, the {gpu.name} is {gpu.arch}")
+        if configs is not None:
+            raise ValueError("cluster: cl=N chooses the tunings itself; pass configs or cluster, not both")
+        configs = CudaBackend(runner=object()).with_config(f"cl={cluster}", f"cl={cluster}").configs
     N, C, H, W = shape
     be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
@@ -358,11 +372,14 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                 ctas = sum(-(-v // (H * W * es)) for v in per.values()) * tiles
                 launches.append(Launch(pass_, f"{direction} transposes", rc.transpose_name(False), ctas,
                                        rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, {"read": per, "write": dict(per)}))
+            T = dims[3] if DIRECTION_TABLE[as_dir].step_axis == "W" else dims[2]
+            K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
             launches.append(Launch(pass_, direction, p.name, p.grid, p.block, p.smem, cfg.tile_elements(mapping),
                                    sector_use(mapping, cfg, es, C),
                                    launch_bytes(spec, kind, d if not first else 0, shape, dname, save_h,
                                                 acc=False if cc else None),
-                                   group="cc" if cc else ""))
+                                   group="cc" if cc else "",
+                                   cluster_steps=min(T, p.cpb * K) if cfg.cluster > 1 else 0))
         if side:  # the transposed output (gx in the backward) back: read it (and the target, when added to)
             target = "y" if kind == "fwd" else "gx"
             back = {"read": {target: (2 if len(order) > len(side) else 1) * plane}, "write": {target: plane}}
@@ -648,11 +665,13 @@ def copy_ms(gpu: GPU, nbytes: int) -> float:
 
 
 def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
-                   configs=None, transposed: bool = False, onchip: bool = False, concurrent: tuple = ()) -> dict:
+                   configs=None, transposed: bool = False, onchip: bool = False, concurrent: tuple = (),
+                   cluster: int = 1) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
     ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings);
-    ``transposed``, ``onchip``, ``concurrent``: the tunings tr=1, oc=1 and cc=1 (:func:`plan_launches`).
+    ``transposed``, ``onchip``, ``concurrent``, ``cluster``: the tunings tr=1, oc=1, cc=1 and cl=N
+    (:func:`plan_launches`; a cl=N launch takes at least its steps x CLUSTER_STEP_US, bound "cluster barriers").
     Launches that run at once (cc=1) are predicted together (:func:`predict_group`): each member has
     ``concurrent`` true, ``predicted_ms`` and ``group_ms`` the group's span (each runs over it),
     ``group_bound`` what bounds the group, and ``alone_ms`` and ``bound`` its own prediction as if it
@@ -666,7 +685,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip, concurrent)
+    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip, concurrent, cluster)
     names = list(dict.fromkeys([l.name for ls in plans.values() for l in ls if not l.external]
                                + [n for ls in plans.values() for l in ls for n, _ in l.loops]))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
@@ -695,6 +714,9 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
             ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements * l.directions, ipe, nbytes,
                                         l.sector_use, l.scattered_share)
             ms += (l.launches - 1) * LAUNCH_US * 1e-3
+            barriers_ms = l.cluster_steps * CLUSTER_STEP_US * 1e-3 + LAUNCH_US * 1e-3
+            barrier_bound = barriers_ms > ms
+            ms = max(ms, barriers_ms)
             kernels.append({
                 "direction": l.direction, "kernel": l.name, "instructions_per_element": ipe,
                 "loop_instructions": loop_ins, "elements_per_iteration": epi,
@@ -703,7 +725,8 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                 "registers": f.registers, "shared_bytes": smem, "spill_bytes": f.spill_bytes,
                 "stack_bytes": f.stack_bytes, "threads": l.threads, "blocks_per_sm": blocks,
                 "warps_per_sm": warps, "ctas": l.ctas, "sms": g.sms, "predicted_ms": ms,
-                "bound": ("memory" if ms - LAUNCH_US * 1e-3 <= mem_ms * (1 + 1e-9) else
+                "bound": ("cluster barriers" if barrier_bound else
+                          "memory" if ms - LAUNCH_US * 1e-3 <= mem_ms * (1 + 1e-9) else
                           "scattered requests" if ms - LAUNCH_US * 1e-3 <= scattered_ms(
                               g, l.ctas, nbytes, l.sector_use, l.scattered_share) * (1 + 1e-9)
                           else "instructions"),

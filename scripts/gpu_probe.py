@@ -60,6 +60,9 @@ class EventRunner:
     def limits(self, device):
         return self.inner.limits(device)
 
+    def clusters(self, device):
+        return self.inner.clusters(device)
+
     def launch(self, kernel, device, grid, block, smem, args):
         start, end = self.event_type(enable_timing=True), self.event_type(enable_timing=True)
         start.record()
@@ -221,7 +224,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",
                        "direction": direction, "steps": steps, "ms": ms[key], "us_per_step": ms[key] * 1e3 / steps,
                        "predicted_ms": pred.get(direction)}
-                for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage"):
+                for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage", "cluster"):
                     row[k] = None if cfg is None else getattr(cfg, k)
                 rows.append(row)
                 pm = row["predicted_ms"]

@@ -322,6 +322,36 @@ def test_concurrent_directions_are_modelled():
     assert bf16["kernels"][-1]["predicted_ms"] > pm.LAUNCH_US * 2e-3
 
 
+def test_cluster_lines_are_modelled():
+    """cl=N: the same bytes, N times the CTAs (one channel per block, the line over up to N blocks), and a
+    floor of the steps times the assumed cluster-barrier cost. At 1x8x2048^2 the eight lines of the default
+    use 8 of 132 SMs; split eight ways they use 64, which the model predicts several times faster."""
+    spec = load_spec("examples/gspn4.yaml")
+    h200 = pm.GPUS["h200"]
+    base = pm.plan_launches(spec, "fp32", (1, 8, 2048, 2048), h200)
+    cl = pm.plan_launches(spec, "fp32", (1, 8, 2048, 2048), h200, cluster=8)
+    for pass_ in pm.PASSES:
+        assert [l.bytes for l in cl[pass_]] == [l.bytes for l in base[pass_]]
+        assert [l.ctas for l in base[pass_]] == [8] * 4 and [l.ctas for l in cl[pass_]] == [64] * 4
+        assert all("_cl<" in l.name and l.cluster_steps == 2048 for l in cl[pass_])
+    with pytest.raises(ValueError, match="cluster: thread block clusters need sm_90"):
+        pm.plan_launches(spec, "fp32", SMALL, pm.GPUS["a100"], cluster=2)
+    try:
+        small = pm.static_figures(spec, "fp32", (1, 16, 128, 128), "h200", cluster=4)
+        big = [pm.static_figures(spec, "fp32", (1, 8, 2048, 2048), "h200", cluster=c) for c in (1, 8)]
+    except pm.ToolMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"static model tools missing in CI: {exc}")
+        pytest.skip(str(exc))
+    for k in small["forward"]["kernels"]:  # 128 steps: the barrier floor binds at this size
+        assert k["ctas"] == 64 and k["spill_bytes"] == 0
+        assert k["predicted_ms"] >= 128 * pm.CLUSTER_STEP_US * 1e-3
+    assert {k["bound"] for k in small["forward"]["kernels"]} == {"cluster barriers"}
+    for pass_ in ("forward", "backward"):
+        assert big[1][pass_]["ctas"] == 64 and big[1][pass_]["spill_bytes"] == 0
+        assert big[1][pass_]["predicted_ms"] < big[0][pass_]["predicted_ms"] / 5
+
+
 def test_gpu_and_dtype_errors_name_the_argument():
     spec = load_spec("examples/gspn4.yaml")
     with pytest.raises(ValueError, match="gpu: expected one of a100, h100, h200"):
