@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_emu.emulator import ORDERS, RANDOM, RR, AHEAD, CXX, HERE, EmuError, EmuRunner
+from cuda_emu.emulator import AHEAD, AHEAD_LAST, CXX, HERE, ORDERS, RANDOM, RR, EmuError, EmuRunner
 from gspngen.backends.cuda import CudaBackend
 from gspngen.render import cuda as rc
 from gspngen.spec import Spec, load_spec
@@ -74,6 +74,8 @@ CASES = [
     ("segments-2ch", _variant(GSPN4, directions=["tb", "lr"]), "fp32", (1, 3, 50, 48), clustered(16, 1, 3, 2, 2, 2)),
     ("shared-weights-stack", _variant(GSPN4, weight_groups="shared", merge="stack", directions=["rl", "tb"]),
      "fp16", (2, 2, 36, 66), clustered(32, 2, 2, 2, 2)),
+    # 16-byte vectors along the line, radius 2 > one pad column: a block's two edge lanes both go out
+    ("k5-vec4", _variant(GSPN4, connection=5, directions=["tb"]), "fp32", (1, 2, 16, 256), keyed(2)),
 ]
 
 
@@ -82,10 +84,13 @@ def test_cluster_lines_match_reference_under_every_schedule(case, emu):
     _, spec, dname, shape, chooser = case
     prebuild(emu, spec, dname, [shape], [chooser])
     runner = emu.with_order(RR)
-    check_case(runner, spec, dname, shape, chooser, orders=(RR, AHEAD, RANDOM, RANDOM + 1))
+    check_case(runner, spec, dname, shape, chooser, orders=(RR, AHEAD, AHEAD_LAST, RANDOM, RANDOM + 1))
     probe = emu.with_order(RR)
     CudaBackend(runner=probe, configs=chooser).forward(spec, *_inputs(spec, dname, shape))
     split = 2 if spec.num_directions == 4 and shape[3] < 64 else spec.num_directions
+    if case[0] == "k5-vec4":
+        cfg = chooser(spec, dname, "tb", "fwd", *shape[1:])
+        assert cfg.vec == 4 and -(-spec.radius // cfg.vec) * cfg.vec > spec.radius > 1  # the point of it
     assert len(cluster_launches(probe)) == split
 
 
@@ -165,9 +170,10 @@ typedef float gs_t;
 // 1: the store before any cluster barrier
 // 2: block 0 exits while block 1 still stores into it
 // 3: block 1's threads exit without reaching the cluster barrier block 0 waits at
-extern "C" int run(int which, int grid, int cluster, float* out)
+// 4: after a cluster barrier, block 0 exits and block 1 then stores into it (run ahead, lowest block first)
+extern "C" int run(int which, int grid, int cluster, float* out, int order)
 {
-    return emu::launch(grid, 32, 128, RANDOM_ORDER, [=] {
+    return emu::launch(grid, 32, 128, order, [=] {
         float* sm = gs_smem();
         const int q = (int)(blockIdx.x % cluster), n = cluster;
         if (which == 1) gs_st_peer(sm + threadIdx.x, (q + 1) % n, (float)q);
@@ -176,6 +182,11 @@ extern "C" int run(int which, int grid, int cluster, float* out)
             gs_sync_cluster();
         }
         if (which == 3 && q == 1) return;
+        if (which == 4) {
+            gs_sync_cluster();
+            if (q != 0) gs_st_peer(sm + threadIdx.x, 0, 1.0f);
+            return;
+        }
         gs_sync_cluster();
         gs_st_peer(sm + threadIdx.x, (q + 1) % n, (float)q);
         gs_sync_cluster();
@@ -191,7 +202,7 @@ extern "C" void ranges(unsigned long long lo, unsigned long long hi) { emu_set_r
 def small(tmp_path_factory):
     d = tmp_path_factory.mktemp("cl")
     src = d / "cl.cpp"
-    src.write_text(KERNELS.replace("RANDOM_ORDER", str(RANDOM)))
+    src.write_text(KERNELS)
     lib = d / "cl.so"
     subprocess.run([CXX, "-std=c++17", "-O0", "-shared", "-fPIC", "-w", f"-I{HERE}", str(src), "-o", str(lib)],
                    check=True)
@@ -200,10 +211,10 @@ def small(tmp_path_factory):
     return dll
 
 
-def _run(dll, which: int, grid: int, cluster: int):
+def _run(dll, which: int, grid: int, cluster: int, order: int = RANDOM):
     out = torch.full((grid * 32,), float("nan"))
     dll.ranges(ctypes.c_ulonglong(out.data_ptr()), ctypes.c_ulonglong(out.data_ptr() + 4 * out.numel()))
-    rc_ = dll.run(which, grid, cluster, ctypes.c_void_p(out.data_ptr()))
+    rc_ = dll.run(which, grid, cluster, ctypes.c_void_p(out.data_ptr()), order)
     return rc_, dll.err().decode(), out
 
 
@@ -214,16 +225,28 @@ def test_emulated_dsmem_reaches_the_peer_block(small):
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("which, grid, cluster, message", [
-    (1, 4, 2, "DSMEM store before a cluster barrier"),
-    (2, 2, 2, "DSMEM store to a block of the cluster that has exited|cluster barrier not reached"),
-    (3, 2, 2, "cluster barrier not reached by threads that exited"),
-    (0, 6, 4, "grid must be a multiple of the cluster size"),
+@pytest.mark.parametrize("which, grid, cluster, order, message", [
+    (1, 4, 2, RANDOM, "DSMEM store before a cluster barrier"),
+    (2, 2, 2, RANDOM, "cluster barrier not reached by threads that exited"),
+    (3, 2, 2, RANDOM, "cluster barrier not reached by threads that exited"),
+    (4, 2, 2, AHEAD, "DSMEM store to a block of the cluster that has exited"),
+    (0, 6, 4, RANDOM, "grid must be a multiple of the cluster size"),
 ])
-def test_emulator_refuses_cluster_misuse(small, which, grid, cluster, message):
-    rc_, msg, _ = _run(small, which, grid, cluster)
+def test_emulator_refuses_cluster_misuse(small, which, grid, cluster, order, message):
+    rc_, msg, _ = _run(small, which, grid, cluster, order)
     assert rc_ != 0
-    assert any(m in msg for m in message.split("|")), msg
+    assert message in msg, msg
+
+
+def test_gpu_source_uses_release_acquire_cluster_barriers_and_dsmem():
+    """The emulator replaces gs_sync_cluster and gs_st_peer: what the GPU build runs is pinned here (a relaxed
+    barrier would let a neighbour read a pad before the store into it is visible)."""
+    src = rc.render_source(GSPN4, "fp32")
+    prelude = src[src.index("GS_DEV void gs_sync_cluster()"):]
+    assert "barrier.cluster.arrive.release.aligned;" in prelude[:400]
+    assert "barrier.cluster.wait.acquire.aligned;" in prelude[:400]
+    assert "__cluster_map_shared_rank(" in prelude[:800] and ".relaxed" not in prelude[:800]
+    assert src.count("__cluster_dims__(CL, 1, 1)") == 2
 
 
 # -- host: the tuning, its key, and where it applies ------------------------------------------------
@@ -263,6 +286,16 @@ def test_cluster_keys(emu):
         with pytest.raises(ValueError, match="backend"):
             be.with_config(bad, "")
     assert "cl=2" not in be.candidates(_variant(GSPN4, layout="nhwc"), "fp32", "fwd", (1, 16, 128, 128))
+
+
+def test_a_cluster_whose_last_block_owns_no_lane_is_refused(emu):
+    """Four blocks of 32 lanes for a line of 70: the fourth would own nothing (a wasted block that still
+    waits at every barrier); the host refuses such a tuning before any launch."""
+    def four(spec, dname, direction, kind, C, H, W):
+        return rc.KernelConfig(32, 1, 1, 1, cluster=4)
+
+    with pytest.raises(ValueError, match="the last block of each cluster would own no lane of a line of 70"):
+        CudaBackend(runner=emu, configs=four).forward(GSPN4, *_inputs(GSPN4, "fp32", (1, 2, 70, 72)))
 
 
 def test_clusters_refused_on_a_gpu_without_them(emu):

@@ -245,8 +245,12 @@ class CudaBackend(_CudaBase):
         cc = ["cc=1"] if self.concurrency_applies(spec, kind) else []
         tr = ["tr=1"] if self.transpose_applies(spec, kind, dtype, C) else []
         oc = ["oc=1"] if kind == "fwd" and rc.onchip_plan(spec, dtype, H, W) is not None else []
-        cl = [f"cl={c}" for c in rc.CLUSTER_SIZES
-              if any(rc.cluster_config(spec, dtype, dn, kind, C, H, W, c) is not None for dn in spec.directions)]
+        cl, seen = [], set()
+        for c in rc.CLUSTER_SIZES:  # a key only where it splits some line, and differently from a smaller key
+            plan = tuple(rc.cluster_config(spec, dtype, dn, kind, C, H, W, c) for dn in spec.directions)
+            if any(plan) and plan not in seen:
+                cl.append(f"cl={c}")
+            seen.add(plan)
         return [""] + cc + tr + oc + cl + [f"v={i}" for i in range(1, n)]
 
     @staticmethod
