@@ -321,14 +321,14 @@ class CudaBackend(_CudaBase):
         L, T = (H, W) if DIRECTION_TABLE[direction].step_axis == "W" else (W, H)
         if cfg.lanes_covered(mapping) < L:
             raise ValueError(f"config {cfg}: covers {cfg.lanes_covered(mapping)} lanes, the line has {L}")
+        if cfg.cluster > 1 and (cfg.cluster - 1) * cfg.nseg * cfg.lanes_per_segment(mapping) >= L:
+            raise ValueError(f"config {cfg}: the last block of each cluster would own no lane of a line of {L}")
         device = device if device is not None else next((t.device for t in tensors if t is not None), None)
         if cfg.cluster > 1 and device is not None:
             has = getattr(self.runner, "clusters", None)
             if has is None or not has(device):
                 raise ValueError(f"config {cfg}: thread block clusters (cl={cfg.cluster}) need a GPU of compute "
                                  f"capability 9.0 or newer")
-            if (cfg.cluster - 1) * cfg.nseg * cfg.lanes_per_segment(mapping) >= L:
-                raise ValueError(f"config {cfg}: the last block of each cluster would own no lane of a line of {L}")
         if cfg.stage and (mapping != rc.STEPS or kind != "fwd"):
             raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward of the steps mapping only")
         smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])

@@ -676,7 +676,7 @@ def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     if share < 32 or not vecs:
         return None
     for p, max_threads, bufs in itertools.product((2, 1), (512, 256), (2, 1)):
-        cfg = _replace(_shape_config(mapping, share, 1, vecs[0], p, bufs, max_threads), cluster=cluster)
+        cfg = _shape_config(mapping, share, 1, vecs[0], p, bufs, max_threads)
         lpb = cfg.nseg * cfg.lanes_per_segment(mapping)
         cfg = _replace(cfg, cluster=-(-L // lpb))  # the blocks the line needs (<= cluster)
         if cfg.cluster < 2:
