@@ -38,8 +38,8 @@
 #include <cstring>
 #include <functional>
 #include <string>
-#include <unordered_set>
 #include <vector>
+#include <unordered_set>
 
 #define __global__
 #define __device__
@@ -232,11 +232,22 @@ inline void trampoline()
     swapcontext(&g.cur->ctx, &g.sched);
 }
 
-// Resolve the warp operation of the warp starting at thread w0 if all its participants have arrived.
-inline bool resolve_warp(int w0)
+// Warps are per block: warp w of the cluster's fibers is warp w % per of block w / per, its first fiber
+// w0 and its wn lanes (a block of fewer than 32 threads is one partial warp, never merged with the next block).
+inline int warps_per_block() { return ((int)g.block + 31) / 32; }
+inline int warp_count() { return (int)g.fibers.size() / (int)g.block * warps_per_block(); }
+inline void warp_range(int w, int& w0, int& wn)
 {
-    const int nt = (int)g.fibers.size();
-    const int wn = std::min(32, nt - w0);
+    const int per = warps_per_block(), j = w % per;
+    w0 = (w / per) * (int)g.block + 32 * j;
+    wn = std::min(32, (int)g.block - 32 * j);
+}
+
+// Resolve the warp operation of warp w if all its participants have arrived.
+inline bool resolve_warp(int w)
+{
+    int w0, wn;
+    warp_range(w, w0, wn);
     int first = -1;
     for (int l = 0; l < wn; ++l)
         if (g.fibers[w0 + l].state == WARP) { first = l; break; }
@@ -269,7 +280,7 @@ inline bool resolve_warp(int w0)
 inline bool resolve_warps()
 {
     bool progress = false;
-    for (int w0 = 0; w0 < (int)g.fibers.size() && g.err.empty(); w0 += 32) progress |= resolve_warp(w0);
+    for (int w = 0; w < warp_count() && g.err.empty(); ++w) progress |= resolve_warp(w);
     return progress;
 }
 
@@ -308,17 +319,19 @@ inline void run_fiber(int i)
 // Pick the warp the schedule runs next (-1: no thread is runnable).
 inline int pick_warp(int order, Rng& rng)
 {
-    const int nt = (int)g.fibers.size(), nw = (nt + 31) / 32;
-    int cand[32], nc = 0;
+    const int nw = warp_count();
+    std::vector<int> cand;
     for (int w = 0; w < nw; ++w) {
         const int ww = order == ORDER_AHEAD_LAST ? nw - 1 - w : w;
+        int w0, wn;
+        warp_range(ww, w0, wn);
         bool runnable = false;
-        for (int l = ww * 32; l < std::min(nt, ww * 32 + 32) && !runnable; ++l) runnable = g.fibers[l].state == RUN;
+        for (int l = w0; l < w0 + wn && !runnable; ++l) runnable = g.fibers[l].state == RUN;
         if (!runnable) continue;
         if (order < ORDER_RANDOM) return ww;
-        cand[nc++] = ww;
+        cand.push_back(ww);
     }
-    return nc ? cand[rng.next() % nc] : -1;
+    return cand.empty() ? -1 : cand[rng.next() % cand.size()];
 }
 
 // Release what the barriers allow: a block whose live threads all wait at __syncthreads, a cluster whose
@@ -386,15 +399,15 @@ inline void run_cluster(int order)
         } else {
             const int w = pick_warp(order, rng);
             if (w >= 0) {
-                const int w0 = w * 32, wn = std::min(32, nt - w0);
-                int lanes[32];
+                int w0, wn, lanes[32];
+                warp_range(w, w0, wn);
                 for (int l = 0; l < wn; ++l) lanes[l] = rev ? wn - 1 - l : l;
                 if (order >= ORDER_RANDOM)
                     for (int l = wn - 1; l > 0; --l) std::swap(lanes[l], lanes[rng.next() % (l + 1)]);
                 for (int l = 0; l < wn && g.err.empty(); ++l)
                     if (g.fibers[w0 + lanes[l]].state == RUN) run_fiber(w0 + lanes[l]);
                 if (!g.err.empty()) break;
-                resolve_warp(w0);
+                resolve_warp(w);
                 // A barrier opens as soon as its last thread arrives, as on a GPU: a block of a cluster
                 // then runs ahead of the others through its own __syncthreads (only a cluster barrier
                 // holds it back), where lockstep would hide a block barrier standing in for a cluster one.
@@ -445,8 +458,9 @@ inline int launch(unsigned grid, unsigned block, unsigned smem, int order, std::
     g.body = std::move(body);
     g.cluster = cluster;
     g.cur = nullptr;
-    if (cluster < 1 || grid % cluster != 0 || (cluster > 1 && block % 32 != 0)) {
-        fail("cluster launch: the grid must be a multiple of the cluster size, blocks whole warps");
+    if (cluster < 1 || grid % cluster != 0 || (cluster > 1 && block % 32 != 0 && 32 % block != 0)) {
+        fail("cluster launch: the grid must be a multiple of the cluster size, blocks whole warps or one "
+             "partial warp");
         return 1;
     }
 #if defined(__x86_64__) || defined(__i386__)

@@ -29,7 +29,8 @@ from gspngen.runtime.cuda_build import BASE_OPTIONS, FTZ
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 _C_TYPES = {"in": "const gs_t*", "out": "gs_t*", "f32": "float*", "vptr": "void*", "i32": "int"}
-_FAMILY = re.compile(r"gspn_(fwd_oc|fwd_cl|bwd_cl|fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|ps_bwd_step|tr)<")
+_FAMILY = re.compile(r"gspn_(fwd_oc|fwd_ml_cl|bwd_ml_cl|fwd_ml|bwd_ml|fwd_cl|bwd_cl|fwd|bwd|ps_fwd|ps_merge|ps_bwd_out|"
+                     r"ps_bwd_step|tr)<")
 
 
 FMAD = "-fmad=true" in BASE_OPTIONS  # the GPU build contracts a * b + c into one rounding
@@ -53,7 +54,12 @@ def _wrapper(i: int, name: str) -> str:
     params = PARAMS[m.group(1)]
     args = ", ".join(f"*({_C_TYPES[kind]}*)a[{j}]" for j, (kind, _) in enumerate(params))
     # cluster kernels fix their cluster size at compile time (__cluster_dims__): the last template argument
-    cluster = int(name.rstrip(" >").rsplit(",", 1)[1]) if m.group(1).endswith("_cl") else 1
+    # (the one-launch entries: the first, before the per-direction structs)
+    family = m.group(1)
+    if family.endswith("_ml_cl"):
+        cluster = int(name[m.end():].split(",", 1)[0])
+    else:
+        cluster = int(name.rstrip(" >").rsplit(",", 1)[1]) if family.endswith("_cl") else 1
     return (f'extern "C" int emu_k{i}(unsigned grid, unsigned block, unsigned smem, int order, void** a)\n'
             f"{{\n    return emu::launch(grid, block, smem, order, [=] {{ {name}({args}); }}, {cluster});\n}}\n")
 

@@ -84,7 +84,7 @@ GS_DEV void gs_sync_cluster() { emu::sync_cluster(); }
 GS_DEV void gs_st_peer(float* p, int rank, float v) { emu::st_peer(p, rank, v); }
 GS_DEV void gs_sync_warp() { emu::warp_op(emu::OP_SYNC, 0xffffffffu, 0, 0); }
 GS_DEV int gs_opaque(int v) { return v; }
-GS_DEV float gs_shfl_xor(float v, int m)
+GS_DEV float gs_shfl_xor(float v, int m, unsigned lanes = 0xffffffffu)
 {
-    return __uint_as_float(emu::warp_op(emu::OP_XOR, 0xffffffffu, m, __float_as_uint(v)));
+    return __uint_as_float(emu::warp_op(emu::OP_XOR, lanes, m, __float_as_uint(v)));
 }
