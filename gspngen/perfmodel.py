@@ -236,6 +236,9 @@ class Launch:
     launches: int = 1  # an external step's kernel launches (a 16-bit sum: the fp32 sum, then the copy)
     # cl=N: the steps one cluster walks, each ending at a cluster barrier (0: no cluster)
     cluster_steps: int = 0
+    # ml=1 (group "ml"): the one-launch entry whose blocks of this direction this entry describes (its own
+    # name is the direction's plain or cluster kernel, the same tile loop, whose build facts stand for it)
+    entry: str = ""
 
 
 SECTOR = 32  # bytes: the unit L1/L2 and DRAM move
@@ -299,7 +302,7 @@ def onchip_launch(spec: Spec, dname: str, shape: tuple[int, int, int, int], oc, 
 
 def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: GPU,
                   configs=None, transposed: bool = False, onchip: bool = False,
-                  concurrent: tuple = (), cluster: int = 1) -> dict[str, list[Launch]]:
+                  concurrent: tuple = (), cluster: int = 1, one_launch: tuple = ()) -> dict[str, list[Launch]]:
     """Per pass, the launches ``CudaBackend`` makes at this shape (aligned tensors) on ``gpu``; ``configs``:
     a tuning chooser as ``CudaBackend`` takes (None: the defaults); ``transposed``: the tuning tr=1 in both
     passes (left/right scans as top/bottom ones on transposed planes, plus the plane transposes);
@@ -308,7 +311,9 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
     per direction); ``concurrent``: the passes ("fwd", "bwd") under cc=1, whose directions run at once on
     side streams, each writing its own slice of the output (y, or gx) with nothing to read back, and a
     PyTorch sum of the slices after them (not with tr=1, as in the backend); ``cluster``: the tuning
-    cl=N in both passes (each line split over up to N blocks of a cluster; sm_90 and newer)."""
+    cl=N in both passes (each line split over up to N blocks of a cluster; sm_90 and newer); ``one_launch``:
+    the passes under ml=1, whose directions run in one launch (group "ml", one entry per direction with its
+    blocks of the launch), each into its own slice, summed after it as under cc=1."""
     from .backends.cuda import CudaBackend, left_right, transposed_as
     from .render import cuda as rc
 
@@ -317,7 +322,10 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             raise ValueError(f"cluster: thread block clusters need sm_90 or newer, the {gpu.name} is {gpu.arch}")
         if configs is not None:
             raise ValueError("cluster: cl=N chooses the tunings itself; pass configs or cluster, not both")
-        configs = CudaBackend(runner=object()).with_config(f"cl={cluster}", f"cl={cluster}").configs
+        key = f"cl={cluster}" + (",ml=1" if one_launch else "")
+        configs = CudaBackend(runner=object()).with_config(key, key).configs
+    elif one_launch and configs is None:
+        configs = CudaBackend(runner=object()).with_config("ml=1", "ml=1").configs
     N, C, H, W = shape
     be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
@@ -336,6 +344,10 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             continue
         launches = []
         tr = be.transposed and be.transpose_applies(spec, kind, dname, C)
+        if kind in one_launch and be.one_launch_applies(spec) and not tr:
+            out[pass_] = _one_launch_plan(be, spec, dname, kind, shape, gpu, watom and kind == "bwd", save_h,
+                                          pass_)
+            continue
         cc = kind in concurrent and be.concurrency_applies(spec, kind) and not tr
         side = left_right(spec) if tr else []
         order = [d for d in range(spec.num_directions) if d not in side] + side  # the backend's launch order
@@ -389,15 +401,46 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
                                    N * C * tiles * (len(side) if spec.merge == "stack" and kind == "fwd" else 1),
                                    rc.TR_THREADS, rc.TR_SMEM, 1, 1.0, back))
         if cc:  # the slices summed into the output (fp32 accumulation, then a copy, for 16-bit storage)
-            target = "y" if kind == "fwd" else "gx"
-            D = spec.num_directions
-            moved = {"read": {target: D * plane}, "write": {target: plane}}
-            if es < 4:
-                moved = {"read": {target: D * plane, "fp32 sum": 4 // es * plane},
-                         "write": {target: plane, "fp32 sum": 4 // es * plane}}
-            launches.append(Launch(pass_, "sum of slices", "torch.sum", gpu.sms, 256, 0, 1, 1.0, moved,
-                                   external=True, launches=1 if es == 4 else 2))
+            launches.append(_sum_of_slices(spec, pass_, "y" if kind == "fwd" else "gx", plane, es, gpu))
         out[pass_] = launches
+    return out
+
+
+def _sum_of_slices(spec: Spec, pass_: str, target: str, plane: int, es: int, gpu: GPU) -> Launch:
+    """cc=1's and ml=1's PyTorch sum of the directions' slices into the output (fp32 accumulation, then a
+    copy, for 16-bit storage)."""
+    D = spec.num_directions
+    moved = {"read": {target: D * plane}, "write": {target: plane}}
+    if es < 4:
+        moved = {"read": {target: D * plane, "fp32 sum": 4 // es * plane},
+                 "write": {target: plane, "fp32 sum": 4 // es * plane}}
+    return Launch(pass_, "sum of slices", "torch.sum", gpu.sms, 256, 0, 1, 1.0, moved, external=True,
+                  launches=1 if es == 4 else 2)
+
+
+def _one_launch_plan(be, spec: Spec, dname: str, kind: str, shape: tuple[int, int, int, int], gpu: GPU,
+                     watom: bool, save_h: bool, pass_: str) -> list[Launch]:
+    """ml=1: the one launch as one entry per direction (group "ml": their blocks share the launch, predicted
+    together as cc=1's side-stream launches are), then the sum of the slices (not for stack's forward)."""
+    from .render import cuda as rc
+
+    N, C, H, W = shape
+    es = rc.ELEM_BYTES[dname]
+    slices = kind == "bwd" or spec.merge != "stack"
+    launch, parts = be._plan_one_launch(spec, dname, kind, shape, [], watom, (gpu.sms, gpu.smem_per_block),
+                                        save_h, slices=slices)
+    out = []
+    for d, (own, blocks) in enumerate(parts):
+        direction = spec.directions[d]
+        mapping, _, cfg, _ = own.part
+        T = W if DIRECTION_TABLE[direction].step_axis == "W" else H
+        K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
+        out.append(Launch(pass_, direction, own.name, blocks, launch.block, launch.smem, cfg.tile_elements(mapping),
+                          sector_use(mapping, cfg, es, C), launch_bytes(spec, kind, d, shape, dname, save_h, acc=False),
+                          group="ml", cluster_steps=min(T, launch.cpb * K) if cfg.cluster > 1 else 0,
+                          entry=launch.name))
+    if slices:
+        out.append(_sum_of_slices(spec, pass_, "y" if kind == "fwd" else "gx", N * C * H * W * es, es, gpu))
     return out
 
 
@@ -666,17 +709,20 @@ def copy_ms(gpu: GPU, nbytes: int) -> float:
 
 def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu: str = DEFAULT_GPU,
                    configs=None, transposed: bool = False, onchip: bool = False, concurrent: tuple = (),
-                   cluster: int = 1) -> dict:
+                   cluster: int = 1, one_launch: tuple = ()) -> dict:
     """The static model of the ``cuda`` backend at one shape: per pass (``forward``, ``forward_no_grad``,
     ``backward``) the pass's figures and one entry per kernel launch, under stable names. JSON-ready.
     ``configs``: a tuning chooser (``CudaBackend(configs=...)``; None: the default tunings);
-    ``transposed``, ``onchip``, ``concurrent``, ``cluster``: the tunings tr=1, oc=1, cc=1 and cl=N
+    ``transposed``, ``onchip``, ``concurrent``, ``cluster``, ``one_launch``: the tunings tr=1, oc=1, cc=1, cl=N
+    and ml=1
     (:func:`plan_launches`; a cl=N launch takes at least its steps x CLUSTER_STEP_US, bound "cluster barriers").
     Launches that run at once (cc=1) are predicted together (:func:`predict_group`): each member has
     ``concurrent`` true, ``predicted_ms`` and ``group_ms`` the group's span (each runs over it),
     ``group_bound`` what bounds the group, and ``alone_ms`` and ``bound`` its own prediction as if it
     ran alone; the pass counts the span once. The sum of cc=1's slices is an ``external`` entry (a
-    PyTorch reduction), left out of the pass's instruction, register, occupancy and CTA figures."""
+    PyTorch reduction), left out of the pass's instruction, register, occupancy and CTA figures.
+    ml=1's directions are a group too (one launch: ``launch_ctas`` and the pass's ``ctas`` count all its
+    blocks, ``entry`` names the one-launch kernel)."""
     from .bench import minimal_bytes
     from .render import cuda as rc
 
@@ -685,7 +731,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         raise ValueError(f"dtype: expected one of {', '.join(rc.ELEM_BYTES)}, got {dname!r}")
     N, C, H, W = (int(v) for v in shape)
     shape = (N, C, H, W)
-    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip, concurrent, cluster)
+    plans = plan_launches(spec, dname, shape, g, configs, transposed, onchip, concurrent, cluster, one_launch)
     names = list(dict.fromkeys([l.name for ls in plans.values() for l in ls if not l.external]
                                + [n for ls in plans.values() for l in ls for n, _ in l.loops]))
     facts = kernel_facts(rc.kernel_source(spec, dname), names, g.arch)
@@ -731,6 +777,8 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                               g, l.ctas, nbytes, l.sector_use, l.scattered_share) * (1 + 1e-9)
                           else "instructions"),
                 "concurrent": bool(l.group), "external": l.external,
+                "launch_ctas": (sum(m.ctas for m in launches if m.group == "ml") if l.group == "ml" else l.ctas),
+                "entry": l.entry or l.name,
             })
         # cc=1: the side-stream launches predicted together; each runs over the group's span (what a
         # probe timing one of them sees), the pass counts the span once
@@ -760,7 +808,7 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
             "spill_bytes": max(k["spill_bytes"] for k in own),
             "sector_use": min(k["sector_use"] for k in own),
             "warps_per_sm": min(k["warps_per_sm"] for k in own),
-            "ctas": min(k["ctas"] for k in own),
+            "ctas": min(k["launch_ctas"] for k in own),
             "predicted_ms": ms,
             "predicted_pct_copy": 100 * copy_ms(g, minimal[pass_]) / ms,
             "predicted_pct_copy_moved": 100 * copy_ms(g, moved) / ms,

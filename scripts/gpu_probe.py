@@ -53,9 +53,12 @@ class EventRunner:
         self.inner = inner
         self.event_type = event_type
         self.events = []
+        self.names = {}  # id of a kernel handle -> its name expression
 
-    def kernel(self, *a, **k):
-        return self.inner.kernel(*a, **k)
+    def kernel(self, device, source, name, names):
+        k = self.inner.kernel(device, source, name, names)
+        self.names[id(k)] = name
+        return k
 
     def limits(self, device):
         return self.inner.limits(device)
@@ -68,18 +71,18 @@ class EventRunner:
         start.record()
         self.inner.launch(kernel, device, grid, block, smem, args)
         end.record()
-        self.events.append((_label(args), start, end))
+        self.events.append((_label(args, self.names.get(id(kernel), "")), start, end))
 
 
-def _label(args):
-    """The direction index of a fused launch (its "d" argument), "onchip" for oc=1's one launch of every
-    direction (d = -1), else "transpose" (tr=1's plane transposes)."""
+def _label(args, name: str = ""):
+    """The direction index of a fused launch (its "d" argument); for a launch of every direction (d = -1)
+    "onchip" (oc=1) or "one launch" (ml=1); else "transpose" (tr=1's plane transposes)."""
     from gspngen.render.cuda import PARAMS
 
     for kind in ("fwd", "bwd"):
         if len(args) == len(PARAMS[kind]):
             d = int(args[PARAMS[kind].index(("i32", "d"))][1])
-            return "onchip" if d < 0 else d
+            return ("onchip" if "_oc<" in name else "one launch") if d < 0 else d
     return "transpose"
 
 
@@ -200,7 +203,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                     from gspngen.perfmodel import static_figures
 
                     st = static_figures(spec, dname, shape, args.gpu, configs=be.configs, transposed=be.transposed,
-                                       onchip=be.onchip, concurrent=be.concurrent)
+                                       onchip=be.onchip, concurrent=be.concurrent, one_launch=be.one_launch)
                     sp = st["forward" if p == "fwd" else "backward"]
                     pred = {}
                     for k in sp["kernels"]:  # the model's transpose launches summed as the probe sums them

@@ -194,6 +194,27 @@ def test_cluster_tunings_compile_without_spills(dname):
 
 
 @pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_one_launch_compiles_without_spills(dname):
+    """ml=1 (every direction of a pass in one launch): alone at the paper shapes where it plans (sm_80 and
+    sm_90), and with cl=2/4/8 (sm_90), among them the 16-thread blocks of 128-lane lines under cl=8."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    plain, clustered = [], []
+    for N, C, H, W in PAPER_SHAPES:
+        for key in ["ml=1"] + [f"cl={cl},ml=1" for cl in rc.CLUSTER_SIZES]:
+            be = CudaBackend(runner=object()).with_config(key, key)
+            try:
+                names = be.kernel_names(spec, dname, (N, C, H, W), H100)
+            except ValueError:  # no tunings of one thread count at this shape: the key is not offered
+                assert key not in CudaBackend().candidates(spec, dname, "fwd", (N, C, H, W))
+                continue
+            (clustered if "cl=" in key else plain).extend(n for n in names if "_ml" in n)
+    plain, clustered = list(dict.fromkeys(plain)), list(dict.fromkeys(clustered))
+    assert len(plain) >= 3 and len(clustered) >= 6 and any(", GsForward<0, false, 16, 1, 1," in n for n in clustered)
+    _check([(spec, dname, plain)], ARCHS, "one launch")
+    _check([(spec, dname, clustered)], ("sm_90",), "one launch, clusters")
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
 def test_onchip_forward_compiles_without_spills(dname):
     """oc=1's kernel (every direction in one block per plane, y in shared memory) for gspn4 at planes it
     serves: 128^2 (fp32, bf16; scalar tb/bt lanes, vector lr/rl steps), 200 x 136 (224 threads), 128 x 135

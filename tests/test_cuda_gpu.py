@@ -184,6 +184,20 @@ def test_cluster_lines():
     assert_matches(CudaBackend(poison=True).with_config("cl=8", "cl=8"), spec, "fp32", (1, 2, 1030, 2048))
 
 
+def test_one_launch():
+    """ml=1 (every direction of a pass in one launch, each into its own slice) alone and, on sm_90+, with
+    cl=2/8, among them 16-thread blocks (one partial warp) at 128-lane lines, against the reference."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    keys = ["ml=1"] + (["cl=2,ml=1", "cl=8,ml=1"] if torch.cuda.get_device_capability()[0] >= 9 else [])
+    for key in keys:
+        be = CudaBackend(poison=True).with_config(key, key)
+        for dname in ("fp32", "bf16"):
+            assert_matches(be, spec, dname, (1, 3, 128, 128))
+    if len(keys) > 1:
+        assert_matches(CudaBackend(poison=True).with_config("cl=8,ml=1", "cl=8,ml=1"), spec, "fp32",
+                       (1, 2, 1024, 1024))
+
+
 def test_public_op_autograd_and_streams():
     """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")

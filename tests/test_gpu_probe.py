@@ -37,12 +37,14 @@ def test_probe_times_every_launch(runner, pass_):
     variants = CudaBackend().candidates(spec, "fp32", pass_, shape)
     assert variants[0] == "" and len(variants) > 1
     args, gy = probe.make_args(spec, shape, "fp32", "cpu")
-    picks = [variants[0], variants[-1]] + (["tr=1", "oc=1"] if pass_ == "fwd" else [])
-    assert pass_ == "bwd" or {"tr=1", "oc=1"} <= set(variants)
+    picks = [variants[0], variants[-1], "ml=1"] + (["tr=1", "oc=1"] if pass_ == "fwd" else [])
+    assert {"ml=1"} <= set(variants) and (pass_ == "bwd" or {"tr=1", "oc=1"} <= set(variants))
     for v in picks:
         ms = probe.probe(spec, args, gy, v, pass_, 1, runner)
-        # one timed launch per direction, tr=1's transposes summed, oc=1's one launch, then the whole pass
-        want = ({"onchip"} if v == "oc=1" else set(range(spec.num_directions))) | {"all"} | (
+        # one timed launch per direction, tr=1's transposes summed, oc=1's and ml=1's one launch, then the
+        # whole pass
+        one = {"oc=1": "onchip", "ml=1": "one launch"}.get(v)
+        want = ({one} if one else set(range(spec.num_directions))) | {"all"} | (
             {"transpose"} if v == "tr=1" else set())
         assert set(ms) == want and all(t > 0 for t in ms.values())
         assert ms["all"] >= max(t for k, t in ms.items() if k != "all")

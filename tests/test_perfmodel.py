@@ -352,6 +352,35 @@ def test_cluster_lines_are_modelled():
         assert big[1][pass_]["predicted_ms"] < big[0][pass_]["predicted_ms"] / 5
 
 
+def test_one_launch_is_modelled():
+    """ml=1: every direction's blocks in one launch (group "ml", predicted together as cc=1's side-stream
+    launches), each direction writing its own slice (no read-back of the output), plus the sum of the slices.
+    Issue 13's two CTAs per SM in one launch: cl=8,ml=1 gives 512 at 1x16x128^2 and at 1x16x2048^2."""
+    spec = load_spec("examples/gspn4.yaml")
+    h200 = pm.GPUS["h200"]
+    for shape in ((1, 16, 128, 128), (1, 16, 2048, 2048)):
+        ml = pm.plan_launches(spec, "fp32", shape, h200, cluster=8, one_launch=("fwd", "bwd"))
+        for pass_ in pm.PASSES:
+            own = [l for l in ml[pass_] if not l.external]
+            assert [l.group for l in own] == ["ml"] * 4 and len({l.entry for l in own}) == 1
+            assert own[0].entry.startswith("gspn_fwd_ml_cl<8, " if pass_ != "backward" else "gspn_bwd_ml_cl<8, ")
+            assert sum(l.ctas for l in own) == 512 >= 2 * h200.sms
+            assert all(not l.bytes["read"].get("y") and not l.bytes["read"].get("gx") for l in own)
+            assert [l.direction for l in ml[pass_] if l.external] == ["sum of slices"]
+    try:
+        small = pm.static_figures(spec, "fp32", (1, 16, 128, 128), "h200", cluster=8, one_launch=("fwd", "bwd"))
+        base = pm.static_figures(spec, "fp32", (1, 16, 128, 128), "h200")
+    except pm.ToolMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"static model tools missing in CI: {exc}")
+        pytest.skip(str(exc))
+    for pass_ in ("forward", "backward"):
+        f = small[pass_]
+        assert f["ctas"] == 512 and f["spill_bytes"] == 0 and f["registers"] > 0
+        assert all(k["launch_ctas"] == 512 for k in f["kernels"] if not k["external"])
+        assert f["predicted_ms"] < base[pass_]["predicted_ms"] / 2
+
+
 def test_gpu_and_dtype_errors_name_the_argument():
     spec = load_spec("examples/gspn4.yaml")
     with pytest.raises(ValueError, match="gpu: expected one of a100, h100, h200"):

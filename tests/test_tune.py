@@ -538,7 +538,10 @@ def test_cuda_config_keys_pick_the_ith_candidate(spec):
     extra = ((["cc=1"] if c.concurrency_applies(spec, "fwd") else []) + (["tr=1"] if c.transpose_applies(spec) else [])
              + (["oc=1"] if rc.onchip_plan(spec, "fp32", 32, 32) is not None else []))
     assert keys[0] == "" and keys[1:1 + len(extra)] == extra
-    assert keys[1 + len(extra):] == [f"v={i}" for i in range(1, len(keys) - len(extra))]
+    # then the cluster (cl=N) and one-launch (ml=1) keys, then v=1, v=2, ...
+    split = [k for k in keys[1 + len(extra):] if not k.startswith("v=")]
+    assert all(k.startswith(("cl=", "ml=")) for k in split)
+    assert keys[1 + len(extra) + len(split):] == [f"v={i}" for i in range(1, len(keys) - len(extra) - len(split))]
     tuned = get_backend("cuda@v=2|v=1")
     assert tuned.concurrent == () and get_backend("cuda@v=2,cc=1|cc=1").concurrent == ("fwd", "bwd")
     d = spec.directions[0]

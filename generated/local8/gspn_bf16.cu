@@ -139,7 +139,7 @@ GS_DEV void gs_st_peer(float* p, int rank, float v)
 GS_DEV void gs_sync_cluster() { __trap(); }
 GS_DEV void gs_st_peer(float*, int, float) { __trap(); }
 #endif
-GS_DEV float gs_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+GS_DEV float gs_shfl_xor(float v, int m, unsigned lanes = 0xffffffffu) { return __shfl_xor_sync(lanes, v, m); }
 // v, as a value the compiler cannot see through: a per-step flag folded into a bound this way stays a
 // compare, where a plain flag lets NVVM duplicate the whole step body for its two values.
 GS_DEV int gs_opaque(int v)
@@ -451,7 +451,9 @@ struct GsBlock {
     static constexpr int CL = CL_;                             // blocks of a cluster sharing a line
     static constexpr int LPB = NSEG * (MAP == GS_LANES ? LT * V : LT);  // lanes per block (cluster: per rank)
     static constexpr bool VEC_E = VEC && EPS > 1;              // one step's elements are one vector
-    static_assert(NT % 32 == 0 && NT <= 1024, "threads per block: a multiple of 32, at most 1024");
+    // cl=N: a block may be one partial warp (a share of 16 lanes, one channel): the cluster barrier is its only sync
+    static_assert((NT % 32 == 0 || (CL_ > 1 && 32 % NT == 0)) && NT <= 1024,
+                  "threads per block: a multiple of 32 (clusters: or a power of two below it), at most 1024");
     static_assert(MAP == GS_CHAN || (LT >= 32 ? LT % 32 == 0 : 32 % LT == 0), "a line must not straddle warps");
     static_assert(V >= 1 && V <= 16 && (V & (V - 1)) == 0, "vector width: a power of two up to 16");
     static_assert(CL == 1 || (MAP != GS_CHAN && !STG && CL <= 8 && LPB >= GS_R),
@@ -469,10 +471,10 @@ struct GsBlock {
     int lnL[STG ? 2 : 1], colL[STG ? 2 : 1], kq;
     bool chL[STG ? 2 : 1];
 
-    // Block index -> (n, channel tile, step range). False if the block is
-    // outside the problem (the host never launches one). cpb >= 1 and 0 <= d < GS_D
+    // Block index b (blockIdx.x; ml=1: the index in this direction's range) -> (n, channel tile, step range).
+    // False if the block is outside the problem (the host never launches one). cpb >= 1 and 0 <= d < GS_D
     // are checked by the kernel entry (a trap) and, before launch, by the host.
-    GS_DEV bool setup(int N, int C_, int G, int H, int W, int chunk, int cpb, int d_, int rev_, int stepw_)
+    GS_DEV bool setup(int N, int C_, int G, int H, int W, int chunk, int cpb, int d_, int rev_, int stepw_, long long b)
     {
         // nchw: the mapping fixes the step axis; steps mapping: REVT fixes the order
         const bool stepw = MAP == GS_STEPS ? true : (MAP == GS_LANES ? false : stepw_ != 0);
@@ -485,7 +487,6 @@ struct GsBlock {
         const int nck = (T + K - 1) / K;
         const int nsr = (nck + cpb - 1) / cpb;
         const int ncb = (C + CB - 1) / CB;
-        long long b = blockIdx.x;
         rank = CL > 1 ? (int)(b % CL) : 0;
         b /= CL;
         const int sr = (int)(b % nsr);
@@ -944,17 +945,19 @@ struct GsForward {
     }
 };
 
-// The kernels' body, shared by the plain and the cluster entries.
+// The kernels' body, shared by the plain, cluster and one-launch entries. bid: the block's index among the
+// blocks of direction d; slice (ml=1): direction d writes y's slice d (N x C x H x W each), which the host sums.
 template <class F>
-GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc, long long bid, int slice)
 {
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
     if (blockDim.x != (unsigned)F::B_t::NT || cpb < 1 || d < 0 || d >= GS_D ||
         gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4) || gridDim.x % F::B_t::CL != 0)
         gs_trap();
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
-    f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.py = p_y; f.ph = p_h;
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw, bid)) return;  // past the last image: owns no output
+    f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
+    f.py = p_y + (slice ? d * ((long long)N * C * H * W) : 0ll);
     f.HL = gs_smem();
     f.SG = static_cast<gs_t*>(static_cast<void*>(f.HL + F::NBUF * F::PLANE));
     f.md = 1.0f;
@@ -967,7 +970,51 @@ GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p
 template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+}
+
+// ===========================================================================
+// One launch (ml=1): every direction of a pass in one grid, direction d's
+// blocks after those of directions 0..d-1, each block running the tuning of
+// its direction (F_d: the same threads per block, and under cl=N the same
+// cluster size, so the ranges start on cluster boundaries). The directions run
+// at once, so each writes its own slice of the output (the host sums them;
+// stack's forward writes its own slice of y anyway): no read-add-write, and
+// a small image fills the GPU with one launch instead of one per direction.
+// The host passes d = -1 (rev, stepw: ignored; each direction's come from its
+// index) and acc = 1 for slices, 0 in place (stack's forward).
+// ===========================================================================
+// Blocks of direction d's range, as the host counts them (render.cuda.chunks_per_block): images x channel
+// tiles x cluster x step ranges.
+template <class F>
+GS_DEV long long gs_dir_blocks(int N, int C, int H, int W, int chunk, int cpb, int d)
+{
+    const int T = gs_stepw(d) ? W : H;
+    const int K = (chunk > 0 && chunk < T) ? chunk : T;
+    const long long nsr = ((T + K - 1) / K + cpb - 1) / cpb;
+    return (long long)N * ((C + F::B_t::CB - 1) / F::B_t::CB) * F::B_t::CL * nsr;
+}
+
+template <int I, class F, class... Fs>
+GS_DEV void gs_fwd_dir(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc, long long b)
+{
+    const long long nb = gs_dir_blocks<F>(N, C, H, W, chunk, cpb, I);
+    if constexpr (sizeof...(Fs) > 0) {
+        if (b >= nb) {
+            gs_fwd_dir<I + 1, Fs...>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, b - nb);
+            return;
+        }
+    }
+    gs_fwd_main<F>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, I, (int)gs_rev(I), (int)gs_stepw(I), 0, b, acc);
+}
+
+template <class F0, class... F>
+__global__ void __launch_bounds__(F0::B_t::NT, 1) gspn_fwd_ml(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    static_assert(F0::B_t::CL == 1 && ((F::B_t::NT == F0::B_t::NT && F::B_t::CL == 1) && ... && true),
+                  "one launch: the same threads per block for every direction, no clusters (gspn_fwd_ml_cl)");
+    static_assert(1 + sizeof...(F) == GS_D, "one launch: one tuning per direction");
+    gs_fwd_dir<0, F0, F...>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x);
 }
 
 #if GS_CLUSTERS
@@ -976,7 +1023,16 @@ __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ 
 template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH, int CL>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_fwd_cl(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, false, SAVEH, CL>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, false, SAVEH, CL>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+}
+
+template <int CL, class F0, class... F>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(F0::B_t::NT, 1) gspn_fwd_ml_cl(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    static_assert(F0::B_t::CL == CL && ((F::B_t::NT == F0::B_t::NT && F::B_t::CL == CL) && ... && true),
+                  "one launch: the same threads per block and cluster size for every direction");
+    static_assert(1 + sizeof...(F) == GS_D, "one launch: one tuning per direction");
+    gs_fwd_dir<0, F0, F...>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x);
 }
 #endif
 
@@ -1012,7 +1068,7 @@ __global__ void __launch_bounds__(NT, 1) gspn_fwd_oc(const gs_t* __restrict__ p_
     const long long plane = (long long)blockIdx.x * HW;            // (n, c) plane: n * C * HW + c * HW
     for (int dd = 0; dd < GS_D; ++dd) {
         auto run = [&](auto f) {
-            f.B.setup(N, C, G, H, W, chunk, cpb, dd, gs_rev(dd), gs_stepw(dd));
+            f.B.setup(N, C, G, H, W, chunk, cpb, dd, gs_rev(dd), gs_stepw(dd), blockIdx.x);
             f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
             f.py = ys - plane;  // py + b_y + (offset in the plane) lands on ys
             f.HL = sm;
@@ -1331,31 +1387,38 @@ struct GsBackward {
 template <int NT>
 GS_DEV void gs_block_add(float v, float* red, float* dst)
 {
+    if constexpr (NT < 32) {  // cl=N: a block of one partial warp, its NT lanes only
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += gs_shfl_xor(v, o);
-    const int tid = threadIdx.x;
-    gs_sync_block();
-    if ((tid & 31) == 0) red[tid >> 5] = v;
-    gs_sync_block();
-    if (tid < 32) {
-        v = tid < NT / 32 ? red[tid] : 0.0f;
+        for (int o = NT / 2; o > 0; o >>= 1) v += gs_shfl_xor(v, o, (1u << NT) - 1u);
+        if (threadIdx.x == 0) gs_atomic_add(dst, v);
+    } else {  // else, not an early return: NVRTC warns of the unreachable loop otherwise
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += gs_shfl_xor(v, o);
-        if (tid == 0) gs_atomic_add(dst, v);
+        const int tid = threadIdx.x;
+        gs_sync_block();
+        if ((tid & 31) == 0) red[tid >> 5] = v;
+        gs_sync_block();
+        if (tid < 32) {
+            v = tid < NT / 32 ? red[tid] : 0.0f;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += gs_shfl_xor(v, o);
+            if (tid == 0) gs_atomic_add(dst, v);
+        }
     }
 }
 
 template <class F>
-GS_DEV void gs_bwd_main(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+GS_DEV void gs_bwd_main(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc, long long bid, int slice)  // as gs_fwd_main; slice: gx's
 {
     F f;
     // Unsupported launch (the host checks all of this first): trap, never return with outputs unwritten.
     if (blockDim.x != (unsigned)F::B_t::NT || cpb < 1 || d < 0 || d >= GS_D ||
         gs_dyn_smem_bytes() < (unsigned)(F::SMEM_FLOATS * 4) || gridDim.x % F::B_t::CL != 0)
         gs_trap();
-    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw)) return;  // a block past the last image: owns no output
+    if (!f.B.setup(N, C, G, H, W, chunk, cpb, d, rev, stepw, bid)) return;  // past the last image: owns no output
     f.pgy = p_gy; f.px = p_x; f.pw = p_w; f.plam = p_lam; f.pu = p_u; f.ps = p_s; f.ph = p_h;
-    f.pgx = p_gx; f.pglam = p_glam; f.pgu = p_gu; f.pgs = p_gs; f.pgw = p_gw;
+    f.pgx = p_gx + (slice ? d * ((long long)N * C * H * W) : 0ll);
+    f.pglam = p_glam; f.pgu = p_gu; f.pgs = p_gs; f.pgw = p_gw;
     float* sm = gs_smem();
     f.HL = sm;
     f.GP = sm + F::HL_FLOATS;
@@ -1372,14 +1435,46 @@ template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, 
 __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
     static_assert(!STG, "sector tiles: forward only so far");
-    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+}
+
+// ml=1: every direction of the backward in one launch (as the forward's gspn_fwd_ml), gx into slices.
+template <int I, class F, class... Fs>
+GS_DEV void gs_bwd_dir(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc, long long b)
+{
+    const long long nb = gs_dir_blocks<F>(N, C, H, W, chunk, cpb, I);
+    if constexpr (sizeof...(Fs) > 0) {
+        if (b >= nb) {
+            gs_bwd_dir<I + 1, Fs...>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, b - nb);
+            return;
+        }
+    }
+    gs_bwd_main<F>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, I, (int)gs_rev(I), (int)gs_stepw(I), 0, b, acc);
+}
+
+template <class F0, class... F>
+__global__ void __launch_bounds__(F0::B_t::NT, 1) gspn_bwd_ml(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    static_assert(F0::B_t::CL == 1 && ((F::B_t::NT == F0::B_t::NT && F::B_t::CL == 1) && ... && true),
+                  "one launch: the same threads per block for every direction, no clusters (gspn_bwd_ml_cl)");
+    static_assert(1 + sizeof...(F) == GS_D, "one launch: one tuning per direction");
+    gs_bwd_dir<0, F0, F...>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x);
 }
 
 #if GS_CLUSTERS
 template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_bwd_cl(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, CL>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc);
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, CL>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+}
+
+template <int CL, class F0, class... F>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(F0::B_t::NT, 1) gspn_bwd_ml_cl(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
+{
+    static_assert(F0::B_t::CL == CL && ((F::B_t::NT == F0::B_t::NT && F::B_t::CL == CL) && ... && true),
+                  "one launch: the same threads per block and cluster size for every direction");
+    static_assert(1 + sizeof...(F) == GS_D, "one launch: one tuning per direction");
+    gs_bwd_dir<0, F0, F...>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x);
 }
 #endif
 

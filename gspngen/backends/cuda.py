@@ -69,6 +69,9 @@ class FusedLaunch:
     smem: int
     cpb: int
     tail: tuple[tuple[str, int], ...]  # the run-time arguments after the shape: cpb, d, rev, stepw, acc
+    cluster: int = 1  # blocks per thread block cluster (cl=N)
+    # ml=1's planning: the direction's (mapping, reverse, tuning, vec_ok), the parts of a one-launch name
+    part: Optional[tuple] = None
 
 
 # Side streams per thread and device: a thread capturing a CUDA graph must not share them with another
@@ -188,23 +191,25 @@ class _CudaBase:
         self.runner.launch(kernel, device, grid, block, smem, args)
 
 
-def _variant(key: str) -> tuple[int, bool, bool, bool, int]:
-    """``"v=3"`` -> (3, False, False, False, 1), ``"cc=1"`` -> (0, True, False, False, 1), ``"tr=1"`` -> (0,
-    False, True, False, 1), ``"oc=1"`` -> (0, False, False, True, 1), ``"cl=4"`` -> (0, False, False, False, 4),
+def _variant(key: str) -> tuple[int, bool, bool, bool, int, bool]:
+    """``"v=3"`` -> (3, False, False, False, 1, False), ``"cc=1"`` -> (0, True, False, False, 1, False),
+    ``"tr=1"`` -> (0, False, True, False, 1, False), ``"oc=1"`` -> (0, False, False, True, 1, False),
+    ``"cl=4"`` -> (0, False, False, False, 4, False), ``"ml=1"`` -> (0, False, False, False, 1, True),
     ``""`` -> all off (the default); ValueError naming ``backend`` otherwise."""
     if not key:
-        return 0, False, False, False, 1
+        return 0, False, False, False, 1, False
     fields = parse_config_key(key, "backend")
-    ok = (set(fields) <= {"v", "cc", "tr", "oc", "cl"} and fields.get("v", "0").isdigit()
-          and all(fields.get(f, "1") in ("0", "1") for f in ("cc", "tr", "oc"))
+    ok = (set(fields) <= {"v", "cc", "tr", "oc", "cl", "ml"} and fields.get("v", "0").isdigit()
+          and all(fields.get(f, "1") in ("0", "1") for f in ("cc", "tr", "oc", "ml"))
           and fields.get("cl", "1") in ("1",) + tuple(str(c) for c in rc.CLUSTER_SIZES))
     if not ok:
         raise ValueError(f"backend: a cuda config key is 'v=<index of the tuning>', 'cc=1' (directions run "
                          f"concurrently), 'tr=1' (left/right scans on transposed planes), 'oc=1' (forward: "
-                         f"every direction in one block per plane, y on chip) and/or 'cl=2|4|8' (each line split "
-                         f"over a thread block cluster, sm_90+), got {key!r}")
+                         f"every direction in one block per plane, y on chip), 'cl=2|4|8' (each line split "
+                         f"over a thread block cluster, sm_90+) and/or 'ml=1' (every direction in one launch), "
+                         f"got {key!r}")
     return (int(fields.get("v", "0")), fields.get("cc") == "1", fields.get("tr") == "1", fields.get("oc") == "1",
-            int(fields.get("cl", "1")))
+            int(fields.get("cl", "1")), fields.get("ml") == "1")
 
 
 class CudaBackend(_CudaBase):
@@ -214,7 +219,7 @@ class CudaBackend(_CudaBase):
 
     def __init__(self, runner=None, configs: ConfigChooser | None = None, poison: bool = False,
                  concurrent: tuple[str, ...] = (), transposed: bool = False, transposed_bwd: bool = False,
-                 onchip: bool = False):
+                 onchip: bool = False, one_launch: tuple[str, ...] = ()):
         super().__init__(runner, poison)
         self.configs = configs
         # passes ("fwd", "bwd") whose directions run at the same time (see _directions)
@@ -224,6 +229,8 @@ class CudaBackend(_CudaBase):
         self.transposed_bwd = bool(transposed_bwd)
         # forward: every direction in one block per plane, y in shared memory (oc=1; see _forward_onchip)
         self.onchip = bool(onchip)
+        # passes whose directions run in one launch, each into its own slice (ml=1; see _plan_one_launch)
+        self.one_launch = tuple(one_launch)
 
     # -- the config protocol -------------------------------------------------
     # Key "v=i": the i-th tuning of render.cuda.candidate_configs for every
@@ -238,6 +245,10 @@ class CudaBackend(_CudaBase):
     # exchange their edge lanes through distributed shared memory (sm_90+; rc.cluster_config), N times the
     # blocks of the launch for the same work: for small images and long single-image lines, where one block
     # per (n, channel tile) leaves SMs idle. Lines too short for it keep the default tuning.
+    # Key "ml=1" (alone, with cl=N or v=i): every direction of the pass in one launch, each writing its own
+    # slice of a temporary that is summed afterwards (as cc=1, without side streams): D times the blocks of
+    # one launch, and one launch instead of D. Where the directions' tunings differ in threads per block or
+    # cluster size the plan refuses the key (_plan_one_launch).
     def candidates(self, spec: Spec, dtype: str, pass_: str, shape) -> list[str]:
         _, C, H, W = shape
         kind = "fwd" if pass_ == "fwd" else "bwd"
@@ -251,7 +262,21 @@ class CudaBackend(_CudaBase):
             if any(plan) and plan not in seen:
                 cl.append(f"cl={c}")
             seen.add(plan)
-        return [""] + cc + tr + oc + cl + [f"v={i}" for i in range(1, n)]
+        ml = []
+        if self.one_launch_applies(spec):
+            for key in [""] + cl:
+                try:
+                    be = self.with_config(*(((key + ",ml=1").lstrip(","),) * 2))
+                    be._plan_one_launch(spec, dtype, kind, (1, C, H, W), [], False, (132, 227 * 1024))
+                except ValueError:
+                    continue
+                ml.append((key + ",ml=1").lstrip(","))
+        return [""] + cc + tr + oc + cl + ml + [f"v={i}" for i in range(1, n)]
+
+    @staticmethod
+    def one_launch_applies(spec: Spec) -> bool:
+        """ml=1: several directions to put in one launch."""
+        return spec.num_directions > 1
 
     @staticmethod
     def transpose_applies(spec: Spec, kind: str = "fwd", dtype: str = "fp32", C: int = 0) -> bool:
@@ -274,7 +299,10 @@ class CudaBackend(_CudaBase):
             if pk[1] and pk[2]:
                 raise ValueError(f"backend: cc=1 and tr=1 do not combine (the transposed pass runs its directions "
                                  f"in order), got {key!r}")
-            if pk[3] and (pk[0] or pk[1] or pk[2] or pk[4] > 1):
+            if pk[5] and (pk[1] or pk[2]):
+                raise ValueError(f"backend: ml=1 runs the directions at once in one launch; it does not combine "
+                                 f"with cc=1 or tr=1, got {key!r}")
+            if pk[3] and (pk[0] or pk[1] or pk[2] or pk[4] > 1 or pk[5]):
                 raise ValueError(f"backend: oc=1 combines with nothing (one kernel runs every direction with its "
                                  f"own tunings), got {key!r}")
             if pk[4] > 1 and pk[0]:
@@ -286,6 +314,13 @@ class CudaBackend(_CudaBase):
 
         def chooser(spec, dname, direction, kind, C, H, W):
             i, cl = picks[kind][0], picks[kind][4]
+            if picks[kind][5] and not i:  # ml=1: tunings of the same threads per block (and cluster size)
+                ml = rc.one_launch_configs(spec, dname, kind, C, H, W, cl)
+                if ml is None:
+                    raise ValueError(f"backend: ml=1 runs every direction in one launch, which needs tunings of "
+                                     f"the same threads per block{' and cluster size' if cl > 1 else ''} for all "
+                                     f"of them; none fit at {C} channels of {H} x {W}")
+                return ml[direction]
             if cl > 1:  # None (the default) for a line too short to split or nhwc
                 return rc.cluster_config(spec, dname, direction, kind, C, H, W, cl)
             if not i:
@@ -294,7 +329,8 @@ class CudaBackend(_CudaBase):
             return options[i] if i < len(options) else None
 
         return CudaBackend(self._runner, chooser, self.poison, tuple(k for k in ("fwd", "bwd") if picks[k][1]),
-                           picks["fwd"][2], picks["bwd"][2], picks["fwd"][3])
+                           picks["fwd"][2], picks["bwd"][2], picks["fwd"][3],
+                           tuple(k for k in ("fwd", "bwd") if picks[k][5]))
 
     # -- planning ------------------------------------------------------------
     def config(self, spec: Spec, dname: str, direction: str, kind: str, C: int, H: int, W: int,
@@ -341,14 +377,44 @@ class CudaBackend(_CudaBase):
         name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom, save_h)
         tail = (("i32", cpb), ("i32", d), ("i32", int(geo.reverse)), ("i32", int(geo.step_axis == "W")),
                 ("i32", int(acc)))
-        return self.check_launch(spec, FusedLaunch(name, grid, cfg.threads, smem, cpb, tail), d, smem_limit)
+        return self.check_launch(spec, FusedLaunch(name, grid, cfg.threads, smem, cpb, tail, cfg.cluster,
+                                                   (mapping, geo.reverse, cfg, vec)), d, smem_limit)
+
+    def _plan_one_launch(self, spec: Spec, dname: str, kind: str, dims: tuple[int, int, int, int],
+                         tensors: list[Optional[torch.Tensor]], watom: bool, limits: tuple[int, int],
+                         save_h: bool = True, device: Optional[torch.device] = None,
+                         slices: bool = True) -> tuple[FusedLaunch, list[tuple[FusedLaunch, int]]]:
+        """ml=1: one launch of every direction of the pass (gspn_{fwd,bwd}_ml in the fused template). Each
+        direction keeps its own tuning (plan), all with the same threads per block and cluster size (else a
+        ValueError naming ``backend``); one chunks-per-block for all (rc.one_launch_cpb), direction d's blocks
+        after those of the directions before it. ``slices``: each direction writes its own slice of the
+        output (y, or gx), summed by the caller (False: stack's forward, whose directions write their own
+        slices of y anyway). Returns the launch and, per direction, its own plan and its blocks."""
+        N, C, H, W = dims
+        sm_count, smem_limit = limits
+        own = [self.plan(spec, dname, kind, d, dims, tensors, acc=False, watom=watom, limits=limits,
+                         save_h=save_h, device=device) for d in range(spec.num_directions)]
+        t0, c0 = own[0].block, own[0].cluster
+        if any(p.block != t0 or p.cluster != c0 for p in own):
+            got = ", ".join(f"{dn}: {p.block} threads, cluster {p.cluster}" for dn, p in zip(spec.directions, own))
+            raise ValueError(f"backend: ml=1 runs every direction in one launch, which needs the same threads per "
+                             f"block and cluster size for all of them; the tunings at this shape have {got}")
+        cfgs = [p.part[2] for p in own]
+        cpb = rc.one_launch_cpb(spec, N, C, H, W, cfgs, sm_count)
+        blocks = [rc.direction_blocks(spec, dn, N, C, H, W, cfg, cpb) for dn, cfg in zip(spec.directions, cfgs)]
+        name = rc.one_launch_name(kind, [p.part for p in own], save_h if kind == "fwd" else watom)
+        smem = max(p.smem for p in own)
+        tail = (("i32", cpb), ("i32", -1), ("i32", 0), ("i32", 0), ("i32", int(slices)))
+        launch = FusedLaunch(name, self._check_grid(sum(blocks)), t0, smem, cpb, tail, c0)
+        return self.check_launch(spec, launch, 0, smem_limit), list(zip(own, blocks))
 
     def check_launch(self, spec: Spec, p: FusedLaunch, d: int, smem_limit: int) -> FusedLaunch:
         """Everything the fused kernels would refuse (with a device trap) checked on the host, before any
         launch: a clear ValueError instead of a failed launch or unwritten outputs."""
         what = f"x: the {self.name} backend cannot launch {p.name}"
-        if p.block < 32 or p.block % 32 or p.block > 1024:
-            raise ValueError(f"{what}: {p.block} threads per block (a multiple of 32, at most 1024)")
+        if not (p.block % 32 == 0 or (p.cluster > 1 and p.block == 16)) or not 16 <= p.block <= 1024:
+            raise ValueError(f"{what}: {p.block} threads per block (a multiple of 32, at most 1024; 16 in a "
+                             f"cluster)")
         if p.cpb < 1:
             raise ValueError(f"{what}: {p.cpb} chunks per block")
         if not 0 <= d < spec.num_directions:
@@ -391,6 +457,18 @@ class CudaBackend(_CudaBase):
                 return y, saved
         vec_tensors = [x, w, lam, u, s, y] + ([saved] if need_saved else [])
         stack = spec.merge == "stack"
+        if "fwd" in self.one_launch and self.one_launch_applies(spec):
+            # ml=1: one launch; each direction into its own slice of ys (stack: of y), summed below
+            p, _ = self._plan_one_launch(spec, dname, "fwd", dims, vec_tensors, False, limits, need_saved,
+                                         x.device, slices=not stack)
+            ys = None if stack else self._out((spec.num_directions,) + tuple(y.shape), x)
+            args = [("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m),
+                    ("out", y if stack else ys), ("out", saved), ("i32", N), ("i32", C), ("i32", G), ("i32", H),
+                    ("i32", W), ("i32", _chunk_arg(spec)), *p.tail]
+            self._launch(x.device, source, p.name, [p.name], p.grid, p.block, p.smem, args)
+            if not stack:
+                _sum_into(y, ys)
+            return y, saved
         plans = [self.plan(spec, dname, "fwd", d, dims, vec_tensors, acc=not stack and d > 0, watom=False,
                            limits=limits, save_h=need_saved) for d in range(spec.num_directions)]
         names = [p.name for p in plans]
@@ -575,6 +653,19 @@ class CudaBackend(_CudaBase):
                 gw = gw.to(x.dtype)
             return gx, gw, glam, gu, gs, (gm32.to(m.dtype) if m is not None else None)
         vec_tensors = [gy, x, w, lam, u, s, saved, gx, glam, gu, gs] + ([] if watom else [gw])
+        if "bwd" in self.one_launch and self.one_launch_applies(spec):
+            # ml=1: one launch; each direction into its own slice of gxs, summed below
+            p, _ = self._plan_one_launch(spec, dname, "bwd", dims, vec_tensors, watom, limits, device=x.device)
+            gxs = self._out((spec.num_directions,) + tuple(gx.shape), x)
+            args = [("in", gy), ("in", x), ("in", w), ("in", lam), ("in", u), ("in", s), ("in", m),
+                    ("in", saved), ("out", gxs), ("out", glam), ("out", gu), ("out", gs), ("vptr", gw),
+                    ("f32", gm32), ("i32", N), ("i32", C), ("i32", G), ("i32", H), ("i32", W),
+                    ("i32", _chunk_arg(spec)), *p.tail]
+            self._launch(x.device, source, p.name, [p.name], p.grid, p.block, p.smem, args)
+            _sum_into(gx, gxs)
+            if watom:
+                gw = gw.to(x.dtype)
+            return gx, gw, glam, gu, gs, (gm32.to(m.dtype) if m is not None else None)
         plans = [self.plan(spec, dname, "bwd", d, dims, vec_tensors, acc=d > 0, watom=watom, limits=limits)
                  for d in range(spec.num_directions)]
         names = [p.name for p in plans]
@@ -604,6 +695,10 @@ class CudaBackend(_CudaBase):
         watom = spec.groups(C) != C
         names = []
         for kind, save_h in (("fwd", True), ("fwd", False), ("bwd", True)):
+            if kind in self.one_launch and self.one_launch_applies(spec):  # ml=1: the one launch only
+                names.append(self._plan_one_launch(spec, dname, kind, dims, [], watom and kind == "bwd", limits,
+                                                   save_h, device)[0].name)
+                continue
             for d in range(spec.num_directions):
                 p = self.plan(spec, dname, kind, d, dims, [], acc=False, watom=watom and kind == "bwd", limits=limits,
                               save_h=save_h, device=device)

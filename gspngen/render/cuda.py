@@ -72,6 +72,10 @@ PARAMS["fwd_oc"] = PARAMS["fwd"]
 # The cluster entries (cl=N) take the plain ones' arguments.
 PARAMS["fwd_cl"] = PARAMS["fwd"]
 PARAMS["bwd_cl"] = PARAMS["bwd"]
+# The one-launch entries (ml=1) too: d = -1 (every direction), rev and stepw ignored, acc = 1 for "each
+# direction into its own slice of y (gx)".
+for _k in ("fwd", "bwd"):
+    PARAMS[f"{_k}_ml"] = PARAMS[f"{_k}_ml_cl"] = PARAMS[_k]
 C_TYPES = {"in": "const gs_t* __restrict__", "out": "gs_t* __restrict__", "f32": "float* __restrict__",
            "vptr": "void*", "i32": "int"}
 
@@ -197,6 +201,8 @@ def render_context(spec: Spec, dtype: str) -> dict:
     dirs = [{"index": int(d.index), "rev": bool(d.reverse), "step_w": d.step_axis == "W"} for d in ir.directions]
     params = {k: ", ".join(f"{C_TYPES[kind]} {name}" for kind, name in v) for k, v in PARAMS.items()}
     args = {k: ", ".join(name for _, name in v) for k, v in PARAMS.items()}
+    # the arguments before the per-direction tail (d, rev, stepw, acc), which the one-launch entries replace
+    args.update({f"{k}_head": ", ".join(name for _, name in PARAMS[k][:-4]) for k in ("fwd", "bwd")})
     return {
         "version": __version__,
         "dtype": dtype,
@@ -315,7 +321,8 @@ class KernelConfig:
     def check(self, mapping: int) -> None:
         lt, ct, v = self.lane_threads, self.chan_threads, self.vec
         ok = (1 <= v <= 16 and v & (v - 1) == 0 and self.nseg >= 1 and 1 <= self.prefetch <= 4
-              and self.bufs in (1, 2) and lt >= 1 and ct >= 1 and self.threads % 32 == 0 and self.threads <= 1024)
+              and self.bufs in (1, 2) and lt >= 1 and ct >= 1 and self.threads <= 1024
+              and (self.threads % 32 == 0 or (self.cluster > 1 and self.threads == SUBWARP_THREADS)))
         if ok and mapping != CHAN:
             ok = (lt % 32 == 0) if lt >= 32 else (32 % lt == 0)
         if ok and self.stage:
@@ -376,6 +383,30 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
     if kind == "bwd":
         return f"gspn_bwd<{head}, {_b(watom)}>"
     raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+
+
+def pass_struct(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok: bool, flag: bool) -> str:
+    """The GsForward / GsBackward type of one direction's tuning (the template's per-pass struct); ``flag``:
+    save_h (forward) or watom (backward)."""
+    revt = bool(reverse) and mapping == STEPS
+    head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
+            f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
+    if kind == "fwd":
+        return f"GsForward<{head}, {_b(cfg.stage and mapping == STEPS)}, {_b(flag)}, {cfg.cluster}>"
+    if kind == "bwd":
+        if cfg.stage:
+            raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward only")
+        return f"GsBackward<{head}, {_b(flag)}, {cfg.cluster}>"
+    raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
+
+
+def one_launch_name(kind: str, parts: list[tuple[int, bool, KernelConfig, bool]], flag: bool) -> str:
+    """NVRTC name expression of the one-launch entry (ml=1) running every direction of a pass: ``parts``
+    holds each direction's (mapping, reverse, tuning, vec_ok), in direction order. The tunings must share
+    their threads per block and cluster size (the template asserts it; the host checks it first)."""
+    structs = ", ".join(pass_struct(kind, m, r, c, v, flag) for m, r, c, v in parts)
+    cl = parts[0][2].cluster
+    return f"gspn_{kind}_ml_cl<{cl}, {structs}>" if cl > 1 else f"gspn_{kind}_ml<{structs}>"
 
 
 @dataclass(frozen=True)
@@ -650,6 +681,7 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
 
 
 CLUSTER_SIZES = (2, 4, 8)  # the cl=N keys: at most N blocks per line
+SUBWARP_THREADS = 16  # cl=N: a block of one partial warp owns a share of 16 lanes (short lines, 128 and under)
 MAX_CLUSTER = 8  # the portable cluster size limit (16 needs an opt-in the runtime does not make)
 MAX_RADIUS = (MAX_CONNECTION - 1) // 2  # lanes a block of a cluster owns at least: the largest radius
 
@@ -662,8 +694,10 @@ def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     then 1, 512 then 256 threads, two then one line buffer), with the widest vector that still gives a
     block at least 32 threads (tb/bt: a thread owns vec lanes). Blocks are whole warps, so a share rounds
     up and the cluster is the blocks that covers the line: 130 lanes under cl=4 are 3 blocks of 64 (in
-    fp32 lr). None where it does not apply: nhwc, a key other than 2, 4 or 8, a share of fewer than 32
-    lanes, or a line one block covers."""
+    fp32 lr). A share of 16 lanes or fewer (a line of at most 8 x 16 = 128 lanes under cl=8, 64 under cl=4)
+    is one block of 16 threads, one partial warp, owning 16 lanes (tb/bt: scalar lanes): a 128 x 128 image
+    of 16 channels then has 128 blocks per direction, where whole warps would give 64. None where it does
+    not apply: nhwc, a key other than 2, 4 or 8, a line of fewer than 32 lanes, or a line one block covers."""
     mapping = thread_map(spec, direction)
     if mapping == CHAN or cluster not in CLUSTER_SIZES:
         return None
@@ -671,12 +705,14 @@ def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     share = -(-L // cluster)
     v16 = 16 // ELEM_BYTES[dtype]
     vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
+    sub = share <= SUBWARP_THREADS  # one partial warp per block
     if mapping == LANES:
-        vecs = [v for v in vecs if share >= 32 * v]
-    if share < 32 or not vecs:
+        vecs = [1] if sub else [v for v in vecs if share >= 32 * v]
+    if L < 32 or not vecs:
         return None
     for p, max_threads, bufs in itertools.product((2, 1), (512, 256), (2, 1)):
-        cfg = _shape_config(mapping, share, 1, vecs[0], p, bufs, max_threads)
+        cfg = (KernelConfig(SUBWARP_THREADS, 1, vecs[0], 1, p, bufs) if sub
+               else _shape_config(mapping, max(share, 32), 1, vecs[0], p, bufs, max_threads))
         lpb = cfg.nseg * cfg.lanes_per_segment(mapping)
         cfg = _replace(cfg, cluster=-(-L // lpb))  # the blocks the line needs (<= cluster)
         if cfg.cluster < 2:
@@ -688,21 +724,127 @@ def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     return None
 
 
+def _chunks(spec: Spec, direction: str, H: int, W: int) -> int:
+    """Chunks of one scan of the direction (1: a global scan)."""
+    T = W if DIRECTION_TABLE[direction].step_axis == "W" else H
+    K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
+    return -(-T // K)
+
+
+def _blocks_per_range(spec: Spec, direction: str, N: int, C: int, cfg: KernelConfig) -> int:
+    """Blocks sharing one step range: a cluster's blocks for each (n, channel tile)."""
+    return N * -(-C // cfg.channels_per_block(thread_map(spec, direction))) * cfg.cluster
+
+
+def direction_blocks(spec: Spec, direction: str, N: int, C: int, H: int, W: int, cfg: KernelConfig,
+                     cpb: int) -> int:
+    """Blocks of one direction's launch (or range of a one-launch grid: gs_dir_blocks in the template)."""
+    return _blocks_per_range(spec, direction, N, C, cfg) * -(-_chunks(spec, direction, H, W) // cpb)
+
+
+def _cpb_for(nck: int, base: int, sm_count: int) -> int:
+    """Chunks per block so that base x step ranges fill about 4 blocks per SM when chunks allow, and the
+    grid stays under 2^31 blocks."""
+    target = 4 * max(1, sm_count)
+    cpb = nck if base >= target else max(1, math.ceil(nck * base / target))
+    while base * -(-nck // cpb) > 2**31 - 1 and cpb < nck:
+        cpb = min(nck, cpb * 2)
+    if base * -(-nck // cpb) > 2**31 - 1:
+        raise ValueError(f"x: too large for one launch of the cuda backend ({base} blocks per step range)")
+    return cpb
+
+
+def _tunings(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, W: int, cluster: int,
+             smem_limit: int):
+    """The tunings of one direction a one-launch plan may choose from, in the order of preference of
+    :func:`default_config` (cluster 1) or :func:`cluster_config` (vector, prefetch, threads, buffers), with
+    every thread count the shapes allow (short lines: channels per block; long ones: segments), each valid
+    and predicted to fit shared memory and the register file. Duplicates removed."""
+    mapping = thread_map(spec, direction)
+    L = H if DIRECTION_TABLE[direction].step_axis == "W" else W
+    v16 = 16 // ELEM_BYTES[dtype]
+    vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
+    if mapping == CHAN:
+        vecs = [v for v in vecs if C % v == 0] or [1]
+    sub = False  # cl=N: blocks of one partial warp (16 lanes)
+    if cluster > 1:
+        if mapping == CHAN:
+            return
+        share = -(-L // cluster)
+        sub = share <= SUBWARP_THREADS
+        if sub:
+            vecs = [1] if mapping == LANES else vecs[:1]
+        elif mapping == LANES:
+            vecs = [v for v in vecs if share >= 32 * v]
+        L = max(share, 32)
+        if not vecs or L < 32:
+            return
+    seen = set()
+    for v, p, bufs in itertools.product(vecs, (2, 1), (2, 1)):
+        groups = -(-L // v) if mapping == LANES else L
+        if sub:
+            shapes = [KernelConfig(SUBWARP_THREADS, 1, v, 1, p, bufs)]
+        elif mapping == CHAN:
+            shapes = [_shape_config(mapping, L, C, v, p, bufs, mt, ct) for ct in (8, 4, 2, 1)
+                      if ct <= _pow2_ceil(-(-C // v)) for mt in (512, 256, 128, 64, 32)]
+        elif groups <= 32 and cluster == 1:  # short lines: channels packed, 32 to 128 threads
+            lt = _pow2_ceil(groups)
+            shapes = [KernelConfig(lt, ct, v, 1, p, bufs) for ct in (4, 2, 1, 8, 16, 32)
+                      if 32 <= lt * ct <= 128 or (ct == 1 and lt >= 32)]
+        else:
+            shapes = [_shape_config(mapping, L, 1 if cluster > 1 else C, v, p, bufs, mt)
+                      for mt in (512, 256, 128, 64, 32)]
+        for cfg in shapes:
+            if cluster > 1:
+                cfg = _replace(cfg, cluster=-(-(H if DIRECTION_TABLE[direction].step_axis == "W" else W)
+                                               // (cfg.nseg * cfg.lanes_per_segment(mapping))))
+                if cfg.cluster < 2 or cfg.cluster > cluster:
+                    continue
+            try:
+                cfg.check(mapping)
+            except ValueError:
+                continue
+            if cfg in seen:
+                continue
+            seen.add(cfg)
+            if (smem_bytes(spec, kind, mapping, cfg, ELEM_BYTES[dtype]) <= smem_limit
+                    and predicted_registers(spec, kind, cfg, mapping) <= register_cap(cfg.threads)):
+                yield cfg
+
+
+@lru_cache(maxsize=256)
+def one_launch_configs(spec: Spec, dtype: str, kind: str, C: int, H: int, W: int, cluster: int = 1,
+                       smem_limit: int = 227 * 1024) -> dict[str, KernelConfig] | None:
+    """The tunings of ml=1 (every direction in one launch): per direction, one with the same threads per
+    block and cluster size as the others. Of the thread counts every direction can take, the one whose
+    tunings sit earliest in the directions' orders of preference (:func:`_tunings`: the default first);
+    None where the directions share none (or, under cl=N, a direction's line is too short to split)."""
+    options = {dn: list(_tunings(spec, dtype, dn, kind, C, H, W, cluster, smem_limit)) for dn in spec.directions}
+    best, cost = None, None
+    for key in dict.fromkeys((c.threads, c.cluster) for c in options[spec.directions[0]]):
+        picks = {}
+        for dn, opts in options.items():
+            i = next((i for i, c in enumerate(opts) if (c.threads, c.cluster) == key), None)
+            if i is None:
+                break
+            picks[dn] = (i, opts[i])
+        else:
+            total = sum(i for i, _ in picks.values())
+            if cost is None or total < cost:
+                best, cost = {dn: c for dn, (_, c) in picks.items()}, total
+    return best
+
+
 def chunks_per_block(spec: Spec, direction: str, N: int, C: int, H: int, W: int, cfg: KernelConfig,
                      sm_count: int) -> tuple[int, int]:
     """(cpb, grid size): chunks per block so the grid fills about 4 blocks per SM when chunks allow."""
-    mapping = thread_map(spec, direction)
-    T = W if DIRECTION_TABLE[direction].step_axis == "W" else H
-    K = spec.chunk if spec.chunk is not None and spec.chunk < T else T
-    nck = -(-T // K)
-    ncb = -(-C // cfg.channels_per_block(mapping))
-    base = N * ncb * cfg.cluster  # a cluster's blocks share each (n, channel tile, step range)
-    target = 4 * max(1, sm_count)
-    cpb = nck if base >= target else max(1, math.ceil(nck * base / target))
-    nsr = -(-nck // cpb)
-    while base * nsr > 2**31 - 1 and cpb < nck:
-        cpb = min(nck, cpb * 2)
-        nsr = -(-nck // cpb)
-    if base * nsr > 2**31 - 1:
-        raise ValueError(f"x: N * C = {N * C} is too large for one launch of the cuda backend")
-    return cpb, base * nsr
+    cpb = _cpb_for(_chunks(spec, direction, H, W), _blocks_per_range(spec, direction, N, C, cfg), sm_count)
+    return cpb, direction_blocks(spec, direction, N, C, H, W, cfg, cpb)
+
+
+def one_launch_cpb(spec: Spec, N: int, C: int, H: int, W: int, cfgs: list[KernelConfig], sm_count: int) -> int:
+    """ml=1: one chunks-per-block for every direction of the launch (the kernel derives each direction's
+    range from it), filling the GPU with all their blocks together."""
+    nck = max(_chunks(spec, dn, H, W) for dn in spec.directions)
+    base = sum(_blocks_per_range(spec, dn, N, C, cfg) for dn, cfg in zip(spec.directions, cfgs))
+    return _cpb_for(nck, base, sm_count)
