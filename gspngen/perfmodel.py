@@ -322,10 +322,10 @@ def plan_launches(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu:
             raise ValueError(f"cluster: thread block clusters need sm_90 or newer, the {gpu.name} is {gpu.arch}")
         if configs is not None:
             raise ValueError("cluster: cl=N chooses the tunings itself; pass configs or cluster, not both")
-        key = f"cl={cluster}" + (",ml=1" if one_launch else "")
-        configs = CudaBackend(runner=object()).with_config(key, key).configs
-    elif one_launch and configs is None:
-        configs = CudaBackend(runner=object()).with_config("ml=1", "ml=1").configs
+    if cluster > 1 or (one_launch and configs is None):  # the keys' tunings, pass by pass
+        keys = {k: ",".join(([f"cl={cluster}"] if cluster > 1 else []) + (["ml=1"] if k in one_launch else []))
+                for k in ("fwd", "bwd")}
+        configs = CudaBackend(runner=object()).with_config(keys["fwd"], keys["bwd"]).configs
     N, C, H, W = shape
     be = CudaBackend(runner=object(), configs=configs, transposed=transposed)  # tr=1: both passes here
     limits = (gpu.sms, gpu.smem_per_block)
@@ -755,9 +755,9 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
                 loop_ins, ipe, epi = f.loop_instructions, f.loop_instructions / l.elements_per_iteration, \
                     l.elements_per_iteration
             if l.external:  # a PyTorch elementwise reduction: every SM busy, memory-bound
-                blocks, warps = g.max_warps // (l.threads // 32), g.max_warps
+                blocks, warps = g.max_warps // -(-l.threads // 32), g.max_warps
             nbytes = total_bytes(l.bytes)
-            ms, mem_ms = predict_launch(g, l.ctas, l.threads // 32, warps, elements * l.directions, ipe, nbytes,
+            ms, mem_ms = predict_launch(g, l.ctas, -(-l.threads // 32), warps, elements * l.directions, ipe, nbytes,
                                         l.sector_use, l.scattered_share)
             ms += (l.launches - 1) * LAUNCH_US * 1e-3
             barriers_ms = l.cluster_steps * CLUSTER_STEP_US * 1e-3 + LAUNCH_US * 1e-3
@@ -785,11 +785,15 @@ def static_figures(spec: Spec, dname: str, shape: tuple[int, int, int, int], gpu
         ms = sum(k["predicted_ms"] for l, k in zip(launches, kernels) if not l.group)
         for group in dict.fromkeys(l.group for l in launches if l.group):
             members = [(l, k) for l, k in zip(launches, kernels) if l.group == group]
-            span, bound = predict_group(g, [dict(ctas=l.ctas, warps_per_block=l.threads // 32,
+            span, bound = predict_group(g, [dict(ctas=l.ctas, warps_per_block=-(-l.threads // 32),
                                                  warps_per_sm=k["warps_per_sm"], elements=elements * l.directions,
                                                  instructions_per_element=k["instructions_per_element"],
                                                  nbytes=k["bytes_moved"], sector_use=l.sector_use,
                                                  scattered_share=l.scattered_share) for l, k in members])
+            # cl=N members: the group lasts at least its longest walk of cluster barriers
+            floor = max(l.cluster_steps for l, _ in members) * CLUSTER_STEP_US * 1e-3 + LAUNCH_US * 1e-3
+            if floor > span:
+                span, bound = floor, "cluster barriers"
             for _, k in members:
                 k["alone_ms"], k["predicted_ms"], k["group_ms"], k["group_bound"] = (k["predicted_ms"], span,
                                                                                    span, bound)

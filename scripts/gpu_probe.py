@@ -227,7 +227,7 @@ def main(argv=None, runner=None, device: str = "cuda") -> int:
                 row = {"shape": list(shape), "dtype": dname, "pass": p, "variant": v or "default",
                        "direction": direction, "steps": steps, "ms": ms[key], "us_per_step": ms[key] * 1e3 / steps,
                        "predicted_ms": pred.get(direction)}
-                for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage", "cluster"):
+                for k in ("threads", "vec", "nseg", "prefetch", "bufs", "stage", "cluster", "ring"):
                     row[k] = None if cfg is None else getattr(cfg, k)
                 rows.append(row)
                 pm = row["predicted_ms"]

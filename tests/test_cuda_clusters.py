@@ -258,7 +258,9 @@ def test_cluster_config_splits_lines_into_whole_warp_blocks():
     assert (tb.cluster, tb.lane_threads, tb.vec) == (4, 32, 1)  # 32 lanes a block: one lane a thread
     big = rc.cluster_config(GSPN4, "fp32", "tb", "bwd", 8, 2048, 2048, 8)
     assert big.cluster == 8 and big.lanes_covered(rc.LANES) >= 2048 and big.vec == 4
-    assert rc.cluster_config(GSPN4, "fp32", "tb", "fwd", 16, 128, 40, 2) is None  # shares under 32 lanes
+    odd = rc.cluster_config(GSPN4, "fp32", "tb", "fwd", 16, 128, 40, 2)  # shares of 20: 32 scalar lanes a block
+    assert (odd.cluster, odd.lane_threads, odd.vec) == (2, 32, 1)
+    assert rc.cluster_config(GSPN4, "fp32", "tb", "fwd", 16, 128, 20, 2) is None  # a line under 32 lanes
     assert rc.cluster_config(_variant(GSPN4, layout="nhwc"), "fp32", "tb", "fwd", 16, 128, 128, 2) is None
     assert rc.cluster_config(GSPN4, "fp32", "tb", "fwd", 16, 128, 128, 3) is None  # keys are 2, 4, 8
     with pytest.raises(ValueError, match="invalid CUDA kernel config"):

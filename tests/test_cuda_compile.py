@@ -194,6 +194,34 @@ def test_cluster_tunings_compile_without_spills(dname):
 
 
 @pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_ring_tunings_compile_without_spills(dname):
+    """The cp.async ring (every ring candidate at the paper shapes, both mappings and passes) for sm_80 and
+    sm_90, and the registers it frees: at 16x8x1024^2 the lr forward keeps no tile in flight in registers
+    (prefetch 1); its ring tuning has one in shared memory for far fewer registers (ptxas)."""
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    names = []
+    for N, C, H, W in PAPER_SHAPES:
+        for dn in spec.directions:
+            mapping, rev = rc.thread_map(spec, dn), dn in ("rl", "bt")
+            names += [rc.fused_name("fwd", mapping, rev, c, True, save_h=s)
+                      for c in rc.candidate_configs(spec, dname, dn, "fwd", C, H, W) if c.ring for s in (True, False)]
+            names += [rc.fused_name("bwd", mapping, rev, c, True)
+                      for c in rc.candidate_configs(spec, dname, dn, "bwd", C, H, W) if c.ring]
+    names = list(dict.fromkeys(names))
+    assert len(names) >= 30 and any(n.startswith("gspn_bwd<") for n in names)
+    _check([(spec, dname, names)], ARCHS, "ring")
+    if dname == "fp32":
+        base = rc.default_config(spec, dname, "lr", "fwd", 8, 1024, 1024)
+        ring = [c for c in rc.candidate_configs(spec, dname, "lr", "fwd", 8, 1024, 1024) if c.ring][0]
+        pair = [rc.fused_name("fwd", rc.STEPS, False, c, True) for c in (base, ring)]
+        from gspngen import perfmodel as pm
+
+        facts = pm.kernel_facts(rc.kernel_source(spec, dname), pair, "sm_90")
+        assert base.prefetch == 1 and ring.prefetch == 2
+        assert facts[pair[1]].registers < 0.6 * facts[pair[0]].registers, facts
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
 def test_one_launch_compiles_without_spills(dname):
     """ml=1 (every direction of a pass in one launch): alone at the paper shapes where it plans (sm_80 and
     sm_90), and with cl=2/4/8 (sm_90), among them the 16-thread blocks of 128-lane lines under cl=8."""

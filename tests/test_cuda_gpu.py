@@ -198,6 +198,22 @@ def test_one_launch():
                        (1, 2, 1024, 1024))
 
 
+def test_ring_tunings():
+    """The prefetch ring in shared memory (cp.async) in both passes, every ring candidate of each direction
+    in turn, against the reference."""
+    from gspngen.render import cuda as rc
+
+    spec = load_spec(ROOT / "examples" / "gspn4.yaml")
+    for i in range(3):
+        def choose(spec, dname, direction, kind, C, H, W, i=i):
+            rings = [c for c in rc.candidate_configs(spec, dname, direction, kind, C, H, W) if c.ring]
+            return rings[min(i, len(rings) - 1)] if rings else None
+        be = CudaBackend(poison=True, configs=choose)
+        for dname in ("fp32", "bf16"):
+            assert_matches(be, spec, dname, (2, 3, 128, 256))
+        assert_matches(be, spec, "fp32", (1, 2, 1024, 1024))
+
+
 def test_public_op_autograd_and_streams():
     """gspngen.compile(..., backend='cuda') is differentiable and runs on the current stream."""
     spec = load_spec(ROOT / "examples" / "gspn4.yaml")

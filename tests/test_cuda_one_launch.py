@@ -82,6 +82,8 @@ CASES = [
     # stack: the forward writes y's own slices in place; shared weights: fp32 atomic gradients
     ("stack-shared-fp16", _variant(GSPN4, merge="stack", weight_groups="shared", connection=5,
                                    directions=["rl", "bt", "lr"]), "fp16", (1, 3, 32, 32), "cl=2,ml=1"),
+    # nhwc: the step axis of each direction's blocks comes from its index (gs_stepw), two images, chunks
+    ("nhwc-chunks", _variant(GSPN4, layout="nhwc", chunk=4), "fp32", (2, 8, 12, 20), "ml=1"),
 ]
 
 
@@ -97,8 +99,13 @@ def test_one_launch_matches_reference_under_every_schedule(case, emu):
     be = backend(probe, key)
     y, saved = be.forward(spec, *args)
     be.backward(spec, torch.ones_like(y), *args, saved)
+    # no input needs a gradient: the instantiations without the h store (the emulator refuses a store into
+    # the empty saved tensor), the same y
+    y_ng, none = be.forward(spec, *args, need_saved=False)
+    assert none.numel() == 0 and torch.equal(y_ng, y)
     names = [name for name, *_ in probe.launches]
-    assert len(names) == 2 and names[0].startswith("gspn_fwd_ml") and names[1].startswith("gspn_bwd_ml"), names
+    assert len(names) == 3 and names[0].startswith("gspn_fwd_ml") and names[1].startswith("gspn_bwd_ml"), names
+    assert names[2].startswith("gspn_fwd_ml") and names[2] != names[0]
     if "cl=" in key:
         assert all("_ml_cl<" in n for n in names)
 

@@ -109,6 +109,14 @@ def check_vectors(lib, dname: str) -> None:
                 bits = [bool(mask >> i & 1) for i in range(v)]
                 expect[off:off + v] = torch.where(torch.tensor(bits), want.view(ibits), expect[off:off + v])
                 assert torch.equal(dst.view(ibits), expect), f"{dname} gs_st_run<{v}, {vec}> mask {mask:#x}"
+            # the cp.async ring's run: copied (or zero-filled) and read back from shared memory, 4 to 16 bytes
+            for valid in (1, 0):
+                d = torch.full((v,), -1, dtype=ibits).view(dtype)
+                served = getattr(lib, f"t_cprun{v}")(_ptr(d), p, valid)
+                assert served == (v * isz in (4, 8, 16)), f"{dname} gs_cp_run<{v}>"
+                if served:
+                    expect_d = want.view(ibits) if valid else torch.zeros_like(want.view(ibits))
+                    assert torch.equal(d.view(ibits), expect_d), f"{dname} gs_cp_run<{v}> valid={valid}"
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))

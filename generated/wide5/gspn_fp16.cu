@@ -113,6 +113,31 @@ GS_DEV void gs_st1f(float* p, float v) { *p = v; }
 
 GS_DEV void gs_atomic_add(float* p, float v) { atomicAdd(p, v); }
 
+// Asynchronous copies, global -> shared (sm_80+; the cp.async ring of the RING tunings): NB = 4, 8 or 16
+// bytes from p to d, or NB zero bytes when !valid (src-size 0: nothing is read). They land when the
+// issuing thread waits for their group: gs_cp_wait<N>() returns once at most the N newest committed groups
+// are in flight, and makes the landed bytes visible to this thread (only it reads them).
+template <int NB>
+GS_DEV void gs_cp_async(void* d, const void* p, bool valid)
+{
+    static_assert(NB == 4 || NB == 8 || NB == 16, "cp.async copies 4, 8 or 16 bytes");
+    unsigned s;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(d));
+    const int n = valid ? NB : 0;
+    if constexpr (NB == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(p), "r"(n) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(p), "n"(NB), "r"(n) : "memory");
+}
+GS_DEV void gs_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+GS_DEV void gs_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// NW 32-bit words of shared memory at a (4*NW)-byte aligned address (the cp.async ring's reads): the
+// same accesses as gs_ld_words (the compiler sees the shared pointer); the emulator checks them apart.
+template <int NW>
+GS_DEV void gs_lds_words(unsigned* w, const void* s) { gs_ld_words<NW, false>(w, s); }
+
 // Dynamic shared memory, 16-byte aligned.
 extern __shared__ float4 gs_smem_raw[];
 GS_DEV float* gs_smem() { return reinterpret_cast<float*>(gs_smem_raw); }
@@ -152,6 +177,21 @@ GS_DEV int gs_opaque(int v)
 #include "gs_emu_impl.h"  // tests only: the CPU emulator's checked primitives
 #endif  // GSPN_EMULATE
 
+// NB / 4 words as storage elements.
+template <int NB>
+GS_DEV void gs_unpack(gs_t* d, const unsigned* w)
+{
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i) {
+#if GS_STORE == 0
+        d[i] = __uint_as_float(w[i]);
+#else
+        d[2 * i] = (gs_t)(w[i] & 0xffffu);
+        d[2 * i + 1] = (gs_t)(w[i] >> 16);
+#endif
+    }
+}
+
 // V consecutive elements (V * sizeof(gs_t) bytes, aligned to that size).
 template <int V, bool NC>
 GS_DEV void gs_ldv(gs_t* d, const gs_t* p)
@@ -162,16 +202,23 @@ GS_DEV void gs_ldv(gs_t* d, const gs_t* p)
     } else {
         unsigned w[NB / 4];
         gs_ld_words<NB / 4, NC>(w, p);
-#pragma unroll
-        for (int i = 0; i < NB / 4; ++i) {
-#if GS_STORE == 0
-            d[i] = __uint_as_float(w[i]);
-#else
-            d[2 * i] = (gs_t)(w[i] & 0xffffu);
-            d[2 * i + 1] = (gs_t)(w[i] >> 16);
-#endif
-        }
+        gs_unpack<NB>(d, w);
     }
+}
+
+// The cp.async ring: a run of V elements (V * sizeof(gs_t) = 4, 8 or 16 bytes, both ends aligned to it)
+// copied from global p to shared d, zero-filled when !valid; and read back from shared memory.
+template <int V>
+GS_DEV void gs_cp_run(gs_t* d, const gs_t* p, bool valid) { gs_cp_async<V * (int)sizeof(gs_t)>(d, p, valid); }
+
+template <int V>
+GS_DEV void gs_lds_run(gs_t* d, const gs_t* s)
+{
+    constexpr int NB = V * (int)sizeof(gs_t);
+    static_assert(NB >= 4, "a ring run is at least one 32-bit word");
+    unsigned w[NB / 4];
+    gs_lds_words<NB / 4>(w, s);
+    gs_unpack<NB>(d, w);
 }
 
 template <int V>
@@ -700,7 +747,7 @@ GS_CX int gs_fs_y() { return 2 + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0); }
 GS_CX int gs_fs_w(int c) { return c <= 0 ? gs_fs_y() + 1 : gs_fs_w(c - 1) + (gs_w_used_fwd(c - 1) ? 1 : 0); }
 
 template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG_, bool SAVEH,
-          int CL = 1>
+          int CL = 1, bool RING = false>
 struct GsForward {
     using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, STG_, CL>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
@@ -709,9 +756,16 @@ struct GsForward {
     static constexpr int S_X = 0, S_LAM = 1, S_U = 2, S_S = 2 + (GS_MOD ? 1 : 0), S_Y = gs_fs_y();
     static constexpr int NSTR = STG ? gs_fs_w(GS_K) : 0;  // streams in SG
     static constexpr int STG_FLOATS = (NSTR * VS * B_t::SP * (int)sizeof(gs_t) + 15) / 16 * 4;
-    static constexpr int SMEM_FLOATS = BUFS * PLANE + STG_FLOATS;
+    // RING: the P tiles of the prefetch ring in shared memory (cp.async), after the line buffers, 16-byte
+    // aligned: [slot][stream][segment][thread][V], each thread's runs its own (see run_ring)
+    static constexpr int NRS = gs_fs_w(GS_K);  // ring streams: x, lam, u, s, y, used weights
+    static constexpr int RING_OFF = (BUFS * PLANE + 3) / 4 * 4;
+    static constexpr int RING_FLOATS = (P * NRS * NSEG * B_t::NT * V * (int)sizeof(gs_t) + 15) / 16 * 4;
+    static constexpr int SMEM_FLOATS = RING ? RING_OFF + RING_FLOATS : BUFS * PLANE + STG_FLOATS;
     static_assert(BUFS == 1 || BUFS == 2, "line buffers");
     static_assert(P >= 1 && P <= 4, "prefetch depth");
+    static_assert(!RING || (VEC && !STG && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4),
+                  "the cp.async ring: whole vectors of 4 to 16 bytes, lanes or steps mapping, 2 to 4 slots");
 
     struct Tile {
         gs_t x[E], lam[E], w[GS_K][E];
@@ -728,6 +782,7 @@ struct GsForward {
     gs_t* __restrict__ ph;
     float* HL;
     gs_t* SG;  // STG: the tile being computed, [stream][step][col]
+    gs_t* RG;  // RING: the ring's slots
     float md;
     long long b_y;
     bool acc;  // add to what the earlier directions wrote
@@ -913,16 +968,83 @@ struct GsForward {
         return act;
     }
 
+    // RING: this thread's run of stream si, segment sg in ring slot q.
+    GS_DEV gs_t* rs(int q, int si, int sg) const { return RG + (((q * NRS + si) * NSEG + sg) * B_t::NT + (int)threadIdx.x) * V; }
+
+    // RING: the tile at p0 requested into slot q, by cp.async (a masked run is zero-filled, as load() does;
+    // with whole vectors a run is wholly valid or wholly masked, bit 0 of the mask).
+    GS_DEV void issue(int q, int p0) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+            const bool ok = (B.mask(sg, p0) & 1u) != 0;
+            const long long o = B.img(sg, p0);
+            gs_cp_run<V>(rs(q, S_X, sg), px + B.b_x + o, ok);
+            gs_cp_run<V>(rs(q, S_LAM, sg), plam + B.b_d + o, ok);
+            if constexpr (GS_MOD) gs_cp_run<V>(rs(q, S_U, sg), pu + B.b_d + o, ok);
+            if constexpr (GS_SKIP) gs_cp_run<V>(rs(q, S_S, sg), ps + B.b_d + o, ok);
+            gs_cp_run<V>(rs(q, S_Y, sg), py + b_y + o, ok && acc);
+            const long long ow = B.b_w + B.eog(sg) + (long long)p0 * B.ssG;
+#pragma unroll
+            for (int c = 0; c < GS_K; ++c)
+                if (gs_w_used_fwd(c)) gs_cp_run<V>(rs(q, gs_fs_w(c), sg), pw + ow + c * B.GHW, ok);
+        }
+    }
+
+    // RING: slot q (landed) into the register tile.
+    GS_DEV void fetch(Tile& tl, int q) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+            gs_lds_run<V>(tl.x + sg * V, rs(q, S_X, sg));
+            gs_lds_run<V>(tl.lam + sg * V, rs(q, S_LAM, sg));
+            if constexpr (GS_MOD) gs_lds_run<V>(tl.u + sg * V, rs(q, S_U, sg));
+            if constexpr (GS_SKIP) gs_lds_run<V>(tl.s + sg * V, rs(q, S_S, sg));
+            gs_lds_run<V>(tl.y + sg * V, rs(q, S_Y, sg));
+#pragma unroll
+            for (int c = 0; c < GS_K; ++c)
+                if (gs_w_used_fwd(c)) gs_lds_run<V>(tl.w[c] + sg * V, rs(q, gs_fs_w(c), sg));
+        }
+    }
+
+    // RING: the prefetch ring in shared memory. Tile m+P-1 is requested (into the slot of tile m-1, read in
+    // the previous iteration) before tile m is waited for, read into registers and consumed: P-1 tiles in
+    // flight for the registers of one. Every iteration commits a group (empty past the last tile), so
+    // "all but the newest P-1 groups landed" is tile m. No barrier: each thread reads only its own copies.
+    GS_DEV void run_ring()
+    {
+        int qf, dq, nt;
+        B.tiles(true, qf, dq, nt);
+#pragma unroll
+        for (int j = 0; j < P - 1; ++j) {
+            if (j < nt) issue(j, (qf + dq * j) * VS);
+            gs_cp_commit();
+        }
+        int q = 0;  // tile m's slot: m % P
+        for (int m = 0; m < nt; ++m) {
+            const int qn = q == 0 ? P - 1 : q - 1;  // tile m+P-1's slot: (m - 1) % P
+            if (m + P - 1 < nt) issue(qn, (qf + dq * (m + P - 1)) * VS);
+            gs_cp_commit();
+            gs_cp_wait<P - 1>();
+            Tile tl;
+            fetch(tl, q);
+            consume(tl, (qf + dq * m) * VS);
+            q = q + 1 == P ? 0 : q + 1;
+        }
+    }
+
     // Tiles in walk order through a ring of P register tiles: tile m+P-1 is
     // requested before tile m is consumed. STG: tile m goes into SG first, so
-    // the ring holds only the P-1 tiles in flight.
+    // the ring holds only the P-1 tiles in flight. RING: the ring in shared memory (run_ring).
     GS_DEV void run()
     {
         int qf, dq, nt;
         B.tiles(true, qf, dq, nt);
         kn = B.tb;
         if constexpr (CL > 1) gs_sync_cluster();  // every block of the cluster has started: DSMEM stores may go
-        if constexpr (STG) {
+        if constexpr (RING) {
+            run_ring();
+        } else if constexpr (STG) {
             constexpr int R = P > 1 ? P - 1 : 1;
             Tile tl[R];
 #pragma unroll
@@ -973,6 +1095,7 @@ GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p
     f.py = p_y + (slice ? d * ((long long)N * C * H * W) : 0ll);
     f.HL = gs_smem();
     f.SG = static_cast<gs_t*>(static_cast<void*>(f.HL + F::NBUF * F::PLANE));
+    f.RG = static_cast<gs_t*>(static_cast<void*>(f.HL + F::RING_OFF));
     f.md = 1.0f;
     if constexpr (GS_LEARNED) f.md = gs_f(gs_ld1<true>(p_m + d));
     f.b_y = GS_STACK ? f.B.b_d : f.B.b_x;
@@ -980,10 +1103,12 @@ GS_DEV void gs_fwd_main(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p
     f.run();
 }
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH>
+// RING: the prefetch ring in shared memory (cp.async; the name gives it only when true).
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool SAVEH,
+          bool RING = false>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_fwd(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, STG, SAVEH, 1, RING>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
 }
 
 // ===========================================================================
@@ -1033,10 +1158,12 @@ __global__ void __launch_bounds__(F0::B_t::NT, 1) gspn_fwd_ml(const gs_t* __rest
 #if GS_CLUSTERS
 // cl=N: the line split over the CL blocks of a cluster (see the header); CL fixed at compile time, so a
 // plain launch of a grid that is a multiple of CL forms the clusters.
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH, int CL>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool SAVEH, int CL,
+          bool RING = false>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_fwd_cl(const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, gs_t* __restrict__ p_y, gs_t* __restrict__ p_h, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, false, SAVEH, CL>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+    gs_fwd_main<GsForward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, false, SAVEH, CL, RING>>(p_x, p_w, p_lam, p_u, p_s, p_m, p_y, p_h, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x,
+                                                                                            0);
 }
 
 template <int CL, class F0, class... F>
@@ -1110,7 +1237,11 @@ __global__ void __launch_bounds__(NT, 1) gspn_fwd_oc(const gs_t* __restrict__ p_
 // which iteration t-1 reads as its neighbours, so one barrier per step
 // serves both exchanges; HL[par(t, pos(t))] also holds this thread's own h(t).
 // ===========================================================================
-template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL = 1>
+// Backward ring streams: gy, x, lam, u, s, gx so far, used weights, and (lanes mapping) h(t - 2).
+GS_CX int gs_bs_w(int c) { return c <= 0 ? 4 + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0) : gs_bs_w(c - 1) + (gs_w_used_bwd(c - 1) ? 1 : 0); }
+
+template <int MAP_, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL = 1,
+          bool RING = false>
 struct GsBackward {
     using B_t = GsBlock<MAP_, REVT, LT, CT, V, NSEG, VEC, false, CL>;
     static constexpr int E = B_t::E, VS = B_t::VS, EPS = B_t::EPS, MAP = B_t::MAPPING;
@@ -1119,9 +1250,19 @@ struct GsBackward {
     static constexpr bool NEED_H = GS_BWD_H || GS_BWD_HP;  // the saved h is read at all
     static constexpr int HL_FLOATS = NEED_H ? 2 * PLANE : 0;
     static constexpr int GP_FLOATS = BUFS * GS_K * PLANE;
-    static constexpr int SMEM_FLOATS = HL_FLOATS + GP_FLOATS + (GS_LEARNED ? 32 : 0);
+    // RING: as the forward's, after the buffers and the block sum's 32 floats. The steps mapping's h(t - 2)
+    // is one element per row (frame order), so it is loaded when the tile is fetched, not through the ring.
+    static constexpr int R_GY = 0, R_X = 1, R_LAM = 2, R_U = 3, R_S = 3 + (GS_MOD ? 1 : 0);
+    static constexpr int R_GXP = 3 + (GS_MOD ? 1 : 0) + (GS_SKIP ? 1 : 0), R_HQ = gs_bs_w(GS_K);
+    static constexpr bool RING_H = NEED_H && MAP == GS_LANES;
+    static constexpr int NRS = R_HQ + (RING_H ? 1 : 0);
+    static constexpr int RING_OFF = (HL_FLOATS + GP_FLOATS + (GS_LEARNED ? 32 : 0) + 3) / 4 * 4;
+    static constexpr int RING_FLOATS = (P * NRS * NSEG * B_t::NT * V * (int)sizeof(gs_t) + 15) / 16 * 4;
+    static constexpr int SMEM_FLOATS = RING ? RING_OFF + RING_FLOATS : HL_FLOATS + GP_FLOATS + (GS_LEARNED ? 32 : 0);
     static_assert(BUFS == 1 || BUFS == 2, "ghp buffers");
     static_assert(P >= 1 && P <= 4, "prefetch depth");
+    static_assert(!RING || (VEC && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4),
+                  "the cp.async ring: whole vectors of 4 to 16 bytes, lanes or steps mapping, 2 to 4 slots");
 
     struct Tile {
         gs_t gy[E], x[E], lam[E], w[GS_K][E];
@@ -1146,6 +1287,7 @@ struct GsBackward {
     void* pgw;  // gs_t* (stored) or float* (atomic fp32 accumulation), by WATOM
     float* HL;
     float* GP;
+    gs_t* RG;  // RING: the ring's slots
     float md, gmd;
     long long b_gy;
     bool acc;  // add to the gx the earlier directions wrote
@@ -1179,6 +1321,61 @@ struct GsBackward {
                     const int t = B.pos(p0);
                     gs_ld_run<V, VEC, true>(tl.hq + sg * V, ph + B.frame(B.c0, t - 2, B.lane0(sg)),
                                             t - 2 >= B.tb ? mk : 0u);
+                }
+            }
+        }
+    }
+
+    // RING: this thread's run of stream si, segment sg in ring slot q.
+    GS_DEV gs_t* rs(int q, int si, int sg) const { return RG + (((q * NRS + si) * NSEG + sg) * B_t::NT + (int)threadIdx.x) * V; }
+
+    // RING: the tile at p0 requested into slot q (as load(), by cp.async; whole vectors).
+    GS_DEV void issue(int q, int p0) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+            const bool ok = (B.mask(sg, p0) & 1u) != 0;
+            const long long o = B.img(sg, p0);
+            gs_cp_run<V>(rs(q, R_GY, sg), pgy + b_gy + o, ok);
+            gs_cp_run<V>(rs(q, R_X, sg), px + B.b_x + o, ok);
+            gs_cp_run<V>(rs(q, R_LAM, sg), plam + B.b_d + o, ok);
+            if constexpr (GS_MOD) gs_cp_run<V>(rs(q, R_U, sg), pu + B.b_d + o, ok);
+            if constexpr (GS_SKIP) gs_cp_run<V>(rs(q, R_S, sg), ps + B.b_d + o, ok);
+            gs_cp_run<V>(rs(q, R_GXP, sg), pgx + B.b_x + o, ok && acc);
+            const long long ow = B.b_w + B.eog(sg) + (long long)p0 * B.ssG;
+#pragma unroll
+            for (int c = 0; c < GS_K; ++c)
+                if (gs_w_used_bwd(c)) gs_cp_run<V>(rs(q, gs_bs_w(c), sg), pw + ow + c * B.GHW, ok);
+            if constexpr (RING_H) {
+                const int t = B.pos(p0);
+                gs_cp_run<V>(rs(q, R_HQ, sg), ph + B.frame(B.c0, t - 2, B.lane0(sg)), ok && t - 2 >= B.tb);
+            }
+        }
+    }
+
+    // RING: slot q (landed) into the register tile; the steps mapping's h(t - 2) loaded now.
+    GS_DEV void fetch(Tile& tl, int q, int p0) const
+    {
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) {
+            gs_lds_run<V>(tl.gy + sg * V, rs(q, R_GY, sg));
+            gs_lds_run<V>(tl.x + sg * V, rs(q, R_X, sg));
+            gs_lds_run<V>(tl.lam + sg * V, rs(q, R_LAM, sg));
+            if constexpr (GS_MOD) gs_lds_run<V>(tl.u + sg * V, rs(q, R_U, sg));
+            if constexpr (GS_SKIP) gs_lds_run<V>(tl.s + sg * V, rs(q, R_S, sg));
+            gs_lds_run<V>(tl.gxp + sg * V, rs(q, R_GXP, sg));
+#pragma unroll
+            for (int c = 0; c < GS_K; ++c)
+                if (gs_w_used_bwd(c)) gs_lds_run<V>(tl.w[c] + sg * V, rs(q, gs_bs_w(c), sg));
+            if constexpr (RING_H) {
+                gs_lds_run<V>(tl.hq + sg * V, rs(q, R_HQ, sg));
+            } else if constexpr (NEED_H) {
+                const unsigned mk = B.mask(sg, p0);
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    const int t = B.pos(p0 + v);
+                    const bool ok = ((mk >> v) & 1u) && t - 2 >= B.tb;
+                    tl.hq[sg * V + v] = ok ? gs_ld1<true>(ph + B.frame(B.c0, t - 2, B.lane0(sg))) : (gs_t)0;
                 }
             }
         }
@@ -1383,15 +1580,34 @@ struct GsBackward {
         B.tiles(false, qf, dq, nt);
         kc = (B.te - 1) - (B.te - 1) % B.K;
         ke = B.te;
-        Tile tl[P];
+        if constexpr (RING) {  // the ring in shared memory: as GsForward::run_ring
 #pragma unroll
-        for (int j = 0; j < P - 1; ++j)
-            if (j < nt) load(tl[j], (qf + dq * j) * VS);
-        for (int m = 0; m < nt; ++m) {
-            if (m + P - 1 < nt) load(tl[P - 1], (qf + dq * (m + P - 1)) * VS);
-            consume(tl[0], (qf + dq * m) * VS);
+            for (int j = 0; j < P - 1; ++j) {
+                if (j < nt) issue(j, (qf + dq * j) * VS);
+                gs_cp_commit();
+            }
+            int q = 0;
+            for (int m = 0; m < nt; ++m) {
+                const int qn = q == 0 ? P - 1 : q - 1;
+                if (m + P - 1 < nt) issue(qn, (qf + dq * (m + P - 1)) * VS);
+                gs_cp_commit();
+                gs_cp_wait<P - 1>();
+                Tile tl;
+                fetch(tl, q, (qf + dq * m) * VS);
+                consume(tl, (qf + dq * m) * VS);
+                q = q + 1 == P ? 0 : q + 1;
+            }
+        } else {  // else, not an early return: NVRTC warns of the unreachable loop otherwise
+            Tile tl[P];
 #pragma unroll
-            for (int j = 0; j < P - 1; ++j) tl[j] = tl[j + 1];
+            for (int j = 0; j < P - 1; ++j)
+                if (j < nt) load(tl[j], (qf + dq * j) * VS);
+            for (int m = 0; m < nt; ++m) {
+                if (m + P - 1 < nt) load(tl[P - 1], (qf + dq * (m + P - 1)) * VS);
+                consume(tl[0], (qf + dq * m) * VS);
+#pragma unroll
+                for (int j = 0; j < P - 1; ++j) tl[j] = tl[j + 1];
+            }
         }
     }
 };
@@ -1435,6 +1651,7 @@ GS_DEV void gs_bwd_main(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ 
     float* sm = gs_smem();
     f.HL = sm;
     f.GP = sm + F::HL_FLOATS;
+    f.RG = static_cast<gs_t*>(static_cast<void*>(sm + F::RING_OFF));
     f.md = 1.0f;
     if constexpr (GS_LEARNED) f.md = gs_f(gs_ld1<true>(p_m + d));
     f.gmd = 0.0f;
@@ -1444,11 +1661,12 @@ GS_DEV void gs_bwd_main(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ 
     if constexpr (GS_LEARNED) gs_block_add<F::B_t::NT>(f.gmd, sm + F::HL_FLOATS + F::GP_FLOATS, p_gm + d);
 }
 
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool WATOM>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool STG, bool WATOM,
+          bool RING = false>
 __global__ void __launch_bounds__(LT * CT, 1) gspn_bwd(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
     static_assert(!STG, "sector tiles: forward only so far");
-    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, 1, RING>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
 }
 
 // ml=1: every direction of the backward in one launch (as the forward's gspn_fwd_ml), gx into slices.
@@ -1475,10 +1693,11 @@ __global__ void __launch_bounds__(F0::B_t::NT, 1) gspn_bwd_ml(const gs_t* __rest
 }
 
 #if GS_CLUSTERS
-template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL>
+template <int MAP, bool REVT, int LT, int CT, int V, int NSEG, int P, int BUFS, bool VEC, bool WATOM, int CL,
+          bool RING = false>
 __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(LT * CT, 1) gspn_bwd_cl(const gs_t* __restrict__ p_gy, const gs_t* __restrict__ p_x, const gs_t* __restrict__ p_w, const gs_t* __restrict__ p_lam, const gs_t* __restrict__ p_u, const gs_t* __restrict__ p_s, const gs_t* __restrict__ p_m, const gs_t* __restrict__ p_h, gs_t* __restrict__ p_gx, gs_t* __restrict__ p_glam, gs_t* __restrict__ p_gu, gs_t* __restrict__ p_gs, void* p_gw, float* __restrict__ p_gm, int N, int C, int G, int H, int W, int chunk, int cpb, int d, int rev, int stepw, int acc)
 {
-    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, CL>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
+    gs_bwd_main<GsBackward<MAP, REVT, LT, CT, V, NSEG, P, BUFS, VEC, WATOM, CL, RING>>(p_gy, p_x, p_w, p_lam, p_u, p_s, p_m, p_h, p_gx, p_glam, p_gu, p_gs, p_gw, p_gm, N, C, G, H, W, chunk, cpb, d, rev, stepw, acc, blockIdx.x, 0);
 }
 
 template <int CL, class F0, class... F>

@@ -16,7 +16,7 @@ the current PyTorch stream; the tests use a CPU emulator).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -372,6 +372,10 @@ class CudaBackend(_CudaBase):
             raise ValueError(f"x: the {self.name} backend needs {smem} bytes of shared memory per block for "
                              f"lines of {L} lanes, the GPU offers {smem_limit}; use backend='triton' or 'reference'")
         vec = self._vec_ok(spec, dname, mapping, cfg.vec, C, L, T, tensors)
+        if cfg.ring and not vec:
+            # the cp.async ring copies whole vectors: unaligned tensors take the same tuning from registers
+            cfg = replace(cfg, ring=False)
+            smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])
         cpb, grid = rc.chunks_per_block(spec, direction, N, C, H, W, cfg, sm_count)
         geo = DIRECTION_TABLE[direction]
         name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom, save_h)

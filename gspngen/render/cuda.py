@@ -303,6 +303,10 @@ class KernelConfig:
     ``cluster`` (lanes and steps mappings, sm_90+): the line split over that many blocks of a thread block
     cluster, exchanging their edge lanes through distributed shared memory each step; the other fields then
     describe one block's share of the line (see :func:`cluster_config`).
+    ``ring`` (lanes and steps mappings, prefetch >= 2, sm_80+): the prefetch ring in shared memory, filled
+    by cp.async, instead of registers: ``prefetch`` - 1 tiles in flight for the registers of one
+    (:func:`ring_bytes` of shared memory). It needs whole-vector runs; with unaligned tensors the host
+    launches the same tuning without it.
     """
 
     lane_threads: int
@@ -313,6 +317,7 @@ class KernelConfig:
     bufs: int = 2
     stage: bool = False
     cluster: int = 1
+    ring: bool = False
 
     @property
     def threads(self) -> int:
@@ -327,6 +332,8 @@ class KernelConfig:
             ok = (lt % 32 == 0) if lt >= 32 else (32 % lt == 0)
         if ok and self.stage:
             ok = mapping == STEPS and v <= 8
+        if ok and self.ring:
+            ok = mapping != CHAN and not self.stage and self.prefetch >= 2 and v >= 2
         if ok and self.cluster != 1:
             ok = (2 <= self.cluster <= MAX_CLUSTER and mapping != CHAN and not self.stage
                   and self.nseg * self.lanes_per_segment(mapping) >= MAX_RADIUS)
@@ -372,16 +379,17 @@ def fused_name(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_ok
     revt = bool(reverse) and mapping == STEPS
     head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
             f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
+    ring = ", true" if cfg.ring else ""  # a defaulted template argument: named only when on
     if cfg.cluster > 1:  # the cluster entries: no sector tiles, the cluster size last
         if kind not in ("fwd", "bwd"):
             raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
         flag = save_h if kind == "fwd" else watom
-        return f"gspn_{kind}_cl<{head}, {_b(flag)}, {cfg.cluster}>"
+        return f"gspn_{kind}_cl<{head}, {_b(flag)}, {cfg.cluster}{ring}>"
     head += f", {_b(cfg.stage and mapping == STEPS)}"
     if kind == "fwd":
-        return f"gspn_fwd<{head}, {_b(save_h)}>"
+        return f"gspn_fwd<{head}, {_b(save_h)}{ring}>"
     if kind == "bwd":
-        return f"gspn_bwd<{head}, {_b(watom)}>"
+        return f"gspn_bwd<{head}, {_b(watom)}{ring}>"
     raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
 
 
@@ -392,11 +400,11 @@ def pass_struct(kind: str, mapping: int, reverse: bool, cfg: KernelConfig, vec_o
     head = (f"{mapping}, {_b(revt)}, {cfg.lane_threads}, {cfg.chan_threads}, {cfg.vec}, {cfg.nseg}, "
             f"{cfg.prefetch}, {cfg.bufs}, {_b(vec_ok)}")
     if kind == "fwd":
-        return f"GsForward<{head}, {_b(cfg.stage and mapping == STEPS)}, {_b(flag)}, {cfg.cluster}>"
+        return f"GsForward<{head}, {_b(cfg.stage and mapping == STEPS)}, {_b(flag)}, {cfg.cluster}, {_b(cfg.ring)}>"
     if kind == "bwd":
         if cfg.stage:
             raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward only")
-        return f"GsBackward<{head}, {_b(flag)}, {cfg.cluster}>"
+        return f"GsBackward<{head}, {_b(flag)}, {cfg.cluster}, {_b(cfg.ring)}>"
     raise ValueError(f"kind: expected fwd or bwd, got {kind!r}")
 
 
@@ -511,15 +519,38 @@ def stage_bytes(spec: Spec, dtype_bytes: int, kind: str, mapping: int, cfg: Kern
     return -(-(stage_streams(spec, kind) * 2 * cfg.vec * sp * dtype_bytes) // 16) * 16
 
 
+def ring_streams(spec: Spec, kind: str, mapping: int) -> int:
+    """Tensors the cp.async ring holds (GsForward / GsBackward::NRS). Forward: x, lam, u, s, y and the used
+    weights; backward: gy, x, lam, u, s, the gx so far, the used weights and, in the lanes mapping, h(t-2)."""
+    facts = host_facts(spec)
+    if kind == "fwd":
+        return stage_streams(spec, "fwd")
+    need_h = facts["bwd_needs_h"] or facts["bwd_needs_hp"]
+    return 4 + spec.modulation + spec.skip + sum(facts["w_used_bwd"]) + (need_h and mapping == LANES)
+
+
+def ring_bytes(spec: Spec, dtype_bytes: int, cfg: KernelConfig, kind: str = "fwd", mapping: int = LANES) -> int:
+    """Shared memory of the cp.async ring (RING_FLOATS x 4 in the template): prefetch slots x streams x
+    segments x threads x vector, in storage elements, rounded up to 16 bytes."""
+    if not cfg.ring:
+        return 0
+    n = cfg.prefetch * ring_streams(spec, kind, mapping) * cfg.nseg * cfg.threads * cfg.vec * dtype_bytes
+    return -(-n // 16) * 16
+
+
 def smem_bytes(spec: Spec, kind: str, mapping: int, cfg: KernelConfig, dtype_bytes: int = 4) -> int:
     """Dynamic shared memory of a fused kernel (must match SMEM_FLOATS in the template); ``dtype_bytes``:
-    the storage element size (sector tiles stage storage elements)."""
+    the storage element size (sector tiles and the cp.async ring hold storage elements)."""
     facts = host_facts(spec)
     plane = cfg.plane_floats(mapping, spec.radius)
     if kind == "fwd":
+        if cfg.ring:  # after the line buffers, 16-byte aligned
+            return 4 * (-(-(cfg.bufs * plane) // 4) * 4) + ring_bytes(spec, dtype_bytes, cfg)
         return 4 * cfg.bufs * plane + stage_bytes(spec, dtype_bytes, kind, mapping, cfg)
     needs_h = facts["bwd_needs_h"] or facts["bwd_needs_hp"]
     floats = (2 * plane if needs_h else 0) + cfg.bufs * spec.connection * plane + (32 if spec.merge == "learned" else 0)
+    if cfg.ring:  # after the buffers and the block sum's floats, 16-byte aligned
+        return 4 * (-(-floats // 4) * 4) + ring_bytes(spec, dtype_bytes, cfg, kind, mapping)
     return 4 * floats
 
 
@@ -542,7 +573,7 @@ def _tile_words(spec: Spec, kind: str, cfg: KernelConfig, mapping: int) -> int:
     16-bit values count as whole registers: the compiler unpacks them at the load."""
     nin, nout = _streams(spec, kind)
     e = cfg.nseg * cfg.vec
-    words = cfg.prefetch * e * nin + e * nout
+    words = (1 if cfg.ring else cfg.prefetch) * e * nin + e * nout  # the ring keeps one tile in registers
     if kind == "bwd":
         words += cfg.nseg * (1 if mapping == STEPS else cfg.vec) * (spec.connection + 1)
     return words
@@ -638,7 +669,8 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
     """Tunings an autotuner may time for one direction and pass; the default comes first.
 
     Variations: prefetch depth 1..3, vector width halved (and, where the default has no tile in flight,
-    halved with a prefetch of 2), one line buffer, sector tiles (lr/rl forward),
+    halved with a prefetch of 2), one line buffer, sector tiles (lr/rl forward), the cp.async ring in shared
+    memory (2 and 3 slots, and where the default has no tile in flight, 2 slots of half-width vectors),
     and for nchw lines twice the channels (short lines) or half the threads
     with twice the segments (long lines). Each is valid, fits shared memory
     and is predicted to fit the register file.
@@ -663,6 +695,12 @@ def candidate_configs(spec: Spec, dtype: str, direction: str, kind: str, C: int,
     add(_replace(base, bufs=1))
     if mapping == STEPS and kind == "fwd" and base.vec * ELEM_BYTES[dtype] == 16:
         add(_replace(base, stage=True))  # sector tiles, where their shared memory fits
+    if mapping != CHAN and base.vec * ELEM_BYTES[dtype] >= 4:
+        # the prefetch ring in shared memory (cp.async): tiles in flight without their registers
+        for p in (2, 3):
+            add(_replace(base, ring=True, prefetch=p))
+        if base.prefetch == 1 and base.vec > 1:  # where registers leave no tile in flight: half the ring's size
+            add(_replace(_shape_config(mapping, L, C, base.vec // 2, 2, base.bufs), ring=True))
     if base.vec > 1:
         add(_shape_config(mapping, L, C, base.vec // 2, base.prefetch, base.bufs))
         if base.prefetch == 1:
@@ -706,8 +744,8 @@ def cluster_config(spec: Spec, dtype: str, direction: str, kind: str, C: int, H:
     v16 = 16 // ELEM_BYTES[dtype]
     vecs = [v16 >> i for i in range(v16.bit_length()) if v16 >> i >= 1]
     sub = share <= SUBWARP_THREADS  # one partial warp per block
-    if mapping == LANES:
-        vecs = [1] if sub else [v for v in vecs if share >= 32 * v]
+    if mapping == LANES:  # a block of 32 threads at least (shares of 17 to 31 lanes: 32 scalar lanes)
+        vecs = [1] if sub else [v for v in vecs if max(share, 32) >= 32 * v]
     if L < 32 or not vecs:
         return None
     for p, max_threads, bufs in itertools.product((2, 1), (512, 256), (2, 1)):
@@ -775,7 +813,7 @@ def _tunings(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, 
         if sub:
             vecs = [1] if mapping == LANES else vecs[:1]
         elif mapping == LANES:
-            vecs = [v for v in vecs if share >= 32 * v]
+            vecs = [v for v in vecs if max(share, 32) >= 32 * v]
         L = max(share, 32)
         if not vecs or L < 32:
             return
@@ -789,8 +827,9 @@ def _tunings(spec: Spec, dtype: str, direction: str, kind: str, C: int, H: int, 
                       if ct <= _pow2_ceil(-(-C // v)) for mt in (512, 256, 128, 64, 32)]
         elif groups <= 32 and cluster == 1:  # short lines: channels packed, 32 to 128 threads
             lt = _pow2_ceil(groups)
+            # no more channel threads than whole warps or the channels need (the default's rule)
             shapes = [KernelConfig(lt, ct, v, 1, p, bufs) for ct in (4, 2, 1, 8, 16, 32)
-                      if 32 <= lt * ct <= 128 or (ct == 1 and lt >= 32)]
+                      if (32 <= lt * ct <= 128 or (ct == 1 and lt >= 32)) and ct <= max(32 // lt, _pow2_ceil(C))]
         else:
             shapes = [_shape_config(mapping, L, 1 if cluster > 1 else C, v, p, bufs, mt)
                       for mt in (512, 256, 128, 64, 32)]

@@ -36,6 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
 #include <vector>
@@ -59,6 +60,14 @@ struct dim3v {
 enum State { RUN = 0, BAR = 1, WARP = 2, DONE = 3, CBAR = 4 };  // CBAR: at a cluster barrier
 enum WarpOp { OP_SYNC = 0, OP_XOR = 1 };
 
+// One cp.async copy: n bytes from src into dst (zeros when !valid), landing at its group's wait.
+struct Copy {
+    char* dst;
+    const char* src;
+    int n;
+    bool valid;
+};
+
 struct Fiber {
     ucontext_t ctx;
     int tid = 0;
@@ -69,6 +78,8 @@ struct Fiber {
     WarpOp op = OP_SYNC;
     int arg = 0;
     uint32_t val = 0, res = 0;
+    std::vector<Copy> open;                // cp.async copies not yet committed to a group
+    std::deque<std::vector<Copy>> groups;  // committed groups in flight, oldest first
 };
 
 // Which block wrote each 2-byte unit of a buffer in the current launch: blocks of one launch are
@@ -90,6 +101,7 @@ struct Ctx {
     Fiber* cur = nullptr;
     ucontext_t sched;
     std::vector<std::vector<float>> smem;  // per block of the cluster: guard | usable | guard
+    std::vector<std::vector<uint8_t>> pending;  // per block: bytes of shared memory a cp.async still writes
     size_t smem_bytes = 0;
     std::vector<Range> ranges;
     std::string err;
@@ -216,6 +228,63 @@ inline bool check(const void* p, size_t n, size_t align, const char* what, bool 
     return false;
 }
 
+// cp.async (sm_80+): a thread's asynchronous global -> shared copies land only when it waits for their
+// group (cp.async.wait_group), oldest group first. Until then the destination holds NaN bits and is
+// pending: a checked shared read of it (gs_lds_run), or another copy into it, is an error, and so is a
+// thread that exits with copies it never waited for.
+inline std::vector<uint8_t>& pending_of(int blk) { return g.pending[blk]; }
+
+inline void cp_async(void* d, const void* p, int n, bool valid)
+{
+    Fiber* f = g.cur;
+    char* base = reinterpret_cast<char*>(smem_of(f->blk));
+    char* dst = static_cast<char*>(d);
+    if (dst < base || dst + n > base + g.smem_bytes) { fail("cp.async destination outside the block's dynamic shared memory"); return; }
+    if ((dst - base) % n != 0 || (valid && reinterpret_cast<uintptr_t>(p) % n != 0)) { fail("misaligned cp.async"); return; }
+    std::vector<uint8_t>& pend = pending_of(f->blk);
+    for (int i = 0; i < n; ++i) {
+        if (pend[dst - base + i]) { fail("cp.async into shared memory an earlier cp.async still writes"); return; }
+        pend[dst - base + i] = 1;
+    }
+    std::memset(dst, 0xff, n);  // NaN until it lands
+    f->open.push_back(Copy{dst, static_cast<const char*>(p), n, valid});
+}
+
+inline void cp_commit()
+{
+    Fiber* f = g.cur;
+    f->groups.push_back(std::move(f->open));
+    f->open.clear();
+}
+
+inline void cp_land(Fiber* f, const Copy& c)
+{
+    char* base = reinterpret_cast<char*>(smem_of(f->blk));
+    if (!c.valid) std::memset(c.dst, 0, c.n);
+    else if (check(c.src, c.n, c.n, "load", true)) std::memcpy(c.dst, c.src, c.n);
+    std::memset(pending_of(f->blk).data() + (c.dst - base), 0, c.n);
+}
+
+inline void cp_wait(int n)
+{
+    Fiber* f = g.cur;
+    while ((int)f->groups.size() > n) {
+        for (const Copy& c : f->groups.front()) cp_land(f, c);
+        f->groups.pop_front();
+    }
+}
+
+// A checked read of n bytes of this block's shared memory at s (the cp.async ring's reads).
+inline bool lds_check(const void* s, size_t n)
+{
+    const char* base = reinterpret_cast<const char*>(smem_of(g.cur->blk));
+    const char* a = static_cast<const char*>(s);
+    if (a < base || a + n > base + g.smem_bytes || (a - base) % n != 0) { fail("shared read outside the block's dynamic shared memory, or misaligned"); return false; }
+    for (size_t i = 0; i < n; ++i)
+        if (pending_of(g.cur->blk)[a - base + i]) { fail("shared-memory read of a cp.async destination before its cp.async.wait_group"); return false; }
+    return true;
+}
+
 // __trap(): the launch fails; this thread never resumes.
 [[noreturn]] inline void trap()
 {
@@ -228,6 +297,9 @@ inline bool check(const void* p, size_t n, size_t align, const char* what, bool 
 inline void trampoline()
 {
     g.body();
+    bool left = !g.cur->open.empty();
+    for (const auto& grp : g.cur->groups) left |= !grp.empty();
+    if (left) fail("a thread exited with cp.async copies it never waited for");
     g.cur->state = DONE;
     swapcontext(&g.cur->ctx, &g.sched);
 }
@@ -373,6 +445,7 @@ inline void run_cluster(int order)
     if (g.stacks.size() < STACK * nt) g.stacks.resize(STACK * nt);
     const size_t nsm = g.smem_bytes / 4 + 2 * GUARD;
     g.smem.assign(nb, std::vector<float>(nsm, std::nanf("")));
+    g.pending.assign(nb, std::vector<uint8_t>(g.smem_bytes, 0));
     for (int i = 0; i < nt; ++i) {
         Fiber& f = g.fibers[i];
         f.tid = i % (int)g.block;

@@ -58,8 +58,8 @@ def _wrapper(i: int, name: str) -> str:
     family = m.group(1)
     if family.endswith("_ml_cl"):
         cluster = int(name[m.end():].split(",", 1)[0])
-    else:
-        cluster = int(name.rstrip(" >").rsplit(",", 1)[1]) if family.endswith("_cl") else 1
+    else:  # the plain cluster entries: the 11th (RING, a defaulted flag, may follow)
+        cluster = int(name[m.end():].rstrip(" >").split(",")[10]) if family.endswith("_cl") else 1
     return (f'extern "C" int emu_k{i}(unsigned grid, unsigned block, unsigned smem, int order, void** a)\n'
             f"{{\n    return emu::launch(grid, block, smem, order, [=] {{ {name}({args}); }}, {cluster});\n}}\n")
 

@@ -71,6 +71,19 @@ GS_DEV void gs_st1f(float* p, float v)
     if (emu::check(p, 4, 4, "store")) *p = v;
 }
 
+template <int NB>
+GS_DEV void gs_cp_async(void* d, const void* p, bool valid) { emu::cp_async(d, p, NB, valid); }
+GS_DEV void gs_cp_commit() { emu::cp_commit(); }
+template <int N>
+GS_DEV void gs_cp_wait() { emu::cp_wait(N); }
+
+template <int NW>
+GS_DEV void gs_lds_words(unsigned* w, const void* s)
+{
+    if (emu::lds_check(s, 4 * NW)) std::memcpy(w, s, 4 * NW);
+    else for (int i = 0; i < NW; ++i) w[i] = 0x7fc00000u;  // NaN
+}
+
 GS_DEV void gs_atomic_add(float* p, float v)
 {
     if (emu::check(p, 4, 4, "atomic add")) *p += v;  // fibers run one at a time: a plain add is atomic

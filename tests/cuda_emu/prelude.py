@@ -26,16 +26,42 @@ def host_prelude(source: str) -> str:
     """The prelude of a rendered source (from its banner to gs_fmod), PTX asm made host calls."""
     start = source.index("// ---------------------------------------------------------------------------\n// Prelude:")
     end = source.index("\n", source.index("GS_DEV constexpr int gs_fmod"))
+    text = source[start:end]
+    # cp.async and its group waits: the host shims of prelude_host.h, which copy at once (the emulator gives
+    # them their deferred semantics; the PTX is pinned by tests/test_cuda_ring.py)
+    a, b = text.find("// Asynchronous copies, global -> shared"), text.find("// NW 32-bit words of shared memory")
+    if a >= 0 and b > a:
+        text = text[:a] + text[b:]
     text = _ASM.sub(lambda m: f"{m.group(2)} = gs_ptx::{m.group(1).replace('.', '_')}({m.group(3)});",
-                    source[start:end])
+                    text)
     if "asm(" in text:
         raise ValueError("inline asm the host shims cannot run:\n"
                          + "\n".join(line for line in text.splitlines() if "asm(" in line))
     return text + "\n"
 
 
+# The cp.async ring's run, through a 16-byte aligned buffer standing for shared memory and back by
+# gs_lds_run; 0 where the run is not 4, 8 or 16 bytes (no such ring).
+_CP = """
+template <int V>
+int cp_round_trip(gs_t* d, const gs_t* p, int valid)
+{
+    if constexpr (V * sizeof(gs_t) == 4 || V * sizeof(gs_t) == 8 || V * sizeof(gs_t) == 16) {
+        alignas(16) gs_t buf[V];
+        gs_cp_run<V>(buf, p, valid != 0);
+        gs_cp_commit();
+        gs_cp_wait<0>();
+        gs_lds_run<V>(d, buf);
+        return 1;
+    } else {
+        return 0;
+    }
+}
+"""
+
+
 def _entries(vectors: bool) -> str:
-    out = ['extern "C" {',
+    out = ([_CP] if vectors else []) + ['extern "C" {',
            "void t_f(const gs_t* a, float* b, int n) { for (int i = 0; i < n; ++i) b[i] = gs_f(a[i]); }",
            "void t_s(const float* a, gs_t* b, int n) { for (int i = 0; i < n; ++i) b[i] = gs_s(a[i]); }"]
     for v in WIDTHS if vectors else ():
@@ -45,7 +71,8 @@ def _entries(vectors: bool) -> str:
                 f"void t_ldrun{v}(gs_t* d, const gs_t* p, unsigned m, int vec) "
                 f"{{ vec ? gs_ld_run<{v}, true, true>(d, p, m) : gs_ld_run<{v}, false, false>(d, p, m); }}",
                 f"void t_strun{v}(gs_t* p, const gs_t* d, unsigned m, int vec) "
-                f"{{ vec ? gs_st_run<{v}, true>(p, d, m) : gs_st_run<{v}, false>(p, d, m); }}"]
+                f"{{ vec ? gs_st_run<{v}, true>(p, d, m) : gs_st_run<{v}, false>(p, d, m); }}",
+                f"int t_cprun{v}(gs_t* d, const gs_t* p, int valid) {{ return cp_round_trip<{v}>(d, p, valid); }}"]
     return "\n".join(out + ["}"]) + "\n"
 
 

@@ -52,6 +52,17 @@ inline float atomicAdd(float* p, float v)
     *p += v;
     return old;
 }
+// cp.async (the ring's copies): at once on the host, where nothing else runs meanwhile
+template <int NB>
+inline void gs_cp_async(void* d, const void* p, bool valid)
+{
+    static_assert(NB == 4 || NB == 8 || NB == 16, "cp.async copies 4, 8 or 16 bytes");
+    if (valid) std::memcpy(d, p, NB);
+    else std::memset(d, 0, NB);
+}
+inline void gs_cp_commit() {}
+template <int N>
+inline void gs_cp_wait() {}
 
 namespace gs_ptx {
 
