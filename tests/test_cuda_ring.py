@@ -78,6 +78,12 @@ CASES = [
      ringed(4, lanes=rc.KernelConfig(16, 2, 4, 1), steps=rc.KernelConfig(16, 2, 4, 1))),
     # with clusters: the ring per block of a cluster
     ("cl2", GSPN4, "fp32", (1, 2, 72, 160), ringed(2, cluster=2)),
+    # fewer tiles than slots in flight (the prologue's empty groups count): 2 and 3 steps, 4 and 3 slots
+    ("few-tiles", _variant(GSPN4, directions=["tb", "rl"]), "fp32", (1, 2, 2, 8), ringed(4)),
+    ("few-tiles-bf16", _variant(GSPN4, directions=["bt", "lr"]), "bf16", (1, 2, 3, 8), ringed(3)),
+    # a line buffer of 34 floats (one 32-lane steps line, one buffer): the ring starts at the next 16 bytes
+    ("odd-buffer", _variant(GSPN4, directions=["lr", "tb"]), "fp32", (1, 2, 32, 32),
+     ringed(2, steps=rc.KernelConfig(32, 1, 4, 1, bufs=1))),
 ]
 
 
@@ -96,6 +102,26 @@ def test_ring_matches_reference_under_every_schedule(case, emu):
     assert len(ring_launches(probe)) == 2 * spec.num_directions, [n for n, *_ in probe.launches]
 
 
+def test_ring_in_one_launch(emu):
+    """ml=1's entries with ring structs: every direction's ring in one launch, both passes."""
+    from test_cuda_emulated import assert_matches
+
+    spec, shape = GSPN4, (1, 2, 16, 16)
+    chooser = ringed(2)
+    be = CudaBackend(runner=emu, configs=chooser, poison=True, one_launch=("fwd", "bwd"))
+    for order in (RR, RANDOM):
+        assert_matches(CudaBackend(runner=emu.with_order(order), configs=chooser, poison=True,
+                                   one_launch=("fwd", "bwd")), spec, "fp32", shape)
+    probe = emu.with_order(RR)
+    from test_cuda_clusters import _inputs
+
+    args = _inputs(spec, "fp32", shape)
+    y, saved = CudaBackend(runner=probe, configs=chooser, one_launch=("fwd", "bwd")).forward(spec, *args)
+    names = [n for n, *_ in probe.launches]
+    assert len(names) == 1 and names[0].startswith("gspn_fwd_ml<") and names[0].count(", true>") == 4
+    del be
+
+
 def test_unaligned_tensors_take_the_registers():
     """The ring copies whole vectors; a tensor whose base breaks their alignment gets the same tuning with
     the ring in registers (no error, no scalar cp.async of 2-byte elements)."""
@@ -105,6 +131,12 @@ def test_unaligned_tensors_take_the_registers():
     loose = be.plan(GSPN4, "fp32", "fwd", 2, (1, 2, 16, 16), [x], acc=False, watom=False, limits=LIMITS)
     assert has_ring(aligned.name) and aligned.part[2].ring and not has_ring(loose.name) and not loose.part[2].ring
     assert loose.smem < aligned.smem
+    # runs over 16 bytes (8 fp32 lanes): no cp.async that wide, the registers again
+    wide = CudaBackend(runner=object(), configs=lambda *a: rc.KernelConfig(4, 8, 8, 1, ring=True))
+    assert not wide.plan(GSPN4, "fp32", "fwd", 2, (1, 2, 16, 32), [], acc=False, watom=False,
+                         limits=LIMITS).part[2].ring
+    assert wide.plan(GSPN4, "bf16", "fwd", 2, (1, 2, 16, 32), [], acc=False, watom=False,
+                     limits=LIMITS).part[2].ring
     with pytest.raises(ValueError, match="invalid CUDA kernel config"):
         rc.KernelConfig(32, 1, 4, 1, prefetch=1, ring=True).check(rc.LANES)  # a ring of one slot
     assert has_ring(rc.fused_name("bwd", rc.LANES, False, rc.KernelConfig(32, 1, 4, 1, ring=True), True))
@@ -192,8 +224,10 @@ typedef float gs_t;
 // 2: the thread exits without waiting
 // 3: a second copy into the same bytes before the first landed
 // 4: the copy masked (zero-filled): out gets zeros
-// 5: a copy from past the end of src: out of bounds when it lands
+// 5: a copy from past the end of src: out of bounds (checked at issue)
 // 6: two groups; waiting for all but the newest lands the first only, whose read is fine, then the second
+// 7: the source changed while the copy is in flight
+// 8: a thread reads its neighbour's landed copy (private slots: nothing orders that)
 extern "C" int run(int which, const float* src, float* out, int order)
 {
     return emu::launch(1, 32, 32 * 16 * 2, order, [=] {
@@ -204,6 +238,7 @@ extern "C" int run(int which, const float* src, float* out, int order)
         const float* s = src + 4 * t + (which == 5 ? 128 : 0);
         gs_cp_async<16>(d, s, which != 4);
         if (which == 3) gs_cp_async<16>(d, s, true);
+        if (which == 7) gs_st1f(const_cast<float*>(s), -1.0f);
         gs_cp_commit();
         if (which == 6) {
             gs_cp_async<16>(d2, s, true);
@@ -213,7 +248,7 @@ extern "C" int run(int which, const float* src, float* out, int order)
         if (which == 2) return;
         if (which != 1 && which != 6) gs_cp_wait<0>();
         unsigned w[4];
-        gs_lds_words<4>(w, d);
+        gs_lds_words<4>(w, which == 8 ? sm + 4 * (t ^ 1) : d);
         if (which == 6) {
             gs_cp_wait<0>();
             gs_lds_words<4>(w, d2);
@@ -268,6 +303,8 @@ def test_emulated_cp_async_lands_at_its_wait(small, order):
     (2, "a thread exited with cp.async copies it never waited for"),
     (3, "cp.async into shared memory an earlier cp.async still writes"),
     (5, "out-of-bounds load of 16 bytes"),
+    (7, "the source of a cp.async changed while it was in flight"),
+    (8, "shared-memory read of another thread's cp.async destination"),
 ])
 def test_emulator_refuses_cp_async_misuse(small, which, message):
     rc_, msg, _, _ = _run(small, which)

@@ -764,7 +764,8 @@ struct GsForward {
     static constexpr int SMEM_FLOATS = RING ? RING_OFF + RING_FLOATS : BUFS * PLANE + STG_FLOATS;
     static_assert(BUFS == 1 || BUFS == 2, "line buffers");
     static_assert(P >= 1 && P <= 4, "prefetch depth");
-    static_assert(!RING || (VEC && !STG && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4),
+    static_assert(!RING || (VEC && !STG && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4 &&
+                            V * (int)sizeof(gs_t) <= 16),
                   "the cp.async ring: whole vectors of 4 to 16 bytes, lanes or steps mapping, 2 to 4 slots");
 
     struct Tile {
@@ -1261,7 +1262,8 @@ struct GsBackward {
     static constexpr int SMEM_FLOATS = RING ? RING_OFF + RING_FLOATS : HL_FLOATS + GP_FLOATS + (GS_LEARNED ? 32 : 0);
     static_assert(BUFS == 1 || BUFS == 2, "ghp buffers");
     static_assert(P >= 1 && P <= 4, "prefetch depth");
-    static_assert(!RING || (VEC && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4),
+    static_assert(!RING || (VEC && MAP != GS_CHAN && P >= 2 && V * (int)sizeof(gs_t) >= 4 &&
+                            V * (int)sizeof(gs_t) <= 16),
                   "the cp.async ring: whole vectors of 4 to 16 bytes, lanes or steps mapping, 2 to 4 slots");
 
     struct Tile {

@@ -367,15 +367,15 @@ class CudaBackend(_CudaBase):
                                  f"capability 9.0 or newer")
         if cfg.stage and (mapping != rc.STEPS or kind != "fwd"):
             raise ValueError(f"config {cfg}: sector tiles (stage) serve the forward of the steps mapping only")
+        vec = self._vec_ok(spec, dname, mapping, cfg.vec, C, L, T, tensors)
+        if cfg.ring and (not vec or not 4 <= cfg.vec * rc.ELEM_BYTES[dname] <= 16):
+            # the cp.async ring copies whole vectors of 4 to 16 bytes: otherwise (unaligned tensors, a wider
+            # run) the same tuning runs from registers
+            cfg = replace(cfg, ring=False)
         smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])
         if smem > smem_limit:
             raise ValueError(f"x: the {self.name} backend needs {smem} bytes of shared memory per block for "
                              f"lines of {L} lanes, the GPU offers {smem_limit}; use backend='triton' or 'reference'")
-        vec = self._vec_ok(spec, dname, mapping, cfg.vec, C, L, T, tensors)
-        if cfg.ring and not vec:
-            # the cp.async ring copies whole vectors: unaligned tensors take the same tuning from registers
-            cfg = replace(cfg, ring=False)
-            smem = rc.smem_bytes(spec, kind, mapping, cfg, rc.ELEM_BYTES[dname])
         cpb, grid = rc.chunks_per_block(spec, direction, N, C, H, W, cfg, sm_count)
         geo = DIRECTION_TABLE[direction]
         name = rc.fused_name(kind, mapping, geo.reverse, cfg, vec, watom, save_h)

@@ -66,6 +66,7 @@ struct Copy {
     const char* src;
     int n;
     bool valid;
+    unsigned char seen[16];  // the source at issue: a copy in flight reads it then or at landing, either
 };
 
 struct Fiber {
@@ -102,6 +103,7 @@ struct Ctx {
     ucontext_t sched;
     std::vector<std::vector<float>> smem;  // per block of the cluster: guard | usable | guard
     std::vector<std::vector<uint8_t>> pending;  // per block: bytes of shared memory a cp.async still writes
+    std::vector<std::vector<int>> copier;       // per block: the thread whose cp.async last wrote each byte
     size_t smem_bytes = 0;
     std::vector<Range> ranges;
     std::string err;
@@ -231,7 +233,9 @@ inline bool check(const void* p, size_t n, size_t align, const char* what, bool 
 // cp.async (sm_80+): a thread's asynchronous global -> shared copies land only when it waits for their
 // group (cp.async.wait_group), oldest group first. Until then the destination holds NaN bits and is
 // pending: a checked shared read of it (gs_lds_run), or another copy into it, is an error, and so is a
-// thread that exits with copies it never waited for.
+// thread that exits with copies it never waited for. The source is checked at issue and must not change
+// before the copy lands (the GPU may read it at any time in between); a checked read of bytes another
+// thread's copy wrote is an error too (the ring's slots are private: no barrier orders them).
 inline std::vector<uint8_t>& pending_of(int blk) { return g.pending[blk]; }
 
 inline void cp_async(void* d, const void* p, int n, bool valid)
@@ -241,13 +245,18 @@ inline void cp_async(void* d, const void* p, int n, bool valid)
     char* dst = static_cast<char*>(d);
     if (dst < base || dst + n > base + g.smem_bytes) { fail("cp.async destination outside the block's dynamic shared memory"); return; }
     if ((dst - base) % n != 0 || (valid && reinterpret_cast<uintptr_t>(p) % n != 0)) { fail("misaligned cp.async"); return; }
+    if (n > 16) { fail("cp.async of more than 16 bytes"); return; }
+    if (valid && !check(p, n, n, "load", true)) return;
     std::vector<uint8_t>& pend = pending_of(f->blk);
     for (int i = 0; i < n; ++i) {
         if (pend[dst - base + i]) { fail("cp.async into shared memory an earlier cp.async still writes"); return; }
         pend[dst - base + i] = 1;
+        g.copier[f->blk][dst - base + i] = f->tid;
     }
     std::memset(dst, 0xff, n);  // NaN until it lands
-    f->open.push_back(Copy{dst, static_cast<const char*>(p), n, valid});
+    Copy c{dst, static_cast<const char*>(p), n, valid, {}};
+    if (valid) std::memcpy(c.seen, p, n);
+    f->open.push_back(c);
 }
 
 inline void cp_commit()
@@ -261,7 +270,8 @@ inline void cp_land(Fiber* f, const Copy& c)
 {
     char* base = reinterpret_cast<char*>(smem_of(f->blk));
     if (!c.valid) std::memset(c.dst, 0, c.n);
-    else if (check(c.src, c.n, c.n, "load", true)) std::memcpy(c.dst, c.src, c.n);
+    else if (std::memcmp(c.seen, c.src, c.n) != 0) fail("the source of a cp.async changed while it was in flight");
+    else std::memcpy(c.dst, c.src, c.n);
     std::memset(pending_of(f->blk).data() + (c.dst - base), 0, c.n);
 }
 
@@ -280,8 +290,11 @@ inline bool lds_check(const void* s, size_t n)
     const char* base = reinterpret_cast<const char*>(smem_of(g.cur->blk));
     const char* a = static_cast<const char*>(s);
     if (a < base || a + n > base + g.smem_bytes || (a - base) % n != 0) { fail("shared read outside the block's dynamic shared memory, or misaligned"); return false; }
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < n; ++i) {
         if (pending_of(g.cur->blk)[a - base + i]) { fail("shared-memory read of a cp.async destination before its cp.async.wait_group"); return false; }
+        const int by = g.copier[g.cur->blk][a - base + i];
+        if (by >= 0 && by != g.cur->tid) { fail("shared-memory read of another thread's cp.async destination"); return false; }
+    }
     return true;
 }
 
@@ -446,6 +459,7 @@ inline void run_cluster(int order)
     const size_t nsm = g.smem_bytes / 4 + 2 * GUARD;
     g.smem.assign(nb, std::vector<float>(nsm, std::nanf("")));
     g.pending.assign(nb, std::vector<uint8_t>(g.smem_bytes, 0));
+    g.copier.assign(nb, std::vector<int>(g.smem_bytes, -1));
     for (int i = 0; i < nt; ++i) {
         Fiber& f = g.fibers[i];
         f.tid = i % (int)g.block;

@@ -72,7 +72,11 @@ GS_DEV void gs_st1f(float* p, float v)
 }
 
 template <int NB>
-GS_DEV void gs_cp_async(void* d, const void* p, bool valid) { emu::cp_async(d, p, NB, valid); }
+GS_DEV void gs_cp_async(void* d, const void* p, bool valid)
+{
+    static_assert(NB == 4 || NB == 8 || NB == 16, "cp.async copies 4, 8 or 16 bytes");
+    emu::cp_async(d, p, NB, valid);
+}
 GS_DEV void gs_cp_commit() { emu::cp_commit(); }
 template <int N>
 GS_DEV void gs_cp_wait() { emu::cp_wait(N); }
