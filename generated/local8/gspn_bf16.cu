@@ -724,6 +724,31 @@ struct GsBlock {
     }
 };
 
+// The RING tunings' walk over nt tiles, both passes: the prefetch ring in shared memory. Tile m+P-1 is
+// requested (issue(slot, tile): cp.async into the slot of tile m-1, read in the previous iteration) before
+// tile m is waited for and used (use(slot, tile): read into registers and consumed): P-1 tiles in flight
+// for the registers of one. Every iteration commits a group (empty past the last tile, and in the prologue
+// when there are fewer tiles than P-1), so "all but the newest P-1 groups landed" is tile m. No barrier:
+// each thread reads only its own copies.
+template <int P, class Issue, class Use>
+GS_DEV void gs_ring_walk(int nt, Issue issue, Use use)
+{
+#pragma unroll
+    for (int j = 0; j < P - 1; ++j) {
+        if (j < nt) issue(j, j);
+        gs_cp_commit();
+    }
+    int q = 0;  // tile m's slot: m % P
+    for (int m = 0; m < nt; ++m) {
+        const int qn = q == 0 ? P - 1 : q - 1;  // tile m+P-1's slot: (m - 1) % P
+        if (m + P - 1 < nt) issue(qn, m + P - 1);
+        gs_cp_commit();
+        gs_cp_wait<P - 1>();
+        use(q, m);
+        q = q + 1 == P ? 0 : q + 1;
+    }
+}
+
 // ===========================================================================
 // Forward: h along the scan, y = this direction's contribution, saved h.
 // ===========================================================================
@@ -744,7 +769,7 @@ struct GsForward {
     static constexpr int NSTR = STG ? gs_fs_w(GS_K) : 0;  // streams in SG
     static constexpr int STG_FLOATS = (NSTR * VS * B_t::SP * (int)sizeof(gs_t) + 15) / 16 * 4;
     // RING: the P tiles of the prefetch ring in shared memory (cp.async), after the line buffers, 16-byte
-    // aligned: [slot][stream][segment][thread][V], each thread's runs its own (see run_ring)
+    // aligned: [slot][stream][segment][thread][V], each thread's runs its own (see gs_ring_walk)
     static constexpr int NRS = gs_fs_w(GS_K);  // ring streams: x, lam, u, s, y, used weights
     static constexpr int RING_OFF = (BUFS * PLANE + 3) / 4 * 4;
     static constexpr int RING_FLOATS = (P * NRS * NSEG * B_t::NT * V * (int)sizeof(gs_t) + 15) / 16 * 4;
@@ -995,30 +1020,16 @@ struct GsForward {
         }
     }
 
-    // RING: the prefetch ring in shared memory. Tile m+P-1 is requested (into the slot of tile m-1, read in
-    // the previous iteration) before tile m is waited for, read into registers and consumed: P-1 tiles in
-    // flight for the registers of one. Every iteration commits a group (empty past the last tile), so
-    // "all but the newest P-1 groups landed" is tile m. No barrier: each thread reads only its own copies.
+    // RING: the prefetch ring in shared memory (gs_ring_walk).
     GS_DEV void run_ring()
     {
         int qf, dq, nt;
         B.tiles(true, qf, dq, nt);
-#pragma unroll
-        for (int j = 0; j < P - 1; ++j) {
-            if (j < nt) issue(j, (qf + dq * j) * VS);
-            gs_cp_commit();
-        }
-        int q = 0;  // tile m's slot: m % P
-        for (int m = 0; m < nt; ++m) {
-            const int qn = q == 0 ? P - 1 : q - 1;  // tile m+P-1's slot: (m - 1) % P
-            if (m + P - 1 < nt) issue(qn, (qf + dq * (m + P - 1)) * VS);
-            gs_cp_commit();
-            gs_cp_wait<P - 1>();
+        gs_ring_walk<P>(nt, [&](int q, int m) { issue(q, (qf + dq * m) * VS); }, [&](int q, int m) {
             Tile tl;
             fetch(tl, q);
             consume(tl, (qf + dq * m) * VS);
-            q = q + 1 == P ? 0 : q + 1;
-        }
+        });
     }
 
     // Tiles in walk order through a ring of P register tiles: tile m+P-1 is
@@ -1569,23 +1580,12 @@ struct GsBackward {
         B.tiles(false, qf, dq, nt);
         kc = (B.te - 1) - (B.te - 1) % B.K;
         ke = B.te;
-        if constexpr (RING) {  // the ring in shared memory: as GsForward::run_ring
-#pragma unroll
-            for (int j = 0; j < P - 1; ++j) {
-                if (j < nt) issue(j, (qf + dq * j) * VS);
-                gs_cp_commit();
-            }
-            int q = 0;
-            for (int m = 0; m < nt; ++m) {
-                const int qn = q == 0 ? P - 1 : q - 1;
-                if (m + P - 1 < nt) issue(qn, (qf + dq * (m + P - 1)) * VS);
-                gs_cp_commit();
-                gs_cp_wait<P - 1>();
+        if constexpr (RING) {  // the ring in shared memory (gs_ring_walk)
+            gs_ring_walk<P>(nt, [&](int q, int m) { issue(q, (qf + dq * m) * VS); }, [&](int q, int m) {
                 Tile tl;
                 fetch(tl, q, (qf + dq * m) * VS);
                 consume(tl, (qf + dq * m) * VS);
-                q = q + 1 == P ? 0 : q + 1;
-            }
+            });
         } else {  // else, not an early return: NVRTC warns of the unreachable loop otherwise
             Tile tl[P];
 #pragma unroll
